@@ -1,0 +1,10 @@
+"""Natural training (cross-entropy only) on digits: the undefended baseline for trades_digits."""
+
+from configs import trades_digits
+
+
+def get_config():
+  c = trades_digits.get_config()
+  c.method = 'natural'
+  c.eval.selection = 'last'
+  return c

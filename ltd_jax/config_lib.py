@@ -1,0 +1,164 @@
+"""The full default config (every key a run may set) and its validation.
+
+Config files in ``configs/`` start from ``default_config()`` and change what their paper sets;
+``validate`` turns any impossible value into a one-line ``ConfigError`` before compilation.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import os
+
+import ml_collections
+
+from ltd_jax.errors import ConfigError
+
+EVAL_ATTACKS = ('clean', 'fgsm', 'pgd20', 'cw')
+SELECTIONS = ('robust', 'fair', 'last')
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """TRADES WRN-34-10 on CIFAR-10; every key that any run reads is defined here."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.method = 'trades'
+  c.eps = 8 / 255  # L-inf threat model for training attacks and evaluation.
+  c.dtype = 'float32'
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = 'cifar10'
+  c.data.source = 'auto'  # auto | pickle | tfds
+  c.data.dir = ''  # Folder holding cifar-10-batches-py / cifar-100-python (or the tfds data_dir).
+  c.data.augment = 'auto'  # auto | none | crop_flip
+  c.data.val_size = 0  # Stratified hold-out from the training set for checkpoint selection.
+  c.data.split_seed = 0
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = 'wrn-34-10'
+  c.model.base_width = 64  # ResNet-18 / PreActResNet-18 stem width (tests shrink it).
+  c.model.width = 32  # small_cnn width.
+
+  c.num_epochs = 76
+  c.batch_size = 128
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 0.1
+  c.optim.momentum = 0.9
+  c.optim.nesterov = False
+  c.optim.weight_decay = 2e-4
+  # Epoch counts after which the lr is multiplied by lr_decay (TRADES: 1-indexed epochs 75, 90, 100).
+  c.optim.lr_boundaries_epochs = (74, 89, 99)
+  c.optim.lr_decay = 0.1
+
+  c.attack = ml_collections.ConfigDict()  # The training attack (inner maximisation).
+  c.attack.alpha = 2 / 255
+  c.attack.steps = 10
+  c.attack.init = 'normal'  # normal | uniform | none
+
+  c.trades = ml_collections.ConfigDict()
+  c.trades.beta = 6.0
+
+  c.absld = ml_collections.ConfigDict()
+  c.absld.tau_init = 1.0
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.every_epochs = 1
+  c.eval.subset_size = 1000  # Periodic evaluation uses this many images of the selection split.
+  c.eval.batch_size = 256
+  c.eval.during_training = ('clean', 'pgd20')
+  c.eval.final = EVAL_ATTACKS
+  c.eval.selection = 'robust'  # robust: max avg PGD-20; fair: max avg + worst PGD-20; last.
+  c.eval.selection_split = 'test'  # test | val (needs data.val_size > 0).
+  c.eval.alpha = 2 / 255
+  c.eval.pgd_steps = 20
+  c.eval.cw_steps = 30
+  c.eval.cw_kappa = 50.0
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.keep = 3
+  c.checkpoint.every_steps = 0  # 0: at the end of every epoch only.
+
+  c.log_every_steps = 20
+  c.progress_bar = True
+  return c
+
+
+def load_config_file(path: str) -> ml_collections.ConfigDict:
+  """Imports ``path`` and returns its ``get_config()``."""
+  if not os.path.isfile(path):
+    raise ConfigError(f'config file {path} not found: pass --config=configs/NAME.py')
+  spec = importlib.util.spec_from_file_location('ltd_jax_config', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, 'get_config'):
+    raise ConfigError(f'config file {path} defines no get_config()')
+  return module.get_config()
+
+
+def _flat_keys(config, prefix=''):
+  keys = []
+  for k, v in config.items():
+    keys.append(prefix + k)
+    if isinstance(v, ml_collections.ConfigDict):
+      keys += _flat_keys(v, prefix + k + '.')
+  return keys
+
+
+def check_override_keys(config: ml_collections.ConfigDict, argv) -> None:
+  """Fails on any ``--config.a.b=v`` whose key the config does not define."""
+  known = set(_flat_keys(config))
+  for arg in argv:
+    if arg.startswith('--config.'):
+      key = arg[len('--config.'):].split('=', 1)[0]
+      if key not in known:
+        close = difflib.get_close_matches(key, sorted(known), n=1)
+        hint = f'did you mean --config.{close[0]}?' if close else 'see configs/ and ltd_jax/config_lib.py'
+        raise ConfigError(f'unknown config key {key!r} in {arg}: {hint}')
+
+
+def _require(ok: bool, message: str) -> None:
+  if not ok:
+    raise ConfigError(message)
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError naming the first impossible value and how to fix it."""
+  from ltd_jax import methods  # pylint: disable=g-import-not-at-top
+  _require(config.method in methods.METHODS,
+           f'unknown method {config.method!r}: set --config.method to one of '
+           f'{", ".join(sorted(methods.METHODS))}')
+  _require(config.eps >= 0, f'eps must be >= 0, got {config.eps}')
+  _require(config.attack.alpha > 0, f'attack.alpha must be > 0, got {config.attack.alpha}')
+  _require(config.attack.steps >= 0, f'attack.steps must be >= 0, got {config.attack.steps}')
+  _require(config.attack.init in ('normal', 'uniform', 'none'),
+           f'attack.init must be normal, uniform or none, got {config.attack.init!r}')
+  _require(config.batch_size > 0, f'batch_size must be > 0, got {config.batch_size}')
+  _require(config.eval.batch_size > 0, f'eval.batch_size must be > 0, got {config.eval.batch_size}')
+  _require(config.num_epochs >= 0, f'num_epochs must be >= 0, got {config.num_epochs}')
+  _require(config.optim.lr > 0, f'optim.lr must be > 0, got {config.optim.lr}')
+  _require(config.optim.weight_decay >= 0,
+           f'optim.weight_decay must be >= 0, got {config.optim.weight_decay}')
+  b = tuple(config.optim.lr_boundaries_epochs)
+  _require(list(b) == sorted(b) and all(e >= 0 for e in b),
+           f'optim.lr_boundaries_epochs must be non-negative and increasing, got {b}')
+  _require(config.dtype in ('float32', 'bfloat16'),
+           f'dtype must be float32 or bfloat16, got {config.dtype!r}')
+  _require(config.data.augment in ('auto', 'none', 'crop_flip'),
+           f'data.augment must be auto, none or crop_flip, got {config.data.augment!r}')
+  for key in ('during_training', 'final'):
+    unknown = [a for a in config.eval[key] if a not in EVAL_ATTACKS]
+    _require(not unknown, f'eval.{key} has unknown attacks {unknown}: use {EVAL_ATTACKS}')
+  _require(config.eval.selection in SELECTIONS,
+           f'eval.selection must be one of {SELECTIONS}, got {config.eval.selection!r}')
+  if config.eval.selection != 'last':
+    _require('pgd20' in config.eval.during_training,
+             f'eval.selection={config.eval.selection} needs pgd20 in eval.during_training')
+  _require(config.eval.selection_split in ('test', 'val'),
+           f'eval.selection_split must be test or val, got {config.eval.selection_split!r}')
+  _require(config.eval.selection_split != 'val' or config.data.val_size > 0,
+           'eval.selection_split=val needs a validation split: set --config.data.val_size=N')
+  _require(config.eval.every_epochs > 0, f'eval.every_epochs must be > 0')
+  _require(config.checkpoint.keep > 0, f'checkpoint.keep must be > 0, got {config.checkpoint.keep}')
+  _require(config.checkpoint.every_steps >= 0, 'checkpoint.every_steps must be >= 0')
+  _require(config.log_every_steps > 0, 'log_every_steps must be > 0')

@@ -1,0 +1,120 @@
+"""Per-class evaluation under clean, FGSM, PGD-20 and CW-inf (METHODS.md section 3).
+
+Summaries: ``avg`` (overall accuracy), ``class_mean``, ``worst`` (lowest class), ``worst10``
+(mean of the lowest ceil(10%) classes) and ``nsd`` = std(class accuracies) / mean(class
+accuracies), with the population std (ddof=0).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ltd_jax import attacks
+from ltd_jax import data
+
+
+def attack_images(name: str, logits_fn, x, y, rng, *, eps: float, eval_config):
+  """Adversarial (or clean) images for evaluation attack ``name``."""
+  if name == 'clean':
+    return x
+  if name == 'fgsm':
+    return attacks.fgsm_attack(attacks.ce_objective(logits_fn, y), x, eps=eps)
+  if name == 'pgd20':
+    return attacks.pgd_attack(attacks.ce_objective(logits_fn, y), x, rng, eps=eps,
+                              alpha=eval_config.alpha, steps=eval_config.pgd_steps, init='uniform')
+  if name == 'cw':
+    return attacks.pgd_attack(attacks.cw_objective(logits_fn, y, eval_config.cw_kappa), x, rng,
+                              eps=eps, alpha=eval_config.alpha, steps=eval_config.cw_steps,
+                              init='uniform')
+  raise ValueError(f'unknown evaluation attack {name!r}')
+
+
+def make_eval_step(apply_fn, attack_names: Sequence[str], *, eps: float, eval_config):
+  """jit-compiled ``(variables, images_uint8, labels, rng) -> {attack: correct[B]}``."""
+  attack_names = tuple(attack_names)
+
+  @jax.jit
+  def eval_step(variables, images, labels, rng):
+    logits_fn = lambda x: apply_fn(variables, x, train=False)
+    x = data.to_float(images)
+    out = {}
+    for i, name in enumerate(attack_names):
+      x_adv = attack_images(name, logits_fn, x, labels, jax.random.fold_in(rng, i), eps=eps,
+                            eval_config=eval_config)
+      out[name] = jnp.argmax(logits_fn(x_adv), axis=-1) == labels
+    return out
+
+  eval_step.attack_names = attack_names
+  return eval_step
+
+
+def per_class_accuracy(correct: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
+  counts = np.bincount(labels, minlength=num_classes)
+  hits = np.bincount(labels, weights=correct.astype(np.float64), minlength=num_classes)
+  with np.errstate(invalid='ignore', divide='ignore'):
+    return np.where(counts > 0, hits / np.maximum(counts, 1), np.nan)
+
+
+def summarize(class_acc: np.ndarray, correct_total: float | None = None) -> dict:
+  """avg, class_mean, worst, worst10, nsd of per-class accuracies (NaN classes are absent)."""
+  acc = class_acc[~np.isnan(class_acc)]
+  k = max(1, math.ceil(0.1 * len(acc)))
+  mean = float(np.mean(acc))
+  return {
+      'avg': float(correct_total) if correct_total is not None else mean,
+      'class_mean': mean,
+      'worst': float(np.min(acc)),
+      'worst10': float(np.mean(np.sort(acc)[:k])),
+      'nsd': float(np.std(acc) / mean) if mean > 0 else float('nan'),
+  }
+
+
+def evaluate(eval_step, variables, images: np.ndarray, labels: np.ndarray, num_classes: int,
+             batch_size: int, rng: jax.Array) -> dict:
+  """Runs ``eval_step`` over all images (last batch padded and masked).
+
+  Returns ``{attack: {'per_class': [...], 'avg', 'class_mean', 'worst', 'worst10', 'nsd'}}``.
+  """
+  n = len(labels)
+  correct: dict[str, list[np.ndarray]] = {}
+  for b, start in enumerate(range(0, n, batch_size)):
+    x, y = images[start:start + batch_size], labels[start:start + batch_size]
+    valid = len(y)
+    if valid < batch_size:
+      x = np.concatenate([x, np.zeros((batch_size - valid, *x.shape[1:]), x.dtype)])
+      y = np.concatenate([y, np.zeros((batch_size - valid,), y.dtype)])
+    out = eval_step(variables, x, y, jax.random.fold_in(rng, b))
+    for name, c in out.items():
+      correct.setdefault(name, []).append(np.asarray(c)[:valid])
+  results = {}
+  for name in sorted(correct, key=list(eval_step.attack_names).index):
+    c = np.concatenate(correct[name])
+    class_acc = per_class_accuracy(c, labels, num_classes)
+    results[name] = {'per_class': [float(a) for a in class_acc], **summarize(class_acc, c.mean())}
+  return results
+
+
+def selection_score(results: dict, selection: str) -> float:
+  """``robust``: avg PGD-20; ``fair``: avg + worst PGD-20 (ABSLD, CFA)."""
+  if selection == 'robust':
+    return results['pgd20']['avg']
+  if selection == 'fair':
+    return results['pgd20']['avg'] + results['pgd20']['worst']
+  raise ValueError(f'unknown selection {selection!r}')
+
+
+def stratified_subset(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
+  """Sorted indices of a fixed, class-balanced subset of ``size`` examples (all if size <= 0)."""
+  if size <= 0 or size >= len(labels):
+    return np.arange(len(labels))
+  order = np.random.default_rng(seed).permutation(len(labels))
+  rank = np.empty(len(labels), np.int64)
+  for c in np.unique(labels):
+    members = order[labels[order] == c]
+    rank[members] = np.arange(len(members))
+  return np.sort(np.lexsort((labels, rank))[:size])

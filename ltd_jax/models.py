@@ -1,0 +1,262 @@
+"""Flax Linen classifiers with the layer order and parameter shapes of the PyTorch references.
+
+Module names follow the PyTorch state_dict keys of ``shared/spec/torch_keys`` with ``.N``
+written ``_N`` (``block1/layer_0/bn1`` is ``block1.layer.0.bn1``), so interchange is a rename
+plus a transpose. Convolutions use explicit symmetric padding and BatchNorm uses PyTorch's
+momentum 0.1 (Flax ``momentum=0.9``) and eps 1e-5. Inputs are NHWC float in [0, 1].
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+# PyTorch-style fan-out He-normal for convolutions (the WRN/TRADES initialisation).
+conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+
+
+def conv(features: int, kernel: int, stride: int = 1, groups: int = 1, name: str | None = None,
+         dtype: Dtype = jnp.float32) -> nn.Conv:
+  """Bias-free convolution with PyTorch's symmetric padding ``kernel // 2``."""
+  pad = kernel // 2
+  return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
+                 padding=((pad, pad), (pad, pad)), feature_group_count=groups, use_bias=False,
+                 kernel_init=conv_init, dtype=dtype, name=name)
+
+
+def batch_norm(train: bool, name: str, dtype: Dtype = jnp.float32) -> nn.BatchNorm:
+  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype,
+                      name=name)
+
+
+class WideBasicBlock(nn.Module):
+  """TRADES/RobustBench WRN block: pre-activation, shortcut conv on relu(bn1(x)) when shapes differ."""
+  in_planes: int
+  out_planes: int
+  stride: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    equal_in_out = self.in_planes == self.out_planes
+    o = nn.relu(batch_norm(train, 'bn1', self.dtype)(x))
+    shortcut = x if equal_in_out else conv(self.out_planes, 1, self.stride, name='convShortcut',
+                                           dtype=self.dtype)(o)
+    o = conv(self.out_planes, 3, self.stride, name='conv1', dtype=self.dtype)(o)
+    o = nn.relu(batch_norm(train, 'bn2', self.dtype)(o))
+    o = conv(self.out_planes, 3, 1, name='conv2', dtype=self.dtype)(o)
+    return shortcut + o
+
+
+class WideResNetGroup(nn.Module):
+  """``NetworkBlock``: ``n`` WRN blocks; its PyTorch child is ``layer`` (an nn.Sequential)."""
+  n: int
+  in_planes: int
+  out_planes: int
+  stride: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    for i in range(self.n):
+      x = WideBasicBlock(self.in_planes if i == 0 else self.out_planes, self.out_planes,
+                         self.stride if i == 0 else 1, self.dtype, name=f'layer_{i}')(x, train)
+    return x
+
+
+class WideResNet(nn.Module):
+  """WRN-depth-width (Zagoruyko & Komodakis), as in TRADES / RobustBench ``WideResNet``."""
+  depth: int = 34
+  widen_factor: int = 10
+  num_classes: int = 10
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    if (self.depth - 4) % 6:
+      raise ValueError(f'WideResNet depth must be 6n+4, got {self.depth}')
+    n = (self.depth - 4) // 6
+    widths = [16, 16 * self.widen_factor, 32 * self.widen_factor, 64 * self.widen_factor]
+    x = conv(widths[0], 3, name='conv1', dtype=self.dtype)(x.astype(self.dtype))
+    for g, stride in enumerate((1, 2, 2)):
+      x = WideResNetGroup(n, widths[g], widths[g + 1], stride, self.dtype,
+                          name=f'block{g + 1}')(x, train)
+    x = nn.relu(batch_norm(train, 'bn1', self.dtype)(x))
+    x = jnp.mean(x, axis=(1, 2))
+    return nn.Dense(self.num_classes, dtype=self.dtype, name='fc')(x).astype(jnp.float32)
+
+
+class ResNetBasicBlock(nn.Module):
+  """Post-activation ResNet block (kuangliu/pytorch-cifar), shortcut = 1x1 conv + BN."""
+  planes: int
+  stride: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    o = conv(self.planes, 3, self.stride, name='conv1', dtype=self.dtype)(x)
+    o = nn.relu(batch_norm(train, 'bn1', self.dtype)(o))
+    o = conv(self.planes, 3, 1, name='conv2', dtype=self.dtype)(o)
+    o = batch_norm(train, 'bn2', self.dtype)(o)
+    if self.stride != 1 or x.shape[-1] != self.planes:
+      x = conv(self.planes, 1, self.stride, name='shortcut_0', dtype=self.dtype)(x)
+      x = batch_norm(train, 'shortcut_1', self.dtype)(x)
+    return nn.relu(o + x)
+
+
+class PreActBlock(nn.Module):
+  """Pre-activation block (He et al. 2016); shortcut = 1x1 conv on relu(bn1(x))."""
+  planes: int
+  stride: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    o = nn.relu(batch_norm(train, 'bn1', self.dtype)(x))
+    if self.stride != 1 or x.shape[-1] != self.planes:
+      x = conv(self.planes, 1, self.stride, name='shortcut_0', dtype=self.dtype)(o)
+    o = conv(self.planes, 3, self.stride, name='conv1', dtype=self.dtype)(o)
+    o = nn.relu(batch_norm(train, 'bn2', self.dtype)(o))
+    o = conv(self.planes, 3, 1, name='conv2', dtype=self.dtype)(o)
+    return o + x
+
+
+class ResNet(nn.Module):
+  """CIFAR ResNet (3x3 stem, no max-pool): ResNet-18 or PreActResNet-18 by ``block``.
+
+  ``final_bn`` adds the ``bn`` + ReLU before pooling of the AWP (Rice et al.) PreActResNet;
+  RobustBench's PreActResNet pools layer4 directly.
+  """
+  block: Callable[..., nn.Module]
+  stage_sizes: Sequence[int] = (2, 2, 2, 2)
+  base_width: int = 64
+  num_classes: int = 10
+  stem_bn: bool = True
+  final_bn: bool = False
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = conv(self.base_width, 3, name='conv1', dtype=self.dtype)(x.astype(self.dtype))
+    if self.stem_bn:
+      x = nn.relu(batch_norm(train, 'bn1', self.dtype)(x))
+    for s, n in enumerate(self.stage_sizes):
+      for i in range(n):
+        stride = 2 if s > 0 and i == 0 else 1
+        x = self.block(self.base_width * 2**s, stride, self.dtype,
+                       name=f'layer{s + 1}_{i}')(x, train)
+    if self.final_bn:
+      x = nn.relu(batch_norm(train, 'bn', self.dtype)(x))
+    x = jnp.mean(x, axis=(1, 2))
+    return nn.Dense(self.num_classes, dtype=self.dtype, name='linear')(x).astype(jnp.float32)
+
+
+class InvertedResidual(nn.Module):
+  """MobileNetV2 block: expand 1x1, depthwise 3x3, project 1x1; residual only at stride 1."""
+  in_planes: int
+  out_planes: int
+  expansion: int
+  stride: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    planes = self.expansion * self.in_planes
+    o = nn.relu(batch_norm(train, 'bn1', self.dtype)(
+        conv(planes, 1, name='conv1', dtype=self.dtype)(x)))
+    o = nn.relu(batch_norm(train, 'bn2', self.dtype)(
+        conv(planes, 3, self.stride, groups=planes, name='conv2', dtype=self.dtype)(o)))
+    o = batch_norm(train, 'bn3', self.dtype)(conv(self.out_planes, 1, name='conv3',
+                                                  dtype=self.dtype)(o))
+    if self.stride != 1:
+      return o
+    if self.in_planes != self.out_planes:
+      x = batch_norm(train, 'shortcut_1', self.dtype)(
+          conv(self.out_planes, 1, name='shortcut_0', dtype=self.dtype)(x))
+    return o + x
+
+
+# (expansion, out_planes, num_blocks, stride); CIFAR variant: stride 1 in the second stage.
+MOBILENETV2_CFG = ((1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
+                   (6, 160, 3, 2), (6, 320, 1, 1))
+
+
+class MobileNetV2(nn.Module):
+  """MobileNetV2 for CIFAR (kuangliu/pytorch-cifar), as used for ABSLD's MobileNetV2 student."""
+  num_classes: int = 10
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = conv(32, 3, name='conv1', dtype=self.dtype)(x.astype(self.dtype))
+    x = nn.relu(batch_norm(train, 'bn1', self.dtype)(x))
+    in_planes, idx = 32, 0
+    for expansion, out_planes, n, stride in MOBILENETV2_CFG:
+      for i in range(n):
+        x = InvertedResidual(in_planes, out_planes, expansion, stride if i == 0 else 1,
+                             self.dtype, name=f'layers_{idx}')(x, train)
+        in_planes, idx = out_planes, idx + 1
+    x = conv(1280, 1, name='conv2', dtype=self.dtype)(x)
+    x = nn.relu(batch_norm(train, 'bn2', self.dtype)(x))
+    x = jnp.mean(x, axis=(1, 2))
+    return nn.Dense(self.num_classes, dtype=self.dtype, name='linear')(x).astype(jnp.float32)
+
+
+class SmallCNN(nn.Module):
+  """Three conv-BN-ReLU layers (widths w, 2w, 4w; strides 1, 2, 2) and a linear head, for 8x8 digits."""
+  width: int = 32
+  num_classes: int = 10
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = x.astype(self.dtype)
+    for i, (mult, stride) in enumerate(((1, 1), (2, 2), (4, 2))):
+      x = conv(self.width * mult, 3, stride, name=f'conv{i + 1}', dtype=self.dtype)(x)
+      x = nn.relu(batch_norm(train, f'bn{i + 1}', self.dtype)(x))
+    x = jnp.mean(x, axis=(1, 2))
+    return nn.Dense(self.num_classes, dtype=self.dtype, name='fc')(x).astype(jnp.float32)
+
+
+_WRN = re.compile(r'^wrn-(\d+)-(\d+)$')
+ARCHITECTURES = ('wrn-D-W', 'resnet18', 'preactresnet18', 'preactresnet18-bn', 'mobilenetv2',
+                 'small_cnn')
+
+
+def create_model(name: str, num_classes: int, dtype: Dtype = jnp.float32,
+                 base_width: int = 64, width: int = 32) -> nn.Module:
+  """Builds an architecture by name: ``wrn-34-10``, ``resnet18``, ``preactresnet18[-bn]``,
+  ``mobilenetv2`` or ``small_cnn``. ``base_width`` shrinks the ResNets for tests."""
+  if m := _WRN.match(name):
+    depth, widen = int(m.group(1)), int(m.group(2))
+    if (depth - 4) % 6 or depth < 10:
+      raise ValueError(f'model {name!r}: WideResNet depth must be 6n+4 >= 10 (e.g. wrn-34-10)')
+    return WideResNet(depth, widen, num_classes, dtype)
+  if name == 'resnet18':
+    return ResNet(ResNetBasicBlock, base_width=base_width, num_classes=num_classes, dtype=dtype)
+  if name in ('preactresnet18', 'preactresnet18-bn'):
+    return ResNet(PreActBlock, base_width=base_width, num_classes=num_classes, stem_bn=False,
+                  final_bn=name.endswith('-bn'), dtype=dtype)
+  if name == 'mobilenetv2':
+    return MobileNetV2(num_classes, dtype)
+  if name == 'small_cnn':
+    return SmallCNN(width, num_classes, dtype)
+  raise ValueError(f'unknown model {name!r}: choose one of {", ".join(ARCHITECTURES)}')
+
+
+def init_variables(model: nn.Module, rng: jax.Array, image_shape: Sequence[int]):
+  """Returns ``(params, batch_stats)`` for one example of ``image_shape`` (H, W, C)."""
+  variables = jax.jit(functools.partial(model.init, train=False))(
+      rng, jnp.zeros((1, *image_shape), jnp.float32))
+  return variables['params'], variables.get('batch_stats', {})
+
+
+def count_params(params) -> int:
+  return sum(int(p.size) for p in jax.tree_util.tree_leaves(params))

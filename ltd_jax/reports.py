@@ -1,0 +1,191 @@
+"""What a run leaves in its work directory: config, environment, metrics, results tables, plots."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+
+LIBRARIES = ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'ml-collections', 'chex',
+             'numpy', 'scikit-learn', 'tensorflow-datasets', 'tqdm', 'matplotlib')
+
+
+def git_commit() -> str:
+  """The commit of the ltd_jax checkout (with ``-dirty`` when it has local changes), or 'unknown'."""
+  here = os.path.dirname(os.path.abspath(__file__))
+  try:
+    commit = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=here, capture_output=True,
+                            text=True, check=True, timeout=10).stdout.strip()
+    dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=here,
+                           capture_output=True, text=True, check=True, timeout=10).stdout.strip()
+    return commit + ('-dirty' if dirty else '')
+  except (OSError, subprocess.SubprocessError):
+    return 'unknown'
+
+
+def environment() -> dict:
+  versions = {}
+  for lib in LIBRARIES:
+    try:
+      versions[lib] = importlib.metadata.version(lib)
+    except importlib.metadata.PackageNotFoundError:
+      versions[lib] = None
+  return {
+      'git_commit': git_commit(),
+      'python': sys.version.split()[0],
+      'platform': platform.platform(),
+      'argv': sys.argv,
+      'time': time.strftime('%Y-%m-%dT%H:%M:%S%z'),
+      'libraries': versions,
+      'process_count': jax.process_count(),
+      'devices': [str(d) for d in jax.devices()],
+      'device_kind': jax.devices()[0].device_kind,
+  }
+
+
+def write_json(path: str, obj) -> None:
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(obj, f, indent=2, sort_keys=True, default=_json_default)
+  os.replace(tmp, path)
+
+
+def _json_default(o):
+  if isinstance(o, (np.generic,)):
+    return o.item()
+  if isinstance(o, np.ndarray):
+    return o.tolist()
+  return str(o)
+
+
+def write_run_info(workdir: str, config) -> None:
+  """``config.json`` and ``environment.json`` (git commit, library versions, devices)."""
+  write_json(os.path.join(workdir, 'config.json'), config.to_dict())
+  write_json(os.path.join(workdir, 'environment.json'), environment())
+
+
+class MetricWriter:
+  """Appends one JSON object per line to ``metrics.jsonl``; keeps lines of earlier (resumed) runs."""
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, 'metrics.jsonl')
+
+  def write(self, kind: str, step: int, **values) -> None:
+    record = {'kind': kind, 'step': int(step), 'time': time.time()}
+    record.update({k: _scalar(v) for k, v in values.items()})
+    with open(self.path, 'a') as f:
+      f.write(json.dumps(record, default=_json_default) + '\n')
+
+
+def _scalar(v):
+  if isinstance(v, (np.ndarray, jax.Array)) and np.ndim(v) == 0:
+    return float(v)
+  return v
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+SUMMARY_KEYS = ('avg', 'worst', 'worst10', 'nsd')
+
+
+def results_markdown(results: dict, class_names=()) -> str:
+  """Summary table (attacks as rows) and per-class table (classes as rows) in Markdown."""
+  evals = results['attacks']
+  names = list(evals)
+  lines = [f"# Results: {results.get('title', '')}".rstrip(), '',
+           f"Checkpoint: {results.get('checkpoint', '?')} (step {results.get('step', '?')}), "
+           f"split: {results.get('split', 'test')} ({results.get('num_examples', '?')} images), "
+           f"eps = {results.get('eps', float('nan')):.5f}", '',
+           '| attack | avg % | worst-class % | worst-10% % | NSD |', '|---|---:|---:|---:|---:|']
+  for name in names:
+    r = evals[name]
+    lines.append(f"| {name} | {100 * r['avg']:.2f} | {100 * r['worst']:.2f} | "
+                 f"{100 * r['worst10']:.2f} | {r['nsd']:.3f} |")
+  num_classes = len(evals[names[0]]['per_class']) if names else 0
+  class_names = list(class_names) or [str(i) for i in range(num_classes)]
+  lines += ['', '| class | ' + ' | '.join(f'{n} %' for n in names) + ' |',
+            '|---|' + '---:|' * len(names)]
+  for c in range(num_classes):
+    cells = ' | '.join(f"{100 * evals[n]['per_class'][c]:.1f}" for n in names)
+    lines.append(f'| {class_names[c]} | {cells} |')
+  return '\n'.join(lines) + '\n'
+
+
+def write_results(workdir: str, results: dict, class_names=(), stem: str = 'results') -> str:
+  """Writes ``{stem}.json`` and ``{stem}.md``; returns the Markdown."""
+  write_json(os.path.join(workdir, f'{stem}.json'), results)
+  md = results_markdown(results, class_names)
+  with open(os.path.join(workdir, f'{stem}.md'), 'w') as f:
+    f.write(md)
+  return md
+
+
+def plot_training_curves(workdir: str) -> str | None:
+  """``training_curves.png``: train loss/accuracy and periodic eval accuracy against step."""
+  records = read_metrics(workdir)
+  train = [r for r in records if r['kind'] == 'train']
+  evals = [r for r in records if r['kind'] == 'eval']
+  if not train:
+    return None
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+  axes[0].plot([r['step'] for r in train], [r['loss'] for r in train])
+  axes[0].set(xlabel='step', ylabel='train loss', title='loss')
+  for key in ('acc_clean', 'acc_adv'):
+    pts = [(r['step'], r[key]) for r in train if key in r]
+    if pts:
+      axes[1].plot(*zip(*pts), label=f'train {key[4:]}', alpha=0.6)
+  for key in sorted({k for r in evals for k in r if k.endswith('/avg')}):
+    pts = [(r['step'], r[key]) for r in evals if key in r]
+    axes[1].plot(*zip(*pts), marker='o', label=f"eval {key.split('/')[0]}")
+  axes[1].set(xlabel='step', ylabel='accuracy', title='accuracy', ylim=(0, 1))
+  axes[1].legend(fontsize=8)
+  fig.tight_layout()
+  path = os.path.join(workdir, 'training_curves.png')
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path
+
+
+def plot_per_class(workdir: str, results: dict, class_names=(), others: dict | None = None,
+                   name: str = 'per_class_accuracy.png') -> str:
+  """Bar chart of per-class accuracy for every attack; ``others`` adds labelled runs beside it."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  runs = {'this run': results, **(others or {})}
+  attacks = list(results['attacks'])
+  num_classes = len(results['attacks'][attacks[0]]['per_class'])
+  labels = list(class_names) or [str(i) for i in range(num_classes)]
+  fig, axes = plt.subplots(len(attacks), 1, figsize=(max(6, 0.5 * num_classes), 2.4 * len(attacks)),
+                           squeeze=False)
+  width = 0.8 / len(runs)
+  for ax, attack in zip(axes[:, 0], attacks):
+    for j, (run_name, run) in enumerate(runs.items()):
+      if attack in run['attacks']:
+        acc = run['attacks'][attack]['per_class']
+        ax.bar(np.arange(num_classes) + j * width, acc, width, label=run_name)
+    ax.set(ylabel='accuracy', title=attack, ylim=(0, 1))
+    ax.set_xticks(np.arange(num_classes) + 0.4 - width / 2)
+    ax.set_xticklabels(labels, rotation=45 if num_classes > 10 else 0, fontsize=8)
+  axes[0, 0].legend(fontsize=8)
+  fig.tight_layout()
+  path = os.path.join(workdir, name)
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path

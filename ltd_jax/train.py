@@ -1,0 +1,340 @@
+"""The one training loop: ``train_and_evaluate(config, workdir)``.
+
+Every method runs through the same jit-compiled ``train_step``: augment on device, build the
+method's adversarial examples with the model in eval mode, differentiate the method's loss in
+train mode, apply the optax update and accumulate per-class risks. The step is a pure
+function of the TrainState and the batch; the batch is a pure function of (seed, step), so a
+run that is killed and restarted from a checkpoint ends with the same parameters.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import struct
+from tqdm import tqdm
+
+from ltd_jax import checkpoints
+from ltd_jax import config_lib
+from ltd_jax import data
+from ltd_jax import evaluate
+from ltd_jax import methods
+from ltd_jax import models
+from ltd_jax import reports
+from ltd_jax.errors import CheckpointError, ConfigError, TrainingError
+
+
+class TrainState(struct.PyTreeNode):
+  """Everything a step reads and writes; all of it is checkpointed.
+
+  ``tau_adv`` / ``tau_clean`` are ABSLD's per-class teacher temperatures and ``risk_*`` the
+  per-class sums and counts of the student's cross-entropy over the current epoch.
+  """
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  rng: jax.Array
+  tau_adv: jax.Array
+  tau_clean: jax.Array
+  risk_adv_sum: jax.Array
+  risk_adv_count: jax.Array
+  risk_clean_sum: jax.Array
+  risk_clean_count: jax.Array
+  apply_fn: Callable[..., Any] = struct.field(pytree_node=False)
+  tx: optax.GradientTransformation = struct.field(pytree_node=False)
+
+  @property
+  def variables(self):
+    return {'params': self.params, 'batch_stats': self.batch_stats}
+
+
+def learning_rate_schedule(optim: ml_collections.ConfigDict, steps_per_epoch: int):
+  """Piecewise-constant lr: ``lr`` times ``lr_decay`` after each epoch in ``lr_boundaries_epochs``."""
+  scales: dict[int, float] = {}
+  for epoch in optim.lr_boundaries_epochs:
+    boundary = int(epoch) * steps_per_epoch
+    scales[boundary] = scales.get(boundary, 1.0) * optim.lr_decay
+  return optax.piecewise_constant_schedule(optim.lr, scales)
+
+
+def make_optimizer(optim: ml_collections.ConfigDict, steps_per_epoch: int):
+  """PyTorch SGD: coupled weight decay on every parameter, heavy-ball or Nesterov momentum."""
+  return optax.chain(
+      optax.add_decayed_weights(optim.weight_decay),
+      optax.sgd(learning_rate_schedule(optim, steps_per_epoch),
+                momentum=optim.momentum or None, nesterov=optim.nesterov))
+
+
+def build_model(config, num_classes: int):
+  dtype = jnp.bfloat16 if config.dtype == 'bfloat16' else jnp.float32
+  try:
+    return models.create_model(config.model.name, num_classes, dtype,
+                               base_width=config.model.base_width, width=config.model.width)
+  except ValueError as e:
+    raise ConfigError(f'{e} (--config.model.name)') from e
+
+
+def create_train_state(config, model, image_shape, num_classes: int,
+                       steps_per_epoch: int) -> TrainState:
+  init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+  params, batch_stats = models.init_variables(model, init_rng, image_shape)
+  tx = make_optimizer(config.optim, steps_per_epoch)
+  zeros = jnp.zeros((num_classes,), jnp.float32)
+  tau = jnp.full((num_classes,), config.absld.tau_init, jnp.float32)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+                    opt_state=tx.init(params), rng=state_rng, tau_adv=tau, tau_clean=tau,
+                    risk_adv_sum=zeros, risk_adv_count=zeros, risk_clean_sum=zeros,
+                    risk_clean_count=zeros, apply_fn=model.apply, tx=tx)
+
+
+def train_step(state: TrainState, images: jax.Array, labels: jax.Array, *, method: methods.Method,
+               config, augment_kind: str, num_classes: int):
+  """One optimisation step of ``method`` on a uint8 batch; returns (state, summed metrics)."""
+  aug_rng, attack_rng = jax.random.split(jax.random.fold_in(state.rng, state.step))
+  x = data.augment(aug_rng, images, augment_kind)
+  eval_logits_fn = lambda xx: state.apply_fn(state.variables, xx, train=False)
+  inputs = methods.MethodInputs(x, labels, attack_rng, state.tau_adv, state.tau_clean)
+  x_adv = method.adversary(eval_logits_fn, inputs, config)
+
+  def loss_fn(params):
+    forward = methods.TrainForward(state.apply_fn, params, state.batch_stats)
+    loss, aux = method.loss(forward, inputs, x_adv, config)
+    return loss, (aux, forward.batch_stats)
+
+  (loss, (aux, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+
+  new = dict(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
+  metrics = {'loss': loss, 'count': jnp.float32(labels.shape[0])}
+  for kind in ('adv', 'clean'):
+    if f'ce_{kind}' in aux:
+      sums, counts = methods.per_class_sums(aux[f'ce_{kind}'], labels, num_classes)
+      new[f'risk_{kind}_sum'] = getattr(state, f'risk_{kind}_sum') + sums
+      new[f'risk_{kind}_count'] = getattr(state, f'risk_{kind}_count') + counts
+      predictions = jnp.argmax(aux[f'logits_{kind}'], axis=-1)
+      metrics[f'correct_{kind}'] = jnp.sum(predictions == labels).astype(jnp.float32)
+  for key in ('loss_natural', 'loss_robust'):
+    if key in aux:
+      metrics[key] = aux[key]
+  return state.replace(**new), metrics
+
+
+def end_of_epoch(state: TrainState) -> TrainState:
+  """Clears the per-class risk accumulators for the next epoch."""
+  zeros = jnp.zeros_like(state.risk_adv_sum)
+  return state.replace(risk_adv_sum=zeros, risk_adv_count=zeros, risk_clean_sum=zeros,
+                       risk_clean_count=zeros)
+
+
+class _MetricBuffer:
+  """Device metrics kept until a log point, so the hot loop never waits for the host."""
+
+  def __init__(self):
+    self.items, self.start = [], time.perf_counter()
+
+  def add(self, metrics):
+    self.items.append(metrics)
+
+  def flush(self, step: int) -> dict | None:
+    if not self.items:
+      return None
+    fetched = jax.device_get(self.items)
+    elapsed = time.perf_counter() - self.start
+    count = sum(m['count'] for m in fetched)
+    out = {'loss': float(np.mean([m['loss'] for m in fetched])),
+           'images_per_sec': count / max(elapsed, 1e-9)}
+    for key in ('loss_natural', 'loss_robust'):
+      if key in fetched[0]:
+        out[key] = float(np.mean([m[key] for m in fetched]))
+    for kind in ('clean', 'adv'):
+      if f'correct_{kind}' in fetched[0]:
+        out[f'acc_{kind}'] = sum(m[f'correct_{kind}'] for m in fetched) / count
+    bad = [i for i, m in enumerate(fetched) if not np.isfinite(m['loss'])]
+    self.items, self.start = [], time.perf_counter()
+    if bad:
+      first = step - len(fetched) + bad[0] + 1
+      raise TrainingError(f'non-finite loss at step {first}: training stopped and no checkpoint '
+                          f'was written after it; lower --config.optim.lr or check the data')
+    return out
+
+
+def _run_title(config) -> str:
+  return f'{config.method} / {config.model.name} / {config.data.name}'
+
+
+def final_evaluation(config, workdir: str, state: TrainState, ds: data.Dataset,
+                     store: checkpoints.CheckpointStore, which: str = 'auto',
+                     trained_steps: int | None = None) -> dict:
+  """Full evaluation of the selected checkpoint on the test split with ``eval.final`` attacks.
+
+  ``which``: ``best`` (selected by ``eval.selection`` on ``eval.selection_split``), ``latest``
+  or ``auto`` (best when a best checkpoint exists and selection is not ``last``).
+  """
+  if which == 'auto':
+    which = 'best' if config.eval.selection != 'last' and store.best_step() is not None else 'latest'
+  if which == 'best':
+    restored = store.restore(state, 'best')
+    if restored is None:
+      raise CheckpointError(f'no best checkpoint in {os.path.join(workdir, "best")}: train first '
+                            f'or evaluate with --checkpoint=latest')
+    state = restored
+  step = int(state.step)
+  images, labels = ds.split('test')
+  eval_step = evaluate.make_eval_step(state.apply_fn, config.eval.final, eps=config.eps,
+                                      eval_config=config.eval)
+  rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 2)
+  attacks = evaluate.evaluate(eval_step, state.variables, images, labels, ds.num_classes,
+                              config.eval.batch_size, rng)
+  results = {
+      'title': _run_title(config), 'checkpoint': which, 'step': step, 'split': 'test',
+      'num_examples': int(len(labels)), 'eps': float(config.eps),
+      'selection': config.eval.selection if which == 'best' else 'last',
+      'selection_split': config.eval.selection_split,
+      'trained_steps': int(state.step) if trained_steps is None else trained_steps,
+      'attacks': attacks,
+  }
+  md = reports.write_results(workdir, results, ds.class_names)
+  reports.plot_per_class(workdir, results, ds.class_names)
+  reports.plot_training_curves(workdir)
+  print(md)
+  return results
+
+
+def _setup(config, workdir: str):
+  config_lib.validate(config)
+  os.makedirs(workdir, exist_ok=True)
+  ds = data.load_dataset(config.data)
+  n = len(ds.train_labels)
+  if config.batch_size > n:
+    raise ConfigError(f'batch_size={config.batch_size} exceeds the {n} training images of '
+                      f'{ds.name}: lower --config.batch_size')
+  steps_per_epoch = n // config.batch_size
+  model = build_model(config, ds.num_classes)
+  state = create_train_state(config, model, ds.image_shape, ds.num_classes, steps_per_epoch)
+  store = checkpoints.CheckpointStore(workdir, config.checkpoint.keep)
+  return ds, state, store, steps_per_epoch
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       step_hook: Callable[[int], None] | None = None) -> TrainState:
+  """Trains ``config.method`` (resuming from the latest checkpoint in ``workdir``), evaluates
+  periodically, keeps the best checkpoint, then evaluates the selected one with every attack.
+
+  ``step_hook(step)`` is called after every step (tests use it to interrupt a run).
+  """
+  ds, state, store, steps_per_epoch = _setup(config, workdir)
+  restored = store.restore(state)
+  if restored is not None:
+    state = restored
+    logging.info('resuming from step %d', int(state.step))
+  reports.write_run_info(workdir, config)
+  writer = reports.MetricWriter(workdir)
+  method = methods.get_method(config.method)
+  augment_kind = (data.default_augmentation(ds.name) if config.data.augment == 'auto'
+                  else config.data.augment)
+  donate = (0,) if jax.default_backend() != 'cpu' else ()
+  step_fn = jax.jit(functools.partial(train_step, method=method, config=config,
+                                      augment_kind=augment_kind, num_classes=ds.num_classes),
+                    donate_argnums=donate)
+  epoch_end_fn = jax.jit(end_of_epoch)
+
+  sel_images, sel_labels = ds.split(config.eval.selection_split)
+  subset = evaluate.stratified_subset(sel_labels, config.eval.subset_size, config.seed)
+  periodic_eval = evaluate.make_eval_step(state.apply_fn, config.eval.during_training,
+                                          eps=config.eps, eval_config=config.eval)
+  eval_rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1)
+
+  n = len(ds.train_labels)
+  total_steps = config.num_epochs * steps_per_epoch
+  step = int(state.step)
+  buffer, bar = _MetricBuffer(), None
+
+  def flush():
+    out = buffer.flush(step)
+    if out is not None:
+      writer.write('train', step, epoch=step / steps_per_epoch, **out)
+      if bar is not None:
+        bar.set_postfix({k: f'{v:.3g}' for k, v in out.items() if k != 'loss_natural'})
+
+  try:
+    while step < total_steps:
+      epoch = step // steps_per_epoch
+      if bar is None:
+        bar = tqdm(total=steps_per_epoch, initial=step % steps_per_epoch, leave=False,
+                   desc=f'epoch {epoch + 1}/{config.num_epochs}', unit='step',
+                   disable=not config.progress_bar)
+      idx = data.train_batch_indices(n, config.batch_size, config.seed, step)
+      state, metrics = step_fn(state, ds.train_images[idx], ds.train_labels[idx])
+      step += 1
+      buffer.add(metrics)
+      bar.update(1)
+      if step % config.log_every_steps == 0:
+        flush()
+      if step_hook is not None:
+        step_hook(step)
+      if step % steps_per_epoch == 0:
+        flush()
+        bar.close()
+        bar = None
+        state = epoch_end_fn(state)
+        epoch += 1
+        if epoch % config.eval.every_epochs == 0 or step == total_steps:
+          ev = evaluate.evaluate(periodic_eval, state.variables, sel_images[subset],
+                                 sel_labels[subset], ds.num_classes, config.eval.batch_size,
+                                 jax.random.fold_in(eval_rng, epoch))
+          record = {f'{a}/{k}': v for a, r in ev.items() for k, v in r.items() if k != 'per_class'}
+          if config.eval.selection != 'last':
+            score = evaluate.selection_score(ev, config.eval.selection)
+            record['selection_score'] = score
+            record['is_best'] = store.save_best(step, state, score)
+          writer.write('eval', step, epoch=epoch, split=config.eval.selection_split, **record)
+          logging.info('epoch %d: %s', epoch, record)
+        store.save_latest(step, state)
+      elif config.checkpoint.every_steps and step % config.checkpoint.every_steps == 0:
+        flush()
+        store.save_latest(step, state)
+  finally:
+    if bar is not None:
+      bar.close()
+    store.wait()
+
+  if _trained_steps_in_results(workdir) == total_steps:
+    logging.info('training and final evaluation already complete in %s', workdir)
+  else:
+    final_evaluation(config, workdir, state, ds, store, trained_steps=step)
+  store.close()
+  return state
+
+
+def _trained_steps_in_results(workdir: str) -> int | None:
+  try:
+    with open(os.path.join(workdir, 'results.json')) as f:
+      return int(json.load(f)['trained_steps'])
+  except (OSError, ValueError, KeyError):
+    return None
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
+                        which: str = 'auto') -> dict:
+  """``--mode=evaluate``: final evaluation of a saved checkpoint of ``workdir``."""
+  ds, state, store, _ = _setup(config, workdir)
+  if which in ('auto', 'latest') and store.latest_step() is None and store.best_step() is None:
+    raise CheckpointError(f'no checkpoint in {os.path.abspath(workdir)}: train with --mode=train '
+                          f'first or pass the --workdir of a trained run')
+  latest = store.restore(state, 'latest')
+  state = latest if latest is not None else state
+  results = final_evaluation(config, workdir, state, ds, store, which, trained_steps=int(state.step))
+  store.close()
+  return results

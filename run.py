@@ -1,0 +1,67 @@
+"""ltd_jax command line: ``python run.py --config=configs/NAME.py [--config.a.b=v] [--workdir=DIR]``.
+
+Modes: ``train`` (resumes from the work directory's latest checkpoint, then evaluates the
+selected checkpoint with every attack) and ``evaluate`` (evaluates a saved checkpoint).
+"""
+
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from ltd_jax import config_lib
+from ltd_jax import errors
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file: configs/NAME.py.',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Work directory (default: workdirs/<config name>).')
+_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'evaluate'], 'What to run.')
+_CHECKPOINT = flags.DEFINE_enum('checkpoint', 'auto', ['auto', 'best', 'latest'],
+                                '--mode=evaluate: which checkpoint (auto: best if kept).')
+
+
+def _fail(message: str) -> None:
+  print(f'error: {message}', file=sys.stderr)
+  sys.exit(2)
+
+
+def parse_flags(argv):
+  """Checks the config file and every --config.* key before absl parses (and compiles) anything."""
+  config_path = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), None)
+  if config_path is None:
+    _fail('no config: pass --config=configs/NAME.py (for example configs/trades_digits.py)')
+  try:
+    config_lib.check_override_keys(config_lib.load_config_file(config_path), argv)
+  except errors.LtdError as e:
+    _fail(str(e))
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    _fail(str(e).splitlines()[0])
+
+
+def default_workdir(config_path: str) -> str:
+  return os.path.join('workdirs', os.path.splitext(os.path.basename(config_path))[0])
+
+
+def main(argv):
+  del argv
+  from ltd_jax import train  # pylint: disable=g-import-not-at-top
+  logging.set_verbosity(logging.WARNING)
+  config = _CONFIG.value
+  workdir = _WORKDIR.value or default_workdir(config_flags.get_config_filename(flags.FLAGS['config']))
+  try:
+    if _MODE.value == 'train':
+      train.train_and_evaluate(config, workdir)
+    else:
+      train.evaluate_checkpoint(config, workdir, _CHECKPOINT.value)
+  except errors.LtdError as e:
+    _fail(str(e))
+  print(f'work directory: {os.path.abspath(workdir)}')
+
+
+if __name__ == '__main__':
+  app.run(main, flags_parser=parse_flags)
