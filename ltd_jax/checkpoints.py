@@ -64,6 +64,7 @@ class CheckpointStore:
 
   def save_best(self, step: int, state, score: float) -> bool:
     """Saves ``state`` if ``score`` beats the stored best; returns whether it did."""
+    self.best.wait_until_finished()  # the previous best's metrics are readable only once saved
     if step in self.best.all_steps():
       return False
     best_score = self.best_score()

@@ -41,6 +41,7 @@ def default_config() -> ml_collections.ConfigDict:
 
   c.num_epochs = 76
   c.batch_size = 128
+  c.max_steps = 0  # >0 stops training after this many steps (smoke tests, debugging).
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 0.1
@@ -65,6 +66,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict()
   c.eval.every_epochs = 1
   c.eval.subset_size = 1000  # Periodic evaluation uses this many images of the selection split.
+  c.eval.final_subset_size = 0  # Final evaluation: a stratified subset of the test set (0: all).
   c.eval.batch_size = 256
   c.eval.during_training = ('clean', 'pgd20')
   c.eval.final = EVAL_ATTACKS
@@ -136,6 +138,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(config.batch_size > 0, f'batch_size must be > 0, got {config.batch_size}')
   _require(config.eval.batch_size > 0, f'eval.batch_size must be > 0, got {config.eval.batch_size}')
   _require(config.num_epochs >= 0, f'num_epochs must be >= 0, got {config.num_epochs}')
+  _require(config.max_steps >= 0, f'max_steps must be >= 0, got {config.max_steps}')
   _require(config.optim.lr > 0, f'optim.lr must be > 0, got {config.optim.lr}')
   _require(config.optim.weight_decay >= 0,
            f'optim.weight_decay must be >= 0, got {config.optim.weight_decay}')

@@ -53,7 +53,7 @@ def environment() -> dict:
 def write_json(path: str, obj) -> None:
   tmp = path + '.tmp'
   with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=2, sort_keys=True, default=_json_default)
+    json.dump(obj, f, indent=2, default=_json_default)
   os.replace(tmp, path)
 
 

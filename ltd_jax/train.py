@@ -192,6 +192,8 @@ def final_evaluation(config, workdir: str, state: TrainState, ds: data.Dataset,
     state = restored
   step = int(state.step)
   images, labels = ds.split('test')
+  subset = evaluate.stratified_subset(labels, config.eval.final_subset_size, config.seed)
+  images, labels = images[subset], labels[subset]
   eval_step = evaluate.make_eval_step(state.apply_fn, config.eval.final, eps=config.eps,
                                       eval_config=config.eval)
   rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 2)
@@ -258,6 +260,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   n = len(ds.train_labels)
   total_steps = config.num_epochs * steps_per_epoch
+  if config.max_steps:
+    total_steps = min(total_steps, config.max_steps)
   step = int(state.step)
   buffer, bar = _MetricBuffer(), None
 
@@ -302,7 +306,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           writer.write('eval', step, epoch=epoch, split=config.eval.selection_split, **record)
           logging.info('epoch %d: %s', epoch, record)
         store.save_latest(step, state)
-      elif config.checkpoint.every_steps and step % config.checkpoint.every_steps == 0:
+      elif step == total_steps or (config.checkpoint.every_steps
+                                   and step % config.checkpoint.every_steps == 0):
         flush()
         store.save_latest(step, state)
   finally:

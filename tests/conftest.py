@@ -1,0 +1,45 @@
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.path.join(os.path.dirname(ROOT), 'shared')
+sys.path.insert(0, ROOT)
+
+from ltd_jax import config_lib  # pylint: disable=g-import-not-at-top
+
+
+def shared_path(*parts):
+  path = os.path.join(SHARED, *parts)
+  if not os.path.exists(path):
+    pytest.skip(f'{path} is not present')
+  return path
+
+
+@pytest.fixture
+def tiny_config():
+  """TRADES on digits with a 4-wide CNN, 2 epochs of 4 steps: seconds per run."""
+  c = config_lib.default_config()
+  c.method = 'trades'
+  c.eps = 0.2
+  c.data.name = 'digits'
+  c.model.name = 'small_cnn'
+  c.model.width = 4
+  c.num_epochs = 2
+  c.batch_size = 256
+  c.max_steps = 0
+  c.optim.lr = 0.05
+  c.optim.lr_boundaries_epochs = (1,)
+  c.attack.alpha = 0.05
+  c.attack.steps = 2
+  c.eval.every_epochs = 1
+  c.eval.subset_size = 100
+  c.eval.final_subset_size = 100
+  c.eval.batch_size = 100
+  c.eval.pgd_steps = 2
+  c.eval.cw_steps = 2
+  c.eval.alpha = 0.1
+  c.log_every_steps = 2
+  c.progress_bar = False
+  return c

@@ -1,0 +1,117 @@
+"""Attacks: eps-ball and box invariants, hand-computed gradients, and real damage to a trained model."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ltd_jax import attacks
+from ltd_jax import data
+from ltd_jax import evaluate
+from ltd_jax import train
+
+
+def linear_logits_fn(w):
+  return lambda x: x.reshape(x.shape[0], -1) @ w
+
+
+@pytest.fixture
+def linear():
+  rng = np.random.default_rng(0)
+  w = jnp.asarray(rng.normal(size=(12, 3)), jnp.float32)
+  x = jnp.asarray(rng.uniform(size=(8, 2, 2, 3)), jnp.float32)
+  y = jnp.asarray(rng.integers(0, 3, size=8))
+  return w, x, y
+
+
+@pytest.mark.parametrize('init', ['uniform', 'normal', 'none'])
+@pytest.mark.parametrize('objective', ['ce', 'cw', 'kl'])
+def test_pgd_stays_in_eps_ball_and_box(linear, init, objective):
+  w, x, y = linear
+  f = linear_logits_fn(w)
+  obj = {'ce': attacks.ce_objective(f, y), 'cw': attacks.cw_objective(f, y),
+         'kl': attacks.kl_objective(f, jax.nn.softmax(f(x)))}[objective]
+  eps = 0.1
+  x_adv = attacks.pgd_attack(obj, x, jax.random.PRNGKey(1), eps=eps, alpha=0.04, steps=7, init=init)
+  assert x_adv.shape == x.shape
+  assert float(jnp.max(jnp.abs(x_adv - x))) <= eps + 1e-6
+  assert float(x_adv.min()) >= 0.0 and float(x_adv.max()) <= 1.0
+  assert float(jnp.max(jnp.abs(x_adv - x))) > 0.05  # it moved
+
+
+def test_fgsm_matches_hand_computed_gradient_sign(linear):
+  w, x, y = linear
+  xf = np.asarray(x).reshape(8, -1).astype(np.float64)
+  z = xf @ np.asarray(w, np.float64)
+  p = np.exp(z - z.max(1, keepdims=True))
+  p /= p.sum(1, keepdims=True)
+  grad = (p - np.eye(3)[np.asarray(y)]) @ np.asarray(w, np.float64).T  # d CE / d x
+  expected = np.clip(xf + 0.05 * np.sign(grad), 0, 1).reshape(x.shape)
+  got = attacks.fgsm_attack(attacks.ce_objective(linear_logits_fn(w), y), x, eps=0.05)
+  np.testing.assert_allclose(got, expected, atol=1e-6)
+
+
+def test_one_step_pgd_without_init_is_fgsm(linear):
+  w, x, y = linear
+  obj = attacks.ce_objective(linear_logits_fn(w), y)
+  pgd = attacks.pgd_attack(obj, x, jax.random.PRNGKey(0), eps=0.03, alpha=0.03, steps=1, init='none')
+  np.testing.assert_allclose(pgd, attacks.fgsm_attack(obj, x, eps=0.03), atol=1e-7)
+
+
+def test_zero_eps_returns_clean_images(linear):
+  w, x, y = linear
+  obj = attacks.ce_objective(linear_logits_fn(w), y)
+  for init in attacks.INITS:
+    x_adv = attacks.pgd_attack(obj, x, jax.random.PRNGKey(0), eps=0.0, alpha=0.01, steps=3,
+                               init=init)
+    np.testing.assert_allclose(x_adv, x, atol=1e-7)
+
+
+def test_inits():
+  x = jnp.full((1000, 4), 0.5)
+  u = attacks.init_uniform(jax.random.PRNGKey(0), x, 0.1)
+  assert float(jnp.abs(u - x).max()) <= 0.1 and float(jnp.abs(u - x).mean()) > 0.04
+  n = attacks.init_normal(jax.random.PRNGKey(0), x, 0.1)
+  assert 0.0008 < float(jnp.std(n - x)) < 0.0012
+  with pytest.raises(ValueError, match='init'):
+    attacks.pgd_attack(lambda a: jnp.sum(a), x, jax.random.PRNGKey(0), eps=0.1, alpha=0.1,
+                       steps=1, init='gaussian')
+
+
+def test_projection():
+  x = jnp.array([0.0, 0.5, 1.0])
+  np.testing.assert_allclose(attacks.project_linf(jnp.array([-1.0, 0.9, 0.95]), x, 0.1),
+                             [0.0, 0.6, 0.95])
+
+
+@pytest.fixture(scope='module')
+def natural_digits_model(tmp_path_factory):
+  from tests.conftest import config_lib
+  c = config_lib.default_config()
+  c.method, c.eps, c.data.name = 'natural', 0.2, 'digits'
+  c.model.name, c.model.width = 'small_cnn', 8
+  c.num_epochs, c.batch_size, c.optim.lr = 4, 64, 0.05
+  c.optim.lr_boundaries_epochs = ()
+  c.eval.selection, c.eval.final, c.eval.during_training = 'last', ('clean',), ('clean',)
+  c.progress_bar = False
+  workdir = str(tmp_path_factory.mktemp('natural'))
+  state = train.train_and_evaluate(c, workdir)
+  return c, state, data.load_dataset(c.data)
+
+
+def test_attacks_lower_a_trained_models_accuracy(natural_digits_model):
+  config, state, ds = natural_digits_model
+  config.eval.pgd_steps, config.eval.cw_steps, config.eval.alpha = 10, 10, 0.05
+  step = evaluate.make_eval_step(state.apply_fn, ('clean', 'fgsm', 'pgd20', 'cw'), eps=0.2,
+                                 eval_config=config.eval)
+  res = evaluate.evaluate(step, state.variables, ds.test_images, ds.test_labels, 10, 128,
+                          jax.random.PRNGKey(0))
+  assert res['clean']['avg'] > 0.85
+  assert res['fgsm']['avg'] < res['clean']['avg'] - 0.3
+  assert res['pgd20']['avg'] <= res['fgsm']['avg'] + 0.02
+  assert res['pgd20']['avg'] < 0.3 and res['cw']['avg'] < 0.3
+  # A tiny eps barely changes accuracy: the damage comes from the perturbation budget.
+  small = evaluate.make_eval_step(state.apply_fn, ('pgd20',), eps=1e-3, eval_config=config.eval)
+  res_small = evaluate.evaluate(small, state.variables, ds.test_images, ds.test_labels, 10, 128,
+                                jax.random.PRNGKey(0))
+  assert res_small['pgd20']['avg'] > res['clean']['avg'] - 0.05

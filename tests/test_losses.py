@@ -1,0 +1,100 @@
+"""Losses against a direct NumPy transcription of the formulas in METHODS.md."""
+
+import numpy as np
+import pytest
+
+from ltd_jax import losses
+from ltd_jax import methods
+
+
+def np_log_softmax(z):
+  z = z - z.max(-1, keepdims=True)
+  return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+@pytest.fixture
+def logits():
+  rng = np.random.default_rng(0)
+  return (rng.normal(size=(6, 5)) * 3).astype(np.float32), rng.normal(size=(6, 5)).astype(np.float32)
+
+
+def test_cross_entropy_matches_numpy(logits):
+  z, _ = logits
+  y = np.array([0, 1, 2, 3, 4, 0])
+  per = -np_log_softmax(z.astype(np.float64))[np.arange(6), y]
+  np.testing.assert_allclose(losses.cross_entropy(z, y, 'none'), per, rtol=1e-5)
+  np.testing.assert_allclose(losses.cross_entropy(z, y, 'sum'), per.sum(), rtol=1e-5)
+  np.testing.assert_allclose(losses.cross_entropy(z, y, 'batchmean'), per.mean(), rtol=1e-5)
+  np.testing.assert_allclose(losses.cross_entropy(z, y, 'elementwise_mean'), per.mean() / 5,
+                             rtol=1e-5)
+
+
+def test_kl_matches_numpy_and_both_forms_agree(logits):
+  t, z = logits
+  p = np.exp(np_log_softmax(t.astype(np.float64)))
+  per = (p * (np.log(p) - np_log_softmax(z.astype(np.float64)))).sum(-1)
+  np.testing.assert_allclose(losses.kl_from_logits(t, z, 'none'), per, rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(losses.kl_divergence(p.astype(np.float32), z, 'batchmean'),
+                             per.mean(), rtol=1e-4)
+  assert float(losses.kl_from_logits(t, t, 'sum')) == pytest.approx(0.0, abs=1e-5)
+
+
+def test_kl_handles_zero_probabilities():
+  p = np.array([[1.0, 0.0, 0.0]], np.float32)
+  z = np.array([[2.0, 1.0, 0.0]], np.float32)
+  expected = -np_log_softmax(z.astype(np.float64))[0, 0]
+  np.testing.assert_allclose(losses.kl_divergence(p, z, 'sum'), expected, rtol=1e-5)
+
+
+def test_soft_cross_entropy_is_kl_plus_entropy(logits):
+  t, z = logits
+  p = np.exp(np_log_softmax(t.astype(np.float64) / 5.0))
+  soft_ce = -(p * np_log_softmax(z.astype(np.float64))).sum(-1)
+  np.testing.assert_allclose(losses.soft_cross_entropy(z, p.astype(np.float32), 'none'), soft_ce,
+                             rtol=1e-5)
+  np.testing.assert_allclose(losses.softmax_t(t, 5.0), p, rtol=1e-5)
+
+
+def test_cw_margin_matches_numpy(logits):
+  z, _ = logits
+  y = np.array([0, 1, 2, 3, 4, 0])
+  other = np.where(np.eye(5)[y] > 0, -np.inf, z).max(-1)
+  per = -np.maximum(z[np.arange(6), y] - other + 50.0, 0.0)
+  np.testing.assert_allclose(losses.cw_margin(z, y, 50.0, 'none'), per, rtol=1e-5)
+  np.testing.assert_allclose(losses.cw_margin(z, y, 0.0, 'sum'),
+                             -np.maximum(z[np.arange(6), y] - other, 0).sum(), rtol=1e-5)
+
+
+def test_unknown_reduction_raises(logits):
+  with pytest.raises(ValueError, match='reduction'):
+    losses.cross_entropy(logits[0], np.zeros(6, int), 'mean')
+
+
+class _FakeForward:
+  """Stands in for TrainForward: returns fixed logits for clean then adversarial input."""
+
+  def __init__(self, outputs):
+    self.outputs = list(outputs)
+
+  def __call__(self, x):
+    return self.outputs.pop(0)
+
+
+def test_trades_loss_matches_numpy(logits):
+  import ml_collections
+  clean, adv = logits
+  y = np.array([0, 1, 2, 3, 4, 0])
+  cfg = ml_collections.ConfigDict({'trades': {'beta': 6.0}})
+  inputs = methods.MethodInputs(np.zeros((6, 1)), y, None, None, None)
+  loss, aux = methods.trades_loss(_FakeForward([clean, adv]), inputs, np.zeros((6, 1)), cfg)
+  ls_c, ls_a = np_log_softmax(clean.astype(np.float64)), np_log_softmax(adv.astype(np.float64))
+  ce = -ls_c[np.arange(6), y].mean()
+  kl = (np.exp(ls_c) * (ls_c - ls_a)).sum(-1).mean()
+  np.testing.assert_allclose(loss, ce + 6.0 * kl, rtol=1e-5)
+  np.testing.assert_allclose(aux['ce_adv'], -ls_a[np.arange(6), y], rtol=1e-5)
+
+
+def test_per_class_sums():
+  s, c = methods.per_class_sums(np.array([1., 2., 3., 4.]), np.array([0, 2, 0, 2]), 3)
+  np.testing.assert_allclose(s, [4., 0., 6.])
+  np.testing.assert_allclose(c, [2., 0., 2.])

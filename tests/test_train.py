@@ -1,0 +1,197 @@
+"""The shared train step, the optimizer, checkpoints and resume, and the work directory."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from ltd_jax import data
+from ltd_jax import losses
+from ltd_jax import methods
+from ltd_jax import train
+from ltd_jax.errors import CheckpointError, TrainingError
+
+
+def test_sgd_matches_pytorch_recursion():
+  """PyTorch SGD: g += wd * w; buf = m * buf + g; step = g + m * buf (Nesterov) or buf."""
+  for nesterov in (False, True):
+    optim = ml_collections.ConfigDict({'lr': 0.1, 'momentum': 0.9, 'nesterov': nesterov,
+                                       'weight_decay': 5e-4, 'lr_boundaries_epochs': (1,),
+                                       'lr_decay': 0.1})
+    tx = train.make_optimizer(optim, steps_per_epoch=2)
+    w = jnp.array([1.0, -2.0])
+    opt_state = tx.init(w)
+    w_np, buf = np.array([1.0, -2.0]), np.zeros(2)
+    for step in range(4):
+      grad = jnp.array([0.3, 0.7]) * (step + 1)
+      updates, opt_state = tx.update(grad, opt_state, w)
+      w = w + updates
+      g = np.asarray(grad, np.float64) + 5e-4 * w_np
+      buf = 0.9 * buf + g
+      lr = 0.1 if step < 2 else 0.01
+      w_np = w_np - lr * (g + 0.9 * buf if nesterov else buf)
+      np.testing.assert_allclose(w, w_np, rtol=1e-5)
+
+
+def test_learning_rate_schedule_boundaries():
+  optim = ml_collections.ConfigDict({'lr': 0.1, 'lr_boundaries_epochs': (2, 3), 'lr_decay': 0.1})
+  sched = train.learning_rate_schedule(optim, steps_per_epoch=10)
+  assert [float(sched(s)) for s in (0, 19, 20, 29, 30)] == pytest.approx(
+      [0.1, 0.1, 0.01, 0.01, 0.001])
+
+
+def _state_and_batch(config):
+  ds = data.load_dataset(config.data)
+  model = train.build_model(config, ds.num_classes)
+  state = train.create_train_state(config, model, ds.image_shape, ds.num_classes, 5)
+  return state, ds.train_images[:64], ds.train_labels[:64]
+
+
+@pytest.mark.parametrize('method', ['natural', 'pgd_at', 'trades'])
+def test_train_step_for_each_method(tiny_config, method):
+  tiny_config.method = method
+  state, images, labels = _state_and_batch(tiny_config)
+  step = jax.jit(lambda s, x, y: train.train_step(
+      s, x, y, method=methods.get_method(method), config=tiny_config, augment_kind='none',
+      num_classes=10))
+  new, metrics = step(state, images, labels)
+  assert int(new.step) == 1 and np.isfinite(float(metrics['loss']))
+  moved = jax.tree_util.tree_map(lambda a, b: float(jnp.max(jnp.abs(a - b))), new.params,
+                                 state.params)
+  assert all(v > 0 for v in jax.tree_util.tree_leaves(moved))
+  assert not np.allclose(new.batch_stats['bn1']['mean'], state.batch_stats['bn1']['mean'])
+  np.testing.assert_array_equal(new.tau_adv, state.tau_adv)
+  counts = np.bincount(labels, minlength=10)
+  kinds = {'natural': ['clean'], 'pgd_at': ['adv'], 'trades': ['clean', 'adv']}[method]
+  for kind in ('clean', 'adv'):
+    got = np.asarray(getattr(new, f'risk_{kind}_count'))
+    np.testing.assert_array_equal(got, counts if kind in kinds else np.zeros(10))
+  # The clean risk is the per-class sum of the student's train-mode cross-entropy.
+  if 'clean' in kinds:
+    logits = state.apply_fn(state.variables, data.to_float(images), train=True,
+                            mutable=['batch_stats'])[0]
+    ce = np.asarray(losses.cross_entropy(logits, labels, 'none'))
+    np.testing.assert_allclose(new.risk_clean_sum, np.bincount(labels, ce, 10), rtol=1e-4)
+  reset = train.end_of_epoch(new)
+  assert float(jnp.sum(reset.risk_adv_sum) + jnp.sum(reset.risk_clean_count)) == 0
+
+
+def test_repeated_training_improves_the_loss(tiny_config):
+  tiny_config.method, tiny_config.optim.lr = 'natural', 0.1
+  state, images, labels = _state_and_batch(tiny_config)
+  step = jax.jit(lambda s: train.train_step(s, images, labels, method=methods.get_method('natural'),
+                                            config=tiny_config, augment_kind='none',
+                                            num_classes=10))
+  first = float(step(state)[1]['loss'])
+  for _ in range(80):
+    state, metrics = step(state)
+  assert float(metrics['loss']) < 0.5 * first
+
+
+class Interrupt(Exception):
+  pass
+
+
+def _interrupt_at(step_to_stop):
+  def hook(step):
+    if step == step_to_stop:
+      raise Interrupt()
+  return hook
+
+
+def _leaves(state):
+  return jax.tree_util.tree_leaves((state.params, state.batch_stats, state.opt_state, state.step,
+                                    state.tau_adv, state.risk_adv_sum))
+
+
+def test_interrupted_and_resumed_run_equals_uninterrupted(tiny_config, tmp_path):
+  tiny_config.batch_size = 128  # 11 steps per epoch, 22 in all
+  tiny_config.data.augment = 'crop_flip'  # exercise on-device augmentation rng too
+  tiny_config.checkpoint.every_steps = 4
+  full = train.train_and_evaluate(tiny_config, str(tmp_path / 'full'))
+  workdir = str(tmp_path / 'interrupted')
+  for stop in (6, 13):  # killed mid-epoch, after the checkpoints at 4 and at 12 (epoch end 11)
+    with pytest.raises(Interrupt):
+      train.train_and_evaluate(tiny_config, workdir, step_hook=_interrupt_at(stop))
+  resumed = train.train_and_evaluate(tiny_config, workdir)
+  assert int(resumed.step) == int(full.step) == 22
+  for a, b in zip(_leaves(full), _leaves(resumed)):
+    np.testing.assert_array_equal(a, b)
+  with open(tmp_path / 'full' / 'results.json') as f:
+    r_full = json.load(f)
+  with open(os.path.join(workdir, 'results.json')) as f:
+    r_resumed = json.load(f)
+  assert json.dumps(r_full['attacks']) == json.dumps(r_resumed['attacks'])
+
+
+def test_work_directory_contents_and_best_checkpoint(tiny_config, tmp_path):
+  tiny_config.checkpoint.keep = 1
+  tiny_config.num_epochs = 3
+  workdir = str(tmp_path)
+  train.train_and_evaluate(tiny_config, workdir)
+  for name in ('config.json', 'environment.json', 'metrics.jsonl', 'results.json', 'results.md',
+               'per_class_accuracy.png', 'training_curves.png'):
+    assert os.path.exists(os.path.join(workdir, name)), name
+  env = json.load(open(os.path.join(workdir, 'environment.json')))
+  assert env['devices'] and env['libraries']['jax'] and 'git_commit' in env
+  assert json.load(open(os.path.join(workdir, 'config.json')))['method'] == 'trades'
+  records = [json.loads(l) for l in open(os.path.join(workdir, 'metrics.jsonl'))]
+  evals = [r for r in records if r['kind'] == 'eval']
+  assert len(evals) == 3 and {r['kind'] for r in records} == {'train', 'eval'}
+  assert 'images_per_sec' in records[0] and 'acc_adv' in records[0]
+  assert os.listdir(os.path.join(workdir, 'checkpoints')) == ['15']  # keep=1: only the latest
+  best = [r for r in evals if r['is_best']][-1]
+  assert os.listdir(os.path.join(workdir, 'best')) == [str(best['step'])]
+  assert best['pgd20/avg'] == max(r['pgd20/avg'] for r in evals)
+  results = json.load(open(os.path.join(workdir, 'results.json')))
+  assert results['checkpoint'] == 'best' and results['step'] == best['step']
+  assert results['selection'] == 'robust' and results['selection_split'] == 'test'
+  assert list(results['attacks']) == ['clean', 'fgsm', 'pgd20', 'cw']
+  for r in results['attacks'].values():
+    assert len(r['per_class']) == 10 and 0 <= r['worst'] <= r['avg'] <= 1
+  md = open(os.path.join(workdir, 'results.md')).read()
+  assert '| pgd20 |' in md and 'NSD' in md
+
+  # --mode=evaluate on the same work directory gives the same numbers for the same checkpoint.
+  again = train.evaluate_checkpoint(tiny_config, workdir, 'best')
+  assert json.dumps(again['attacks']) == json.dumps(results['attacks'])  # NaN-safe
+  latest = train.evaluate_checkpoint(tiny_config, workdir, 'latest')
+  assert latest['step'] == 15 and latest['checkpoint'] == 'latest'
+
+
+def test_fair_selection_uses_avg_plus_worst(tiny_config, tmp_path):
+  tiny_config.eval.selection = 'fair'
+  tiny_config.num_epochs = 3
+  train.train_and_evaluate(tiny_config, str(tmp_path))
+  evals = [json.loads(l) for l in open(tmp_path / 'metrics.jsonl') if '"eval"' in l]
+  for r in evals:
+    assert r['selection_score'] == pytest.approx(r['pgd20/avg'] + r['pgd20/worst'])
+  best = max(evals, key=lambda r: r['selection_score'])
+  assert json.load(open(tmp_path / 'results.json'))['step'] == best['step']
+
+
+def test_checkpoint_of_another_architecture_is_refused(tiny_config, tmp_path):
+  tiny_config.num_epochs = 1
+  train.train_and_evaluate(tiny_config, str(tmp_path))
+  tiny_config.model.width = 8
+  with pytest.raises(CheckpointError, match='does not fit the configured model'):
+    train.evaluate_checkpoint(tiny_config, str(tmp_path))
+  with pytest.raises(CheckpointError, match='no checkpoint'):
+    train.evaluate_checkpoint(tiny_config, str(tmp_path / 'empty'))
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_checkpoints(tiny_config, tmp_path):
+  tiny_config.method = 'natural'
+  tiny_config.num_epochs = 3
+  tiny_config.log_every_steps = 1
+  train.train_and_evaluate(tiny_config, str(tmp_path))  # 15 steps, checkpoint at 15
+  tiny_config.num_epochs = 6
+  tiny_config.optim.lr = 1e30
+  tiny_config.optim.lr_boundaries_epochs = ()
+  with pytest.raises(TrainingError, match=r'non-finite loss at step 1[6-9]'):
+    train.train_and_evaluate(tiny_config, str(tmp_path))
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['10', '15', '5']
