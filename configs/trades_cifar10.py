@@ -1,0 +1,28 @@
+"""TRADES (Zhang et al. 2019) on CIFAR-10 with WRN-34-10, as in the reference train_trades_cifar10.py.
+
+SGD lr 0.1, momentum 0.9, wd 2e-4, batch 128, 76 epochs with lr / 10 from (1-indexed) epoch 75;
+training attack: 10 steps of 0.007, eps 0.031, init x + 0.001 N(0, 1); beta = 6.
+"""
+
+from ltd_jax import config_lib
+
+
+def get_config():
+  c = config_lib.default_config()
+  c.method = 'trades'
+  c.eps = 0.031
+  c.data.name = 'cifar10'
+  c.model.name = 'wrn-34-10'
+  c.num_epochs = 76
+  c.batch_size = 128
+  c.optim.lr = 0.1
+  c.optim.momentum = 0.9
+  c.optim.nesterov = False
+  c.optim.weight_decay = 2e-4
+  c.optim.lr_boundaries_epochs = (74, 89, 99)
+  c.attack.alpha = 0.007
+  c.attack.steps = 10
+  c.attack.init = 'normal'
+  c.trades.beta = 6.0
+  c.eval.selection = 'robust'
+  return c

@@ -1,0 +1,61 @@
+"""Evaluation summaries against hand computation; padding and subsets."""
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from ltd_jax import evaluate
+
+
+def test_summary_matches_hand_computation():
+  acc = np.array([0.9, 0.5, 0.7, 0.3])
+  s = evaluate.summarize(acc, correct_total=0.61)
+  assert s['avg'] == pytest.approx(0.61)
+  assert s['class_mean'] == pytest.approx(0.6)
+  assert s['worst'] == pytest.approx(0.3)
+  assert s['worst10'] == pytest.approx(0.3)  # ceil(0.4) = 1 class
+  std = np.sqrt(((0.3 ** 2) + (0.1 ** 2) + (0.1 ** 2) + (0.3 ** 2)) / 4)
+  assert s['nsd'] == pytest.approx(std / 0.6)
+
+
+def test_worst_ten_percent_of_a_hundred_classes():
+  acc = np.linspace(0.0, 0.99, 100)
+  assert evaluate.summarize(acc)['worst10'] == pytest.approx(np.mean(acc[:10]))
+
+
+def test_per_class_accuracy_counts_each_class():
+  labels = np.array([0, 0, 1, 1, 1, 2])
+  correct = np.array([1, 0, 1, 1, 0, 1], bool)
+  np.testing.assert_allclose(evaluate.per_class_accuracy(correct, labels, 4)[:3], [0.5, 2 / 3, 1.0])
+  assert np.isnan(evaluate.per_class_accuracy(correct, labels, 4)[3])
+
+
+def test_selection_scores():
+  r = {'pgd20': {'avg': 0.5, 'worst': 0.2}}
+  assert evaluate.selection_score(r, 'robust') == 0.5
+  assert evaluate.selection_score(r, 'fair') == pytest.approx(0.7)
+
+
+def test_stratified_subset_is_balanced_and_fixed():
+  labels = np.repeat(np.arange(10), [50, 60, 70, 80, 90, 100, 110, 120, 130, 140]).astype(np.int32)
+  idx = evaluate.stratified_subset(labels, 200, seed=0)
+  assert len(idx) == 200 and len(np.unique(idx)) == 200
+  assert set(np.bincount(labels[idx])) == {20}
+  np.testing.assert_array_equal(idx, evaluate.stratified_subset(labels, 200, seed=0))
+  assert len(evaluate.stratified_subset(labels, 0, seed=0)) == len(labels)
+
+
+def test_padded_last_batch_gives_the_same_result_as_one_batch():
+  w = np.random.default_rng(0).normal(size=(12, 3)).astype(np.float32)
+  apply_fn = lambda variables, x, train=False: x.reshape(x.shape[0], -1) @ variables['w']
+  cfg = ml_collections.ConfigDict({'alpha': 0.05, 'pgd_steps': 3, 'cw_steps': 3, 'cw_kappa': 50.})
+  step = evaluate.make_eval_step(apply_fn, ('clean', 'fgsm'), eps=0.1, eval_config=cfg)
+  rng = np.random.default_rng(1)
+  images = rng.integers(0, 256, size=(23, 2, 2, 3)).astype(np.uint8)
+  labels = rng.integers(0, 3, size=23).astype(np.int32)
+  one = evaluate.evaluate(step, {'w': w}, images, labels, 3, 23, jax.random.PRNGKey(0))
+  padded = evaluate.evaluate(step, {'w': w}, images, labels, 3, 10, jax.random.PRNGKey(0))
+  assert one == padded
+  logits = images.reshape(23, -1).astype(np.float32) / 255 @ w
+  assert one['clean']['avg'] == pytest.approx(np.mean(logits.argmax(1) == labels))
