@@ -20,23 +20,26 @@ def _to_tree(state):
   return serialization.to_state_dict(state)
 
 
-def _describe_mismatch(template, restored_meta) -> str:
-  want = {jax.tree_util.keystr(k): getattr(v, 'shape', None)
-          for k, v in jax.tree_util.tree_leaves_with_path(template)}
-  have = {jax.tree_util.keystr(k): getattr(v, 'shape', None)
-          for k, v in jax.tree_util.tree_leaves_with_path(restored_meta)}
+def _shapes(tree) -> dict[str, tuple[int, ...]]:
+  return {jax.tree_util.keystr(k): tuple(getattr(v, 'shape', ()) or ())
+          for k, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def describe_mismatch(template, stored) -> str:
+  """'' when ``stored`` (arrays or Orbax metadata) has the keys and shapes of ``template``."""
+  want, have = _shapes(template), _shapes(stored)
   missing = sorted(set(want) - set(have))
   unexpected = sorted(set(have) - set(want))
-  shapes = sorted(k for k in set(want) & set(have) if tuple(want[k] or ()) != tuple(have[k] or ()))
+  shapes = sorted(k for k in set(want) & set(have) if want[k] != have[k])
   parts = []
   if missing:
     parts.append(f'{len(missing)} missing (e.g. {missing[0]})')
   if unexpected:
     parts.append(f'{len(unexpected)} unexpected (e.g. {unexpected[0]})')
   if shapes:
-    parts.append(f'{len(shapes)} of another shape (e.g. {shapes[0]}: '
-                 f'{tuple(have[shapes[0]])} vs {tuple(want[shapes[0]])})')
-  return '; '.join(parts) or 'structure differs'
+    parts.append(f'{len(shapes)} of another shape (e.g. {shapes[0]}: stored {have[shapes[0]]}, '
+                 f'configured {want[shapes[0]]})')
+  return '; '.join(parts)
 
 
 class CheckpointStore:
@@ -46,11 +49,13 @@ class CheckpointStore:
     self.workdir = os.path.abspath(workdir)
     self.latest = ocp.CheckpointManager(
         os.path.join(self.workdir, 'checkpoints'),
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+        item_handlers=ocp.StandardCheckpointHandler())
     self.best = ocp.CheckpointManager(
         os.path.join(self.workdir, 'best'),
         options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True,
-                                             best_fn=lambda m: m['score'], best_mode='max'))
+                                             best_fn=lambda m: m['score'], best_mode='max'),
+        item_handlers=ocp.StandardCheckpointHandler())
 
   def latest_step(self) -> int | None:
     return self.latest.latest_step()
@@ -87,19 +92,19 @@ class CheckpointStore:
     if step is None:
       return None
     template = _to_tree(state)
-    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, template)
     path = os.path.join(manager.directory, str(step))
-    try:
-      restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
-    except (ValueError, KeyError, TypeError) as e:
+    meta = manager.item_metadata(step)
+    detail = describe_mismatch(template, getattr(meta, 'tree', meta))
+    if not detail:
+      abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, template)
       try:
-        meta = manager.item_metadata(step)
-        detail = _describe_mismatch(template, meta)
-      except Exception:  # pylint: disable=broad-except
+        restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
+      except (ValueError, KeyError, TypeError) as e:
         detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if detail:
       raise CheckpointError(
           f'checkpoint {path} does not fit the configured model ({detail}): use the config it '
-          f'was written with (config.json in its work directory) or another --workdir') from e
+          f'was written with (config.json in its work directory) or another --workdir')
     restored = jax.tree_util.tree_map(np.asarray, restored)
     return serialization.from_state_dict(state, restored)
 

@@ -56,6 +56,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.attack.alpha = 2 / 255
   c.attack.steps = 10
   c.attack.init = 'normal'  # normal | uniform | none
+  c.attack.bn_mode = 'eval'  # eval: running BN statistics (spec default) | train: batch statistics
 
   c.trades = ml_collections.ConfigDict()
   c.trades.beta = 6.0
@@ -135,6 +136,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(config.attack.steps >= 0, f'attack.steps must be >= 0, got {config.attack.steps}')
   _require(config.attack.init in ('normal', 'uniform', 'none'),
            f'attack.init must be normal, uniform or none, got {config.attack.init!r}')
+  _require(config.attack.bn_mode in ('eval', 'train'),
+           f'attack.bn_mode must be eval or train, got {config.attack.bn_mode!r}')
   _require(config.batch_size > 0, f'batch_size must be > 0, got {config.batch_size}')
   _require(config.eval.batch_size > 0, f'eval.batch_size must be > 0, got {config.eval.batch_size}')
   _require(config.num_epochs >= 0, f'num_epochs must be >= 0, got {config.num_epochs}')

@@ -103,9 +103,8 @@ def train_step(state: TrainState, images: jax.Array, labels: jax.Array, *, metho
   """One optimisation step of ``method`` on a uint8 batch; returns (state, summed metrics)."""
   aug_rng, attack_rng = jax.random.split(jax.random.fold_in(state.rng, state.step))
   x = data.augment(aug_rng, images, augment_kind)
-  eval_logits_fn = lambda xx: state.apply_fn(state.variables, xx, train=False)
   inputs = methods.MethodInputs(x, labels, attack_rng, state.tau_adv, state.tau_clean)
-  x_adv = method.adversary(eval_logits_fn, inputs, config)
+  x_adv = method.adversary(attack_logits_fn(state, config.attack.bn_mode), inputs, config)
 
   def loss_fn(params):
     forward = methods.TrainForward(state.apply_fn, params, state.batch_stats)
@@ -129,6 +128,14 @@ def train_step(state: TrainState, images: jax.Array, labels: jax.Array, *, metho
     if key in aux:
       metrics[key] = aux[key]
   return state.replace(**new), metrics
+
+
+def attack_logits_fn(state: TrainState, bn_mode: str = 'eval'):
+  """The model as the training attack sees it: ``eval`` uses the running BatchNorm statistics;
+  ``train`` uses the batch's statistics (as some reference code does) without updating any."""
+  if bn_mode == 'train':
+    return lambda x: state.apply_fn(state.variables, x, train=True, mutable=['batch_stats'])[0]
+  return lambda x: state.apply_fn(state.variables, x, train=False)
 
 
 def end_of_epoch(state: TrainState) -> TrainState:
@@ -182,6 +189,7 @@ def final_evaluation(config, workdir: str, state: TrainState, ds: data.Dataset,
   ``which``: ``best`` (selected by ``eval.selection`` on ``eval.selection_split``), ``latest``
   or ``auto`` (best when a best checkpoint exists and selection is not ``last``).
   """
+  store.wait()
   if which == 'auto':
     which = 'best' if config.eval.selection != 'last' and store.best_step() is not None else 'latest'
   if which == 'best':
@@ -237,7 +245,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   ``step_hook(step)`` is called after every step (tests use it to interrupt a run).
   """
   ds, state, store, steps_per_epoch = _setup(config, workdir)
-  restored = store.restore(state)
+  try:
+    restored = store.restore(state)
+  except CheckpointError:
+    store.close()
+    raise
   if restored is not None:
     state = restored
     logging.info('resuming from step %d', int(state.step))
@@ -310,16 +322,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                    and step % config.checkpoint.every_steps == 0):
         flush()
         store.save_latest(step, state)
+    if _trained_steps_in_results(workdir) == total_steps:
+      logging.info('training and final evaluation already complete in %s', workdir)
+    else:
+      final_evaluation(config, workdir, state, ds, store, trained_steps=step)
   finally:
     if bar is not None:
       bar.close()
-    store.wait()
-
-  if _trained_steps_in_results(workdir) == total_steps:
-    logging.info('training and final evaluation already complete in %s', workdir)
-  else:
-    final_evaluation(config, workdir, state, ds, store, trained_steps=step)
-  store.close()
+    store.close()
   return state
 
 
@@ -335,11 +345,13 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
                         which: str = 'auto') -> dict:
   """``--mode=evaluate``: final evaluation of a saved checkpoint of ``workdir``."""
   ds, state, store, _ = _setup(config, workdir)
-  if which in ('auto', 'latest') and store.latest_step() is None and store.best_step() is None:
-    raise CheckpointError(f'no checkpoint in {os.path.abspath(workdir)}: train with --mode=train '
-                          f'first or pass the --workdir of a trained run')
-  latest = store.restore(state, 'latest')
-  state = latest if latest is not None else state
-  results = final_evaluation(config, workdir, state, ds, store, which, trained_steps=int(state.step))
-  store.close()
-  return results
+  try:
+    if store.latest_step() is None and store.best_step() is None:
+      raise CheckpointError(f'no checkpoint in {os.path.abspath(workdir)}: train with --mode=train '
+                            f'first or pass the --workdir of a trained run')
+    latest = store.restore(state, 'latest')
+    state = latest if latest is not None else state
+    return final_evaluation(config, workdir, state, ds, store, which,
+                            trained_steps=int(state.step))
+  finally:
+    store.close()

@@ -115,3 +115,29 @@ def test_attacks_lower_a_trained_models_accuracy(natural_digits_model):
   res_small = evaluate.evaluate(small, state.variables, ds.test_images, ds.test_labels, 10, 128,
                                 jax.random.PRNGKey(0))
   assert res_small['pgd20']['avg'] > res['clean']['avg'] - 0.05
+
+
+def test_custom_projection_and_step_compose(linear):
+  w, x, y = linear
+  obj = attacks.ce_objective(linear_logits_fn(w), y)
+  box_only = lambda xa, x0, eps: jnp.clip(xa, 0.0, 1.0)
+  x_adv = attacks.pgd_attack(obj, x, jax.random.PRNGKey(0), eps=0.05, alpha=0.05, steps=4,
+                             init='none', project=box_only)
+  assert float(jnp.max(jnp.abs(x_adv - x))) > 0.05 + 1e-6  # left the eps-ball: no eps projection
+  grad_step = lambda xa, g, alpha: xa + alpha * g / (jnp.abs(g).max() + 1e-12)
+  x_l = attacks.pgd_attack(obj, x, jax.random.PRNGKey(0), eps=0.05, alpha=0.01, steps=2,
+                           init='none', step_fn=grad_step)
+  assert float(jnp.max(jnp.abs(x_l - x))) <= 0.02 + 1e-6
+
+
+def test_training_attack_batchnorm_modes(tiny_config):
+  from ltd_jax import train
+  ds = data.load_digits()
+  model = train.build_model(tiny_config, 10)
+  state = train.create_train_state(tiny_config, model, ds.image_shape, 10, 5)
+  state = state.replace(batch_stats=jax.tree_util.tree_map(lambda a: a + 0.5, state.batch_stats))
+  x = data.to_float(ds.train_images[:32])
+  eval_logits = train.attack_logits_fn(state, 'eval')(x)
+  np.testing.assert_allclose(eval_logits, state.apply_fn(state.variables, x, train=False))
+  train_logits = train.attack_logits_fn(state, 'train')(x)
+  assert not np.allclose(eval_logits, train_logits)
