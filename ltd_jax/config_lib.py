@@ -61,8 +61,42 @@ def default_config() -> ml_collections.ConfigDict:
   c.trades = ml_collections.ConfigDict()
   c.trades.beta = 6.0
 
+  c.awp = ml_collections.ConfigDict()  # TRADES-AWP weight perturbation (method awp, ltd.base=awp)
+  c.awp.gamma = 0.005
+  c.awp.warmup_epochs = 10
+  c.awp.proxy_lr = 0.01
+
+  c.ltd = ml_collections.ConfigDict()
+  c.ltd.base = 'trades'  # trades | awp
+  c.ltd.teacher_temperature = 5.0  # T_t
+  c.ltd.student_temperature = 1.0  # T_s, training only
+  # Temperature search (--mode=temperature_search), paper section 4.2.
+  c.ltd.search_temperatures = (1.0, 2.0, 3.0, 5.0, 8.0, 10.0, 15.0, 20.0)
+  c.ltd.search_accuracy_threshold = 0.5  # step 1: T_max = lowest T whose substitute falls below
+  c.ltd.search_epochs = 0  # epochs per candidate model (0: num_epochs)
+
+  c.rslad = ml_collections.ConfigDict()  # shared by rslad and absld
+  c.rslad.alpha = 5 / 6
+  c.rslad.reduction = 'elementwise_mean'  # sum | batchmean | elementwise_mean
+  c.rslad.loss_scale = 1.0  # RSLAD multiplies by 10 on CIFAR-100
+
   c.absld = ml_collections.ConfigDict()
   c.absld.tau_init = 1.0
+  c.absld.beta = 0.1  # temperature learning rate, decayed with the lr milestones
+  c.absld.tau_min = 0.5
+  c.absld.tau_max = 5.0
+  c.absld.gap_rtol = 1e-6  # skip the update when max|gap| <= gap_rtol * max|risk|
+  c.absld.released_code_aliasing = False
+
+  c.teacher = ml_collections.ConfigDict()
+  c.teacher.source = 'none'  # none | train | workdir
+  c.teacher.config = ''  # source=train: config file of the teacher stage (run in WORKDIR/teacher)
+  c.teacher.path = ''  # source=workdir: a work directory of this project
+  c.teacher.checkpoint = 'auto'  # auto | best | latest
+  c.teacher.cache_logits = False  # precompute teacher logits once (needs data.augment=none)
+
+  c.report = ml_collections.ConfigDict()
+  c.report.baseline_workdir = ''  # a finished run to plot per-class accuracy beside
 
   c.eval = ml_collections.ConfigDict()
   c.eval.every_epochs = 1
@@ -165,6 +199,34 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(config.eval.selection_split != 'val' or config.data.val_size > 0,
            'eval.selection_split=val needs a validation split: set --config.data.val_size=N')
   _require(config.eval.every_epochs > 0, f'eval.every_epochs must be > 0')
+  _require(config.ltd.base in ('trades', 'awp'), f'ltd.base must be trades or awp, got {config.ltd.base!r}')
+  _require(config.ltd.teacher_temperature > 0 and config.ltd.student_temperature > 0,
+           'ltd temperatures must be > 0')
+  _require(config.rslad.reduction in ('sum', 'batchmean', 'elementwise_mean'),
+           f'rslad.reduction must be sum, batchmean or elementwise_mean, got {config.rslad.reduction!r}')
+  _require(0 <= config.rslad.alpha <= 1, f'rslad.alpha must lie in [0, 1], got {config.rslad.alpha}')
+  a = config.absld
+  _require(0 < a.tau_min <= a.tau_max,
+           f'absld.tau_min ({a.tau_min}) must be > 0 and <= absld.tau_max ({a.tau_max})')
+  _require(a.tau_min <= a.tau_init <= a.tau_max,
+           f'absld.tau_init ({a.tau_init}) must lie in [tau_min, tau_max] = [{a.tau_min}, {a.tau_max}]')
+  _require(a.beta >= 0, f'absld.beta must be >= 0, got {a.beta}')
+  _require(config.awp.gamma >= 0 and config.awp.warmup_epochs >= 0, 'awp.gamma and awp.warmup_epochs must be >= 0')
+  _require(config.teacher.source in ('none', 'train', 'workdir'),
+           f'teacher.source must be none, train or workdir, got {config.teacher.source!r}')
+  if methods.METHODS[config.method].needs_teacher:
+    _require(config.teacher.source != 'none',
+             f'method {config.method} distils from a teacher: set --config.teacher.source=train '
+             f'(with teacher.config) or workdir (with teacher.path)')
+  _require(config.teacher.source != 'train' or config.teacher.config,
+           'teacher.source=train needs --config.teacher.config=configs/NAME.py for the teacher stage')
+  _require(config.teacher.source != 'workdir' or config.teacher.path,
+           'teacher.source=workdir needs --config.teacher.path=WORKDIR of a trained teacher')
+  augment = config.data.augment
+  if augment == 'auto':
+    augment = 'none' if config.data.name == 'digits' else 'crop_flip'
+  _require(not config.teacher.cache_logits or augment == 'none',
+           'teacher.cache_logits caches one soft label per image: it needs --config.data.augment=none')
   _require(config.checkpoint.keep > 0, f'checkpoint.keep must be > 0, got {config.checkpoint.keep}')
   _require(config.checkpoint.every_steps >= 0, 'checkpoint.every_steps must be >= 0')
   _require(config.log_every_steps > 0, 'log_every_steps must be > 0')

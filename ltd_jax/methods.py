@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from ltd_jax import attacks
 from ltd_jax import losses
+from ltd_jax import temperatures
 
 
 @dataclasses.dataclass
@@ -28,7 +29,7 @@ class MethodInputs:
   rng: jax.Array
   tau_adv: jax.Array
   tau_clean: jax.Array
-  teacher_logits: jax.Array | None = None
+  teacher_logits: jax.Array | None = None  # the frozen teacher on x, in eval mode
 
 
 class TrainForward:
@@ -49,12 +50,22 @@ class TrainForward:
 Aux = dict
 
 
+def _never(config) -> bool:
+  del config
+  return False
+
+
 class Method(NamedTuple):
-  """``adversary(eval_logits_fn, inputs, config) -> x_adv | None`` and
-  ``loss(forward, inputs, x_adv, config) -> (scalar, aux)``."""
+  """``adversary(eval_logits_fn, inputs, config) -> x_adv | None``,
+  ``loss(forward, inputs, x_adv, config) -> (scalar, aux)``; ``needs_teacher`` asks the train
+  step for the teacher's logits, ``uses_awp(config)`` wraps the update in AWP's weight
+  perturbation, and ``epoch_end(state, epochs_completed, config)`` updates state once per
+  epoch (ABSLD's temperatures)."""
   adversary: Callable[..., jax.Array | None]
   loss: Callable[..., tuple[jax.Array, Aux]]
   needs_teacher: bool = False
+  uses_awp: Callable[[Any], bool] = _never
+  epoch_end: Callable[..., Any] | None = None
 
 
 def _pgd(objective, inputs: MethodInputs, config, init: str | None = None):
@@ -115,10 +126,88 @@ def trades_loss(forward: TrainForward, inputs: MethodInputs, x_adv, config):
   return natural + config.trades.beta * robust, aux
 
 
+def ltd_loss(forward: TrainForward, inputs: MethodInputs, x_adv, config):
+  """TRADES with the teacher's soft labels in the natural term (LTD, Chen et al.):
+  -sum_c softmax(t(x) / T_t)_c log softmax(f(x) / T_s)_c + beta * KL_batchmean(f(x) || f(x_adv)).
+  T_s is a training constant only; evaluation never divides the student's logits."""
+  logits_clean = forward(inputs.x)
+  logits_adv = forward(x_adv)
+  soft_labels = losses.softmax_t(inputs.teacher_logits, config.ltd.teacher_temperature)
+  natural = losses.soft_cross_entropy(logits_clean / config.ltd.student_temperature, soft_labels)
+  robust = losses.kl_from_logits(logits_clean, logits_adv, 'batchmean')
+  aux = _aux(inputs.y, logits_clean, logits_adv)
+  aux.update(loss_natural=natural, loss_robust=robust)
+  return natural + config.trades.beta * robust, aux
+
+
+def soft_label_natural_loss(forward: TrainForward, inputs: MethodInputs, x_adv, config):
+  """-sum_c softmax(t(x) / T_t)_c log softmax(f(x))_c on clean data only: the substitute
+  models of LTD's temperature search (paper section 4.2, step 1)."""
+  del x_adv
+  logits = forward(inputs.x)
+  soft_labels = losses.softmax_t(inputs.teacher_logits, config.ltd.teacher_temperature)
+  return losses.soft_cross_entropy(logits, soft_labels), _aux(inputs.y, logits_clean=logits)
+
+
+def distillation_targets(inputs: MethodInputs, config, per_class: bool):
+  """(adversarial target, clean target) probabilities: RSLAD's softmax(t(x)) for both, or
+  ABSLD's softmax(t(x) / tau_adv[y]) and softmax(t(x) / tau_clean[y])."""
+  if not per_class:
+    probs = jax.nn.softmax(inputs.teacher_logits, axis=-1)
+    return probs, probs
+  t_adv, t_clean = temperatures.class_temperatures(inputs.y, inputs.tau_adv, inputs.tau_clean,
+                                                   config.absld.released_code_aliasing)
+  return (losses.softmax_t(inputs.teacher_logits, t_adv),
+          losses.softmax_t(inputs.teacher_logits, t_clean))
+
+
+def _distillation_adversary(per_class: bool):
+  def adversary(eval_logits_fn, inputs: MethodInputs, config):
+    """PGD on sum KL(teacher target || softmax(f(x_adv))) (RSLAD / ABSLD inner maximisation)."""
+    adv_target, _ = distillation_targets(inputs, config, per_class)
+    return _pgd(attacks.kl_objective(eval_logits_fn, adv_target), inputs, config)
+  return adversary
+
+
+def _distillation_loss(per_class: bool):
+  def loss(forward: TrainForward, inputs: MethodInputs, x_adv, config):
+    """scale * (alpha KL(p_adv || f(x_adv)) + (1 - alpha) KL(p_clean || f(x))), reduced by
+    ``rslad.reduction`` (the RSLAD/ABSLD code's elementwise mean by default)."""
+    adv_target, clean_target = distillation_targets(inputs, config, per_class)
+    logits_adv = forward(x_adv)
+    logits_clean = forward(inputs.x)
+    r = config.rslad
+    robust = losses.kl_divergence(adv_target, logits_adv, r.reduction)
+    natural = losses.kl_divergence(clean_target, logits_clean, r.reduction)
+    aux = _aux(inputs.y, logits_clean, logits_adv)
+    aux.update(loss_natural=natural, loss_robust=robust)
+    return r.loss_scale * (r.alpha * robust + (1.0 - r.alpha) * natural), aux
+  return loss
+
+
+def absld_epoch_end(state, epochs_completed, config):
+  """Eq. 10 on the epoch's per-class risks, for tau_adv and tau_clean separately."""
+  a = config.absld
+  beta_t = temperatures.absld_beta(epochs_completed, a.beta, config.optim.lr_boundaries_epochs,
+                                   config.optim.lr_decay)
+  update = lambda tau, s, c: temperatures.absld_update_temperatures(
+      tau, s, c, beta_t, a.tau_min, a.tau_max, a.gap_rtol)
+  return state.replace(tau_adv=update(state.tau_adv, state.risk_adv_sum, state.risk_adv_count),
+                       tau_clean=update(state.tau_clean, state.risk_clean_sum,
+                                        state.risk_clean_count))
+
+
 METHODS: dict[str, Method] = {
     'natural': Method(no_adversary, natural_loss),
     'pgd_at': Method(pgd_at_adversary, pgd_at_loss),
     'trades': Method(trades_adversary, trades_loss),
+    'awp': Method(trades_adversary, trades_loss, uses_awp=lambda config: True),
+    'ltd': Method(trades_adversary, ltd_loss, needs_teacher=True,
+                  uses_awp=lambda config: config.ltd.base == 'awp'),
+    'rslad': Method(_distillation_adversary(False), _distillation_loss(False), needs_teacher=True),
+    'absld': Method(_distillation_adversary(True), _distillation_loss(True), needs_teacher=True,
+                    epoch_end=absld_epoch_end),
+    'soft_label_natural': Method(no_adversary, soft_label_natural_loss, needs_teacher=True),
 }
 
 

@@ -14,96 +14,43 @@ import json
 import logging
 import os
 import time
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from flax import struct
 from tqdm import tqdm
 
+from ltd_jax import awp
 from ltd_jax import checkpoints
 from ltd_jax import config_lib
 from ltd_jax import data
 from ltd_jax import evaluate
 from ltd_jax import methods
-from ltd_jax import models
 from ltd_jax import reports
+from ltd_jax import teacher as teacher_lib
 from ltd_jax.errors import CheckpointError, ConfigError, TrainingError
+from ltd_jax.state import TrainState, build_model, create_train_state
 
 
-class TrainState(struct.PyTreeNode):
-  """Everything a step reads and writes; all of it is checkpointed.
+def train_step(state: TrainState, images: jax.Array, labels: jax.Array, teacher_variables=None,
+               teacher_logits=None, *, method: methods.Method, config, augment_kind: str,
+               num_classes: int, steps_per_epoch: int, teacher_apply_fn=None):
+  """One optimisation step of ``method`` on a uint8 batch; returns (state, summed metrics).
 
-  ``tau_adv`` / ``tau_clean`` are ABSLD's per-class teacher temperatures and ``risk_*`` the
-  per-class sums and counts of the student's cross-entropy over the current epoch.
+  Distillation methods get the frozen teacher's eval-mode logits on the same augmented
+  images, from ``teacher_variables`` or precomputed in ``teacher_logits``.
   """
-  step: jax.Array
-  params: Any
-  batch_stats: Any
-  opt_state: Any
-  rng: jax.Array
-  tau_adv: jax.Array
-  tau_clean: jax.Array
-  risk_adv_sum: jax.Array
-  risk_adv_count: jax.Array
-  risk_clean_sum: jax.Array
-  risk_clean_count: jax.Array
-  apply_fn: Callable[..., Any] = struct.field(pytree_node=False)
-  tx: optax.GradientTransformation = struct.field(pytree_node=False)
-
-  @property
-  def variables(self):
-    return {'params': self.params, 'batch_stats': self.batch_stats}
-
-
-def learning_rate_schedule(optim: ml_collections.ConfigDict, steps_per_epoch: int):
-  """Piecewise-constant lr: ``lr`` times ``lr_decay`` after each epoch in ``lr_boundaries_epochs``."""
-  scales: dict[int, float] = {}
-  for epoch in optim.lr_boundaries_epochs:
-    boundary = int(epoch) * steps_per_epoch
-    scales[boundary] = scales.get(boundary, 1.0) * optim.lr_decay
-  return optax.piecewise_constant_schedule(optim.lr, scales)
-
-
-def make_optimizer(optim: ml_collections.ConfigDict, steps_per_epoch: int):
-  """PyTorch SGD: coupled weight decay on every parameter, heavy-ball or Nesterov momentum."""
-  return optax.chain(
-      optax.add_decayed_weights(optim.weight_decay),
-      optax.sgd(learning_rate_schedule(optim, steps_per_epoch),
-                momentum=optim.momentum or None, nesterov=optim.nesterov))
-
-
-def build_model(config, num_classes: int):
-  dtype = jnp.bfloat16 if config.dtype == 'bfloat16' else jnp.float32
-  try:
-    return models.create_model(config.model.name, num_classes, dtype,
-                               base_width=config.model.base_width, width=config.model.width)
-  except ValueError as e:
-    raise ConfigError(f'{e} (--config.model.name)') from e
-
-
-def create_train_state(config, model, image_shape, num_classes: int,
-                       steps_per_epoch: int) -> TrainState:
-  init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
-  params, batch_stats = models.init_variables(model, init_rng, image_shape)
-  tx = make_optimizer(config.optim, steps_per_epoch)
-  zeros = jnp.zeros((num_classes,), jnp.float32)
-  tau = jnp.full((num_classes,), config.absld.tau_init, jnp.float32)
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
-                    opt_state=tx.init(params), rng=state_rng, tau_adv=tau, tau_clean=tau,
-                    risk_adv_sum=zeros, risk_adv_count=zeros, risk_clean_sum=zeros,
-                    risk_clean_count=zeros, apply_fn=model.apply, tx=tx)
-
-
-def train_step(state: TrainState, images: jax.Array, labels: jax.Array, *, method: methods.Method,
-               config, augment_kind: str, num_classes: int):
-  """One optimisation step of ``method`` on a uint8 batch; returns (state, summed metrics)."""
   aug_rng, attack_rng = jax.random.split(jax.random.fold_in(state.rng, state.step))
   x = data.augment(aug_rng, images, augment_kind)
-  inputs = methods.MethodInputs(x, labels, attack_rng, state.tau_adv, state.tau_clean)
+  if method.needs_teacher and teacher_logits is None:
+    teacher_logits = teacher_apply_fn(teacher_variables, x, train=False)
+  if teacher_logits is not None:
+    teacher_logits = jax.lax.stop_gradient(teacher_logits.astype(jnp.float32))
+  inputs = methods.MethodInputs(x, labels, attack_rng, state.tau_adv, state.tau_clean,
+                                teacher_logits)
   x_adv = method.adversary(attack_logits_fn(state, config.attack.bn_mode), inputs, config)
 
   def loss_fn(params):
@@ -111,9 +58,19 @@ def train_step(state: TrainState, images: jax.Array, labels: jax.Array, *, metho
     loss, aux = method.loss(forward, inputs, x_adv, config)
     return loss, (aux, forward.batch_stats)
 
-  (loss, (aux, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
+  if method.uses_awp(config):
+    warm = state.step >= config.awp.warmup_epochs * steps_per_epoch
+    delta = jax.lax.cond(
+        warm,
+        lambda: awp.weight_perturbation(lambda p: loss_fn(p)[0], state.params,
+                                        proxy_lr=config.awp.proxy_lr, gamma=config.awp.gamma),
+        lambda: jax.tree_util.tree_map(jnp.zeros_like, state.params))
+    at = awp.add(state.params, delta)
+  else:
+    at = state.params
+  (loss, (aux, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(at)
+  updates, opt_state = state.tx.update(grads, state.opt_state, at)
+  params = optax.apply_updates(state.params, updates)  # AWP: the perturbation is restored exactly
 
   new = dict(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
   metrics = {'loss': loss, 'count': jnp.float32(labels.shape[0])}
@@ -138,8 +95,12 @@ def attack_logits_fn(state: TrainState, bn_mode: str = 'eval'):
   return lambda x: state.apply_fn(state.variables, x, train=False)
 
 
-def end_of_epoch(state: TrainState) -> TrainState:
-  """Clears the per-class risk accumulators for the next epoch."""
+def end_of_epoch(state: TrainState, epochs_completed, *, method: methods.Method,
+                 config) -> TrainState:
+  """Runs the method's epoch-end update (ABSLD's temperatures), then clears the per-class
+  risk accumulators for the next epoch."""
+  if method.epoch_end is not None:
+    state = method.epoch_end(state, epochs_completed, config)
   zeros = jnp.zeros_like(state.risk_adv_sum)
   return state.replace(risk_adv_sum=zeros, risk_adv_count=zeros, risk_clean_sum=zeros,
                        risk_clean_count=zeros)
@@ -256,13 +217,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   reports.write_run_info(workdir, config)
   writer = reports.MetricWriter(workdir)
   method = methods.get_method(config.method)
+  teacher = None
+  if method.needs_teacher:
+    teacher = teacher_lib.prepare_teacher(config, workdir, ds, train_and_evaluate)
+  cached_logits = (teacher_lib.precompute_logits(teacher, ds.train_images)
+                   if teacher is not None and config.teacher.cache_logits else None)
   augment_kind = (data.default_augmentation(ds.name) if config.data.augment == 'auto'
                   else config.data.augment)
   donate = (0,) if jax.default_backend() != 'cpu' else ()
-  step_fn = jax.jit(functools.partial(train_step, method=method, config=config,
-                                      augment_kind=augment_kind, num_classes=ds.num_classes),
-                    donate_argnums=donate)
-  epoch_end_fn = jax.jit(end_of_epoch)
+  step_fn = jax.jit(functools.partial(
+      train_step, method=method, config=config, augment_kind=augment_kind,
+      num_classes=ds.num_classes, steps_per_epoch=steps_per_epoch,
+      teacher_apply_fn=teacher.apply_fn if teacher is not None else None), donate_argnums=donate)
+  teacher_variables = teacher.variables if teacher is not None and cached_logits is None else None
+  epoch_end_fn = jax.jit(functools.partial(end_of_epoch, method=method, config=config))
 
   sel_images, sel_labels = ds.split(config.eval.selection_split)
   subset = evaluate.stratified_subset(sel_labels, config.eval.subset_size, config.seed)
@@ -292,7 +260,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                    desc=f'epoch {epoch + 1}/{config.num_epochs}', unit='step',
                    disable=not config.progress_bar)
       idx = data.train_batch_indices(n, config.batch_size, config.seed, step)
-      state, metrics = step_fn(state, ds.train_images[idx], ds.train_labels[idx])
+      state, metrics = step_fn(state, ds.train_images[idx], ds.train_labels[idx], teacher_variables,
+                               None if cached_logits is None else cached_logits[idx])
       step += 1
       buffer.add(metrics)
       bar.update(1)
@@ -304,8 +273,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         flush()
         bar.close()
         bar = None
-        state = epoch_end_fn(state)
         epoch += 1
+        if method.epoch_end is not None:
+          before = jax.device_get(state)
+          state = epoch_end_fn(state, epoch)
+          _write_temperatures(writer, step, epoch, before, jax.device_get(state))
+        else:
+          state = epoch_end_fn(state, epoch)
         if epoch % config.eval.every_epochs == 0 or step == total_steps:
           ev = evaluate.evaluate(periodic_eval, state.variables, sel_images[subset],
                                  sel_labels[subset], ds.num_classes, config.eval.batch_size,
@@ -331,6 +305,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       bar.close()
     store.close()
   return state
+
+
+def _write_temperatures(writer, step, epoch, before: TrainState, after: TrainState) -> None:
+  """Logs the epoch's per-class mean risks and the temperatures they produced."""
+  risk = lambda s, c: np.where(c > 0, s / np.maximum(c, 1), np.nan).tolist()
+  writer.write('temperatures', step, epoch=epoch,
+               risk_adv=risk(before.risk_adv_sum, before.risk_adv_count),
+               risk_clean=risk(before.risk_clean_sum, before.risk_clean_count),
+               tau_adv=np.asarray(after.tau_adv).tolist(),
+               tau_clean=np.asarray(after.tau_clean).tolist())
 
 
 def _trained_steps_in_results(workdir: str) -> int | None:

@@ -8,6 +8,7 @@ import pytest
 from ltd_jax import attacks
 from ltd_jax import data
 from ltd_jax import evaluate
+from ltd_jax import state as state_lib
 from ltd_jax import train
 
 
@@ -131,10 +132,9 @@ def test_custom_projection_and_step_compose(linear):
 
 
 def test_training_attack_batchnorm_modes(tiny_config):
-  from ltd_jax import train
   ds = data.load_digits()
-  model = train.build_model(tiny_config, 10)
-  state = train.create_train_state(tiny_config, model, ds.image_shape, 10, 5)
+  model = state_lib.build_model(tiny_config, 10)
+  state = state_lib.create_train_state(tiny_config, model, ds.image_shape, 10, 5)
   state = state.replace(batch_stats=jax.tree_util.tree_map(lambda a: a + 0.5, state.batch_stats))
   x = data.to_float(ds.train_images[:32])
   eval_logits = train.attack_logits_fn(state, 'eval')(x)

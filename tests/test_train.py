@@ -12,6 +12,7 @@ import pytest
 from ltd_jax import data
 from ltd_jax import losses
 from ltd_jax import methods
+from ltd_jax import state as state_lib
 from ltd_jax import train
 from ltd_jax.errors import CheckpointError, TrainingError
 
@@ -22,7 +23,7 @@ def test_sgd_matches_pytorch_recursion():
     optim = ml_collections.ConfigDict({'lr': 0.1, 'momentum': 0.9, 'nesterov': nesterov,
                                        'weight_decay': 5e-4, 'lr_boundaries_epochs': (1,),
                                        'lr_decay': 0.1})
-    tx = train.make_optimizer(optim, steps_per_epoch=2)
+    tx = state_lib.make_optimizer(optim, steps_per_epoch=2)
     w = jnp.array([1.0, -2.0])
     opt_state = tx.init(w)
     w_np, buf = np.array([1.0, -2.0]), np.zeros(2)
@@ -39,15 +40,15 @@ def test_sgd_matches_pytorch_recursion():
 
 def test_learning_rate_schedule_boundaries():
   optim = ml_collections.ConfigDict({'lr': 0.1, 'lr_boundaries_epochs': (2, 3), 'lr_decay': 0.1})
-  sched = train.learning_rate_schedule(optim, steps_per_epoch=10)
+  sched = state_lib.learning_rate_schedule(optim, steps_per_epoch=10)
   assert [float(sched(s)) for s in (0, 19, 20, 29, 30)] == pytest.approx(
       [0.1, 0.1, 0.01, 0.01, 0.001])
 
 
 def _state_and_batch(config):
   ds = data.load_dataset(config.data)
-  model = train.build_model(config, ds.num_classes)
-  state = train.create_train_state(config, model, ds.image_shape, ds.num_classes, 5)
+  model = state_lib.build_model(config, ds.num_classes)
+  state = state_lib.create_train_state(config, model, ds.image_shape, ds.num_classes, 5)
   return state, ds.train_images[:64], ds.train_labels[:64]
 
 
@@ -57,7 +58,7 @@ def test_train_step_for_each_method(tiny_config, method):
   state, images, labels = _state_and_batch(tiny_config)
   step = jax.jit(lambda s, x, y: train.train_step(
       s, x, y, method=methods.get_method(method), config=tiny_config, augment_kind='none',
-      num_classes=10))
+      num_classes=10, steps_per_epoch=5))
   new, metrics = step(state, images, labels)
   assert int(new.step) == 1 and np.isfinite(float(metrics['loss']))
   moved = jax.tree_util.tree_map(lambda a, b: float(jnp.max(jnp.abs(a - b))), new.params,
@@ -76,7 +77,7 @@ def test_train_step_for_each_method(tiny_config, method):
                             mutable=['batch_stats'])[0]
     ce = np.asarray(losses.cross_entropy(logits, labels, 'none'))
     np.testing.assert_allclose(new.risk_clean_sum, np.bincount(labels, ce, 10), rtol=1e-4)
-  reset = train.end_of_epoch(new)
+  reset = train.end_of_epoch(new, 1, method=methods.get_method(method), config=tiny_config)
   assert float(jnp.sum(reset.risk_adv_sum) + jnp.sum(reset.risk_clean_count)) == 0
 
 
@@ -85,7 +86,7 @@ def test_repeated_training_improves_the_loss(tiny_config):
   state, images, labels = _state_and_batch(tiny_config)
   step = jax.jit(lambda s: train.train_step(s, images, labels, method=methods.get_method('natural'),
                                             config=tiny_config, augment_kind='none',
-                                            num_classes=10))
+                                            num_classes=10, steps_per_epoch=5))
   first = float(step(state)[1]['loss'])
   for _ in range(80):
     state, metrics = step(state)

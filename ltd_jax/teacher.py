@@ -1,0 +1,131 @@
+"""Frozen teachers for distillation: from a work directory of this project, or trained first.
+
+``teacher.source``:
+  * ``workdir``: ``teacher.path`` is a finished (or at least checkpointed) run of this project;
+    its ``config.json`` says the architecture.
+  * ``train``: the teacher stage runs ``teacher.config`` (e.g. ``configs/natural_digits.py`` for
+    LTD, a TRADES config for RSLAD / ABSLD) in ``WORKDIR/teacher`` with the student's data and
+    seed, resuming or skipping it when already complete, before the student trains.
+The teacher is only ever applied in eval mode and never updated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Callable
+
+import jax
+import ml_collections
+import numpy as np
+
+from ltd_jax import checkpoints
+from ltd_jax import config_lib
+from ltd_jax import data
+from ltd_jax import state as state_lib
+from ltd_jax.errors import CheckpointError, ConfigError
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclasses.dataclass
+class Teacher:
+  apply_fn: Callable[..., Any]
+  variables: Any
+  config: ml_collections.ConfigDict
+  workdir: str
+  step: int
+
+  def results(self) -> dict | None:
+    path = os.path.join(self.workdir, 'results.json')
+    if not os.path.exists(path):
+      return None
+    with open(path) as f:
+      return json.load(f)
+
+
+def resolve_config_path(path: str) -> str:
+  """A teacher config path, relative to the working directory or to the repository."""
+  for candidate in (path, os.path.join(REPO_ROOT, path)):
+    if os.path.isfile(candidate):
+      return candidate
+  raise ConfigError(f'teacher.config {path} not found (tried it and {os.path.join(REPO_ROOT, path)})')
+
+
+def teacher_stage_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The teacher stage's config: ``teacher.config`` with the student's data, seed and display."""
+  tc = config_lib.load_config_file(resolve_config_path(config.teacher.config))
+  if tc.teacher.source != 'none':
+    raise ConfigError(f'teacher.config {config.teacher.config} itself needs a teacher: '
+                      f'a teacher stage must train without one')
+  tc.data = ml_collections.ConfigDict(config.data.to_dict())
+  tc.seed = config.seed
+  tc.progress_bar = config.progress_bar
+  return tc
+
+
+def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    raise CheckpointError(f'teacher work directory {workdir} has no config.json: pass the '
+                          f'--config.teacher.path of a run of this project')
+  config = config_lib.default_config()
+  with open(path) as f:
+    _merge(config, json.load(f))  # keys a newer version added keep their defaults
+  return config
+
+
+def _merge(config: ml_collections.ConfigDict, values: dict) -> None:
+  for key, value in values.items():
+    if key not in config:
+      continue
+    if isinstance(value, dict):
+      _merge(config[key], value)
+    else:
+      config[key] = tuple(value) if isinstance(value, list) else value
+
+
+def load_teacher(workdir: str, num_classes: int, image_shape, which: str = 'auto') -> Teacher:
+  """Restores the teacher of ``workdir`` (its best checkpoint if kept, else the latest)."""
+  tc = load_workdir_config(workdir)
+  model = state_lib.build_model(tc, num_classes)
+  template = state_lib.create_train_state(tc, model, image_shape, num_classes, steps_per_epoch=1)
+  store = checkpoints.CheckpointStore(workdir, keep=tc.checkpoint.keep)
+  try:
+    if which == 'auto':
+      which = 'best' if tc.eval.selection != 'last' and store.best_step() is not None else 'latest'
+    restored = store.restore(template, which)
+  finally:
+    store.close()
+  if restored is None:
+    raise CheckpointError(f'no {which} checkpoint of the teacher in {os.path.abspath(workdir)}: '
+                          f'train it first or point --config.teacher.path at a trained run')
+  return Teacher(model.apply, restored.variables, tc, workdir, int(restored.step))
+
+
+def prepare_teacher(config: ml_collections.ConfigDict, workdir: str, ds: data.Dataset,
+                    run_stage: Callable[[ml_collections.ConfigDict, str], Any]) -> Teacher | None:
+  """Trains (``source=train``, via ``run_stage``) and/or loads the configured teacher."""
+  source = config.teacher.source
+  if source == 'none':
+    return None
+  if source == 'train':
+    teacher_dir = os.path.join(workdir, 'teacher')
+    tc = teacher_stage_config(config)
+    run_stage(tc, teacher_dir)  # resumes, or returns at once when already complete
+  else:
+    teacher_dir = config.teacher.path
+    tc = load_workdir_config(teacher_dir)
+  if tc.data.name != ds.name:
+    raise ConfigError(f'the teacher in {teacher_dir} was trained on {tc.data.name}, the student '
+                      f'trains on {ds.name}: use a teacher of the same dataset')
+  return load_teacher(teacher_dir, ds.num_classes, ds.image_shape, config.teacher.checkpoint)
+
+
+def precompute_logits(teacher: Teacher, images: np.ndarray, batch_size: int = 512) -> np.ndarray:
+  """The teacher's eval-mode logits on every (un-augmented) image: the soft-label cache."""
+  apply = jax.jit(lambda v, x: teacher.apply_fn(v, data.to_float(x), train=False))
+  out = [np.asarray(apply(teacher.variables, images[i:i + batch_size]))
+         for i in range(0, len(images), batch_size)]
+  return np.concatenate(out).astype(np.float32)
