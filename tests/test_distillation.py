@@ -1,0 +1,242 @@
+"""LTD, RSLAD, ABSLD and AWP against NumPy transcriptions of METHODS.md section 2 and ABSLD Eq. 10."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from ltd_jax import awp
+from ltd_jax import config_lib
+from ltd_jax import data
+from ltd_jax import methods
+from ltd_jax import state as state_lib
+from ltd_jax import temperatures
+from ltd_jax import train
+
+
+def np_softmax(z, t=1.0):
+  z = np.asarray(z, np.float64) / t
+  e = np.exp(z - z.max(-1, keepdims=True))
+  return e / e.sum(-1, keepdims=True)
+
+
+def np_eq10(tau, risk, beta, lo, hi):
+  gap = risk - risk.mean()
+  return np.clip(tau - beta * gap / np.abs(gap).max(), lo, hi)
+
+
+def test_temperature_update_equals_eq10():
+  rng = np.random.default_rng(0)
+  tau = rng.uniform(0.8, 1.5, 10)
+  risk = rng.uniform(0.5, 3.0, 10)
+  counts = rng.integers(5, 50, 10).astype(float)  # unbalanced classes: per-class means
+  got = temperatures.absld_update_temperatures(jnp.asarray(tau, jnp.float32),
+                                               jnp.asarray(risk * counts, jnp.float32),
+                                               jnp.asarray(counts, jnp.float32), 0.1, 0.5, 5.0)
+  np.testing.assert_allclose(got, np_eq10(tau, risk, 0.1, 0.5, 5.0), rtol=1e-5)
+  hardest, easiest = np.argmax(risk), np.argmin(risk)
+  assert got[hardest] < tau[hardest] and got[easiest] > tau[easiest]  # sharper for hard classes
+  extreme = np.argmax(np.abs(risk - risk.mean()))
+  assert abs(got[extreme] - tau[extreme]) == pytest.approx(0.1, abs=1e-5)  # moves by beta
+
+
+def test_temperature_bounds_and_unseen_classes():
+  tau = jnp.array([0.55, 4.95, 1.0, 1.0])
+  sums = jnp.array([9.0, 0.0, 1.0, 0.0])
+  counts = jnp.array([1.0, 1.0, 1.0, 0.0])  # class 3 not seen this epoch
+  got = np.asarray(temperatures.absld_update_temperatures(tau, sums, counts, 1.0, 0.5, 5.0))
+  assert got[0] == pytest.approx(0.5) and got[1] == pytest.approx(5.0)
+  assert got[3] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize('risk', [np.full(10, 0.7), np.full(10, 1e-3) + 1e-19 * np.arange(10)])
+def test_equal_risks_skip_the_update_instead_of_nan(risk):
+  tau = jnp.linspace(0.8, 1.2, 10)
+  got = temperatures.absld_update_temperatures(tau, jnp.asarray(risk * 3, jnp.float32),
+                                               jnp.full(10, 3.0), 0.1, 0.5, 5.0)
+  assert np.all(np.isfinite(got))
+  np.testing.assert_array_equal(got, tau)
+
+
+def test_beta_decays_with_the_learning_rate_milestones():
+  beta = lambda e: float(temperatures.absld_beta(e, 0.1, (215, 260, 285), 0.1))
+  assert beta(1) == pytest.approx(0.1) and beta(215) == pytest.approx(0.1)
+  assert beta(216) == pytest.approx(0.01) and beta(261) == pytest.approx(0.001)
+  assert beta(300) == pytest.approx(1e-4)
+
+
+def _absld_config(aliasing=False):
+  c = config_lib.default_config()
+  c.absld.released_code_aliasing = aliasing
+  return c
+
+
+@pytest.fixture
+def batch():
+  rng = np.random.default_rng(1)
+  teacher = (rng.normal(size=(6, 4)) * 2).astype(np.float32)
+  adv, clean = rng.normal(size=(2, 6, 4)).astype(np.float32)
+  y = np.array([0, 1, 2, 3, 0, 2])
+  tau_adv = np.array([0.5, 1.0, 2.0, 4.0], np.float32)
+  tau_clean = np.array([3.0, 0.7, 1.0, 1.5], np.float32)
+  return teacher, adv, clean, y, tau_adv, tau_clean
+
+
+class _FakeForward:
+  def __init__(self, outputs):
+    self.outputs = list(outputs)
+
+  def __call__(self, x):
+    return self.outputs.pop(0)
+
+
+def _np_kl(p, logits):
+  return (p * (np.log(p) - np.log(np_softmax(logits)))).sum(-1)
+
+
+@pytest.mark.parametrize('aliasing', [False, True])
+def test_absld_targets_use_each_samples_class_temperature(batch, aliasing):
+  teacher, _, _, y, tau_adv, tau_clean = batch
+  inputs = methods.MethodInputs(None, y, None, tau_adv, tau_clean, teacher)
+  p_adv, p_clean = methods.distillation_targets(inputs, _absld_config(aliasing), per_class=True)
+  for i in range(6):
+    t_a, t_c = tau_adv[y[i]], tau_clean[y[i]]
+    if aliasing:
+      t_a = t_c = tau_adv[y[i]] * tau_clean[y[i]]
+    np.testing.assert_allclose(p_adv[i], np_softmax(teacher[i], t_a), rtol=1e-5)
+    np.testing.assert_allclose(p_clean[i], np_softmax(teacher[i], t_c), rtol=1e-5)
+
+
+@pytest.mark.parametrize('name', ['rslad', 'absld'])
+def test_distillation_loss_matches_numpy(batch, name):
+  teacher, adv, clean, y, tau_adv, tau_clean = batch
+  config = _absld_config()
+  inputs = methods.MethodInputs(None, y, None, tau_adv, tau_clean, teacher)
+  loss, aux = methods.get_method(name).loss(_FakeForward([adv, clean]), inputs, None, config)
+  if name == 'rslad':
+    p_adv = p_clean = np_softmax(teacher)
+  else:
+    p_adv = np_softmax(teacher / tau_adv[y][:, None])
+    p_clean = np_softmax(teacher / tau_clean[y][:, None])
+  robust = _np_kl(p_adv, adv).mean() / 4  # elementwise mean = batchmean / classes
+  natural = _np_kl(p_clean, clean).mean() / 4
+  np.testing.assert_allclose(loss, 5 / 6 * robust + 1 / 6 * natural, rtol=1e-5)
+  np.testing.assert_allclose(aux['ce_adv'], -np.log(np_softmax(adv))[np.arange(6), y], rtol=1e-5)
+
+
+def test_distillation_adversary_maximises_kl_to_the_temperature_target(batch):
+  teacher, _, _, y, tau_adv, tau_clean = batch
+  config = _absld_config()
+  config.eps, config.attack.steps, config.attack.alpha = 0.1, 5, 0.03
+  w = jnp.asarray(np.random.default_rng(2).normal(size=(12, 4)), jnp.float32)
+  f = lambda x: x.reshape(x.shape[0], -1) @ w
+  x = jnp.asarray(np.random.default_rng(3).uniform(size=(6, 2, 2, 3)), jnp.float32)
+  inputs = methods.MethodInputs(x, y, jax.random.PRNGKey(0), tau_adv, tau_clean, teacher)
+  x_adv = methods.get_method('absld').adversary(f, inputs, config)
+  p_adv = np_softmax(teacher / tau_adv[y][:, None])
+  assert _np_kl(p_adv, np.asarray(f(x_adv))).sum() > _np_kl(p_adv, np.asarray(f(x))).sum()
+  assert float(jnp.abs(x_adv - x).max()) <= 0.1 + 1e-6
+
+
+def test_ltd_loss_matches_numpy(batch):
+  teacher, adv, clean, y, _, _ = batch
+  config = config_lib.default_config()
+  config.ltd.teacher_temperature, config.ltd.student_temperature = 5.0, 2.0
+  inputs = methods.MethodInputs(None, y, None, None, None, teacher)
+  loss, aux = methods.ltd_loss(_FakeForward([clean, adv]), inputs, None, config)
+  soft = np_softmax(teacher, 5.0)
+  natural = -(soft * np.log(np_softmax(clean, 2.0))).sum(-1).mean()
+  robust = _np_kl(np_softmax(clean), adv).mean()
+  np.testing.assert_allclose(loss, natural + 6.0 * robust, rtol=1e-5)
+  np.testing.assert_allclose(aux['loss_natural'], natural, rtol=1e-5)
+
+
+def test_awp_relative_perturbation_matches_numpy():
+  rng = np.random.default_rng(4)
+  params = {'conv': {'kernel': rng.normal(size=(3, 3, 2, 4))}, 'bn': {'scale': rng.normal(size=4),
+            'bias': rng.normal(size=4)}, 'fc': {'kernel': rng.normal(size=(4, 3)),
+                                                'bias': rng.normal(size=3)}}
+  proxy = jax.tree_util.tree_map(lambda w: w + rng.normal(size=w.shape) * 0.1, params)
+  d = awp.relative_perturbation(params, proxy)
+  for layer in ('conv', 'fc'):
+    w, p = params[layer]['kernel'], proxy[layer]['kernel']
+    want = np.linalg.norm(w) / (np.linalg.norm(p - w) + 1e-20) * (p - w)
+    np.testing.assert_allclose(d[layer]['kernel'], want, rtol=1e-6)
+    assert np.linalg.norm(d[layer]['kernel']) == pytest.approx(np.linalg.norm(w))
+  for leaf in (d['bn']['scale'], d['bn']['bias'], d['fc']['bias']):
+    np.testing.assert_array_equal(leaf, 0.0)
+
+
+def test_awp_perturbation_is_a_proxy_ascent_step():
+  w = {'k': jnp.array([[1.0, 2.0], [3.0, -1.0]])}
+  loss = lambda p: jnp.sum(p['k'] ** 2 * jnp.array([[1.0, 0.5], [0.1, 2.0]]))
+  delta = awp.weight_perturbation(loss, w, proxy_lr=0.01, gamma=0.005)
+  grad = np.array([[2.0, 2.0], [0.6, -4.0]])
+  want = 0.005 * np.linalg.norm(w['k']) / np.linalg.norm(0.01 * grad) * 0.01 * grad
+  np.testing.assert_allclose(delta['k'], want, rtol=1e-5)
+
+
+def _awp_setup(tiny_config, **awp_kw):
+  tiny_config.method = 'awp'
+  for k, v in awp_kw.items():
+    tiny_config.awp[k] = v
+  ds = data.load_digits()
+  model = state_lib.build_model(tiny_config, 10)
+  st = state_lib.create_train_state(tiny_config, model, ds.image_shape, 10, 5)
+  step = lambda m, cfg: jax.jit(lambda s: train.train_step(
+      s, ds.train_images[:64], ds.train_labels[:64], method=methods.get_method(m), config=cfg,
+      augment_kind='none', num_classes=10, steps_per_epoch=5))
+  return st, step
+
+
+def test_awp_gamma_zero_and_warmup_equal_trades_including_batch_stats(tiny_config):
+  st, step = _awp_setup(tiny_config, gamma=0.0, warmup_epochs=0)
+  trades_cfg = ml_collections.ConfigDict(tiny_config.to_dict())
+  trades_cfg.method = 'trades'
+  ref, _ = step('trades', trades_cfg)(st)
+  got, _ = step('awp', tiny_config)(st)  # proxy runs, but gamma = 0
+  for a, b in zip(jax.tree_util.tree_leaves((ref.params, ref.batch_stats)),
+                  jax.tree_util.tree_leaves((got.params, got.batch_stats))):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  tiny_config.awp.gamma, tiny_config.awp.warmup_epochs = 0.5, 1  # step 0 < 5: still warming up
+  warm, _ = step('awp', tiny_config)(st)
+  for a, b in zip(jax.tree_util.tree_leaves(ref.params), jax.tree_util.tree_leaves(warm.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_awp_restores_the_weights_exactly_and_changes_the_gradient(tiny_config):
+  st, step = _awp_setup(tiny_config, gamma=0.5, warmup_epochs=0)
+  tiny_config.optim.lr, tiny_config.optim.weight_decay = 0.0, 0.0
+  st = st.replace(tx=state_lib.make_optimizer(tiny_config.optim, 5))
+  st = st.replace(opt_state=st.tx.init(st.params))
+  got, _ = step('awp', tiny_config)(st)
+  for a, b in zip(jax.tree_util.tree_leaves(st.params), jax.tree_util.tree_leaves(got.params)):
+    np.testing.assert_array_equal(a, b)  # lr = 0: the perturbation is fully undone
+  trades_cfg = ml_collections.ConfigDict(tiny_config.to_dict())
+  trades_cfg.method = 'trades'
+  ref, _ = step('trades', trades_cfg)(st)
+  momentum_awp = jax.tree_util.tree_leaves(got.opt_state)
+  momentum_trades = jax.tree_util.tree_leaves(ref.opt_state)
+  assert any(not np.allclose(a, b) for a, b in zip(momentum_awp, momentum_trades))
+
+
+def test_absld_training_updates_logs_and_checkpoints_temperatures(tiny_config, tmp_path):
+  import json
+  teacher_dir = tmp_path / 'teacher'
+  tiny_config.num_epochs = 1
+  train.train_and_evaluate(tiny_config, str(teacher_dir))
+  tiny_config.method = 'absld'
+  tiny_config.teacher.source, tiny_config.teacher.path = 'workdir', str(teacher_dir)
+  tiny_config.num_epochs = 2
+  st = train.train_and_evaluate(tiny_config, str(tmp_path / 'student'))
+  records = [json.loads(l) for l in open(tmp_path / 'student' / 'metrics.jsonl')]
+  temps = [r for r in records if r['kind'] == 'temperatures']
+  assert [r['epoch'] for r in temps] == [1, 2]
+  np.testing.assert_allclose(st.tau_adv, temps[-1]['tau_adv'], rtol=1e-6)
+  assert not np.allclose(st.tau_adv, 1.0) and not np.allclose(st.tau_clean, 1.0)
+  # Epoch 1's update is Eq. 10 on the logged risks (beta 0.1, bounds [0.5, 5]).
+  np.testing.assert_allclose(temps[0]['tau_adv'],
+                             np_eq10(np.ones(10), np.array(temps[0]['risk_adv']), 0.1, 0.5, 5.0),
+                             rtol=1e-5)
+  assert float(jnp.sum(st.risk_adv_count)) == 0  # cleared at the epoch's end
