@@ -1,7 +1,8 @@
 """ltd_jax command line: ``python run.py --config=configs/NAME.py [--config.a.b=v] [--workdir=DIR]``.
 
 Modes: ``train`` (resumes from the work directory's latest checkpoint, then evaluates the
-selected checkpoint with every attack) and ``evaluate`` (evaluates a saved checkpoint).
+selected checkpoint with every attack), ``evaluate`` (evaluates a saved checkpoint) and
+``temperature_search`` (LTD's two-step search of the teacher temperature).
 """
 
 import os
@@ -18,7 +19,8 @@ from ltd_jax import errors
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file: configs/NAME.py.',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Work directory (default: workdirs/<config name>).')
-_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'evaluate'], 'What to run.')
+_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'evaluate', 'temperature_search'],
+                          'train, evaluate a checkpoint, or run LTD\'s teacher-temperature search.')
 _CHECKPOINT = flags.DEFINE_enum('checkpoint', 'auto', ['auto', 'best', 'latest'],
                                 '--mode=evaluate: which checkpoint (auto: best if kept).')
 
@@ -56,8 +58,11 @@ def main(argv):
   try:
     if _MODE.value == 'train':
       train.train_and_evaluate(config, workdir)
-    else:
+    elif _MODE.value == 'evaluate':
       train.evaluate_checkpoint(config, workdir, _CHECKPOINT.value)
+    else:
+      from ltd_jax import temperature_search  # pylint: disable=g-import-not-at-top
+      temperature_search.ltd_temperature_search(config, workdir, train.train_and_evaluate)
   except errors.LtdError as e:
     _fail(str(e))
   print(f'work directory: {os.path.abspath(workdir)}')

@@ -189,3 +189,31 @@ def plot_per_class(workdir: str, results: dict, class_names=(), others: dict | N
   fig.savefig(path, dpi=100)
   plt.close(fig)
   return path
+
+
+def plot_temperatures(workdir: str, class_names=()) -> str | None:
+  """``temperatures.png``: ABSLD's per-class adversarial and clean temperatures over epochs."""
+  records = [r for r in read_metrics(workdir) if r['kind'] == 'temperatures']
+  if not records:
+    return None
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  epochs = [r['epoch'] for r in records]
+  num_classes = len(records[0]['tau_adv'])
+  names = list(class_names) or [str(i) for i in range(num_classes)]
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+  for ax, key, title in ((axes[0], 'tau_adv', 'adversarial targets'),
+                         (axes[1], 'tau_clean', 'clean targets')):
+    values = np.array([r[key] for r in records])
+    for c in range(num_classes):
+      ax.plot(epochs, values[:, c], lw=1.5 if num_classes <= 10 else 0.6, label=names[c])
+    ax.set(xlabel='epoch', title=f'teacher temperature, {title}')
+  axes[0].set_ylabel('temperature')
+  if num_classes <= 20:
+    axes[1].legend(fontsize=7, ncol=2)
+  fig.tight_layout()
+  path = os.path.join(workdir, 'temperatures.png')
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path

@@ -177,10 +177,25 @@ def final_evaluation(config, workdir: str, state: TrainState, ds: data.Dataset,
       'attacks': attacks,
   }
   md = reports.write_results(workdir, results, ds.class_names)
-  reports.plot_per_class(workdir, results, ds.class_names)
+  reports.plot_per_class(workdir, results, ds.class_names, _comparison_runs(config, workdir))
   reports.plot_training_curves(workdir)
+  reports.plot_temperatures(workdir, ds.class_names)
   print(md)
   return results
+
+
+def _comparison_runs(config, workdir: str) -> dict:
+  """Finished runs to plot beside this one: its teacher and ``report.baseline_workdir``."""
+  runs = {'teacher': {'train': os.path.join(workdir, 'teacher'), 'workdir': config.teacher.path,
+                      'none': ''}[config.teacher.source],
+          'baseline': config.report.baseline_workdir}
+  out = {}
+  for name, path in runs.items():
+    results_path = os.path.join(path, 'results.json') if path else ''
+    if results_path and os.path.exists(results_path):
+      with open(results_path) as f:
+        out[name] = json.load(f)
+  return out
 
 
 def _setup(config, workdir: str):

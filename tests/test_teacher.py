@@ -20,7 +20,7 @@ def get_config():
   c.method, c.eps = 'natural', 0.2
   c.data.name = 'digits'
   c.model.name, c.model.width = 'small_cnn', 6
-  c.num_epochs, c.batch_size = 2, 256
+  c.num_epochs, c.batch_size = 2, 64
   c.optim.lr, c.optim.lr_boundaries_epochs = 0.05, ()
   c.eval.selection, c.eval.during_training, c.eval.final = 'last', ('clean',), ('clean',)
   c.progress_bar = False
@@ -55,7 +55,7 @@ def test_teacher_from_a_workdir_is_frozen_in_eval_mode(ltd_config, tmp_path):
   train.train_and_evaluate(ltd_config, str(tmp_path / 'run'))
   ds = data.load_digits()
   t = teacher_lib.load_teacher(str(tmp_path / 'run' / 'teacher'), 10, ds.image_shape)
-  assert t.step == 10 and t.config.model.width == 6
+  assert t.step == 44 and t.config.model.width == 6
   x = ds.train_images[:32]
   a = t.apply_fn(t.variables, data.to_float(x), train=False)
   logits = teacher_lib.precompute_logits(t, ds.train_images, batch_size=100)
@@ -89,3 +89,25 @@ def test_teacher_errors(tiny_config, tmp_path):
   tiny_config.teacher.cache_logits = True
   with pytest.raises(ConfigError, match='augment=none'):
     train.train_and_evaluate(tiny_config, str(tmp_path / 'w'))
+
+
+def test_temperature_search_two_steps(ltd_config, tmp_path):
+  from ltd_jax import temperature_search
+  ltd_config.ltd.search_temperatures = (1.0, 4.0, 1000.0)
+  ltd_config.ltd.search_accuracy_threshold = 0.35
+  ltd_config.ltd.search_epochs = 3
+  ltd_config.model.width, ltd_config.batch_size, ltd_config.optim.lr = 8, 128, 0.1
+  ltd_config.eval.pgd_steps, ltd_config.attack.steps = 1, 1
+  table = temperature_search.ltd_temperature_search(ltd_config, str(tmp_path), train.train_and_evaluate)
+  step1 = [r for r in table['rows'] if r['step'] == 1]
+  step2 = [r for r in table['rows'] if r['step'] == 2]
+  assert step1[0]['T'] == 1.0 and step1[0]['substitute_natural_acc'] > 0.35 and step2
+  # Step 1 walks up the temperatures until a substitute falls below the threshold.
+  assert all(r['substitute_natural_acc'] >= 0.35 for r in step1[:-1])
+  if table['t_max'] is not None:
+    assert step1[-1]['substitute_natural_acc'] < 0.35 and step1[-1]['T'] == table['t_max']
+  assert [r['T'] for r in step2] == [t for t in (1.0, 4.0, 1000.0)
+                                     if table['t_max'] is None or t < table['t_max']]
+  assert table['best_T'] == min(step2, key=lambda r: r['ltd_loss'])['T']
+  md = open(tmp_path / 'temperature_search.md').read()
+  assert '| T | step |' in md and os.path.exists(tmp_path / 'search' / 'substitute_T1')

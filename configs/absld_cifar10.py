@@ -1,0 +1,21 @@
+"""ABSLD (Zhao et al.) on CIFAR-10, Table 1 setting: ResNet-18 student, WRN-34-10 TRADES teacher.
+
+RSLAD's recipe (300 epochs, lr 0.1 / 10 at 215, 260, 285, wd 2e-4, batch 128) plus per-class
+adversarial and clean teacher temperatures, initialised at 1, updated every epoch by Eq. 10 with
+beta 0.1 (decayed with the lr) and bounded to [0.5, 5]; checkpoint selection 'fair'
+(avg + worst PGD-20), as in the paper.
+"""
+
+from configs import rslad_cifar10
+
+
+def get_config():
+  c = rslad_cifar10.get_config()
+  c.method = 'absld'
+  c.absld.tau_init = 1.0
+  c.absld.beta = 0.1
+  c.absld.tau_min = 0.5
+  c.absld.tau_max = 5.0
+  c.absld.released_code_aliasing = False
+  c.eval.selection = 'fair'
+  return c

@@ -1,0 +1,14 @@
+"""ABSLD on CIFAR-100: ResNet-18 student, temperatures bounded to [0.8, 3] (paper, ResNet-18 on
+CIFAR-100), RSLAD's x10 loss scale for 100 classes; teacher stage trades_cifar100.py."""
+
+from configs import absld_cifar10
+
+
+def get_config():
+  c = absld_cifar10.get_config()
+  c.data.name = 'cifar100'
+  c.absld.tau_min = 0.8
+  c.absld.tau_max = 3.0
+  c.rslad.loss_scale = 10.0
+  c.teacher.config = 'configs/trades_cifar100.py'
+  return c
