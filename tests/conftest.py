@@ -43,3 +43,16 @@ def tiny_config():
   c.log_every_steps = 2
   c.progress_bar = False
   return c
+
+
+def pytest_addoption(parser):
+  parser.addoption('--runslow', action='store_true', help='also run tests marked slow')
+
+
+def pytest_collection_modifyitems(config, items):
+  if config.getoption('--runslow'):
+    return
+  skip = pytest.mark.skip(reason='paper-scale smoke run: pass --runslow')
+  for item in items:
+    if 'slow' in item.keywords:
+      item.add_marker(skip)

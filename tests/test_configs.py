@@ -25,13 +25,18 @@ def test_config_loads_and_validates(path):
     ('trades_cifar10', 'wrn-34-10', 76),
     ('pgd_at_cifar10', 'wrn-34-10', 200),
     ('natural_cifar10', 'wrn-34-10', 200),
+    pytest.param('trades_cifar100', 'wrn-34-10', 76, marks=pytest.mark.slow),
+    pytest.param('natural_cifar100', 'wrn-34-10', 200, marks=pytest.mark.slow),
 ])
 def test_paper_config_runs_a_few_steps_on_the_cifar_subset(name, model, epochs, tmp_path):
   config = config_lib.load_config_file(os.path.join(ROOT, 'configs', f'{name}.py'))
   assert config.model.name == model and config.num_epochs == epochs
-  config.data.dir = os.path.dirname(shared_path('data', 'cifar-10-subset', 'cifar-10-batches-py'))
+  folder = ('cifar-10-subset', 'cifar-10-batches-py') if config.data.name == 'cifar10' else (
+      'cifar-100-subset', 'cifar-100-python')
+  config.data.dir = os.path.dirname(shared_path('data', *folder))
   config.batch_size = 4
   config.max_steps = 2
+  config.attack.steps = 2
   config.eval.final = ('clean',)
   config.eval.final_subset_size = 10
   config.eval.batch_size = 10

@@ -1,0 +1,95 @@
+"""Runs configs x seeds and tabulates mean +- std of average, worst-class and NSD accuracy.
+
+    python scripts/compare_methods.py --out=docs/comparison_digits.md --seeds=0,1,2 \
+        --run absld=configs/absld_digits.py --run rslad=configs/absld_digits.py:method=rslad
+
+Each ``--run NAME=CONFIG[:key=value,...]`` is a config with overrides. Every run of a seed uses
+that seed's teacher: an earlier plain run of the teacher's config (a TRADES baseline, say), else
+the first run that trains it (in WORKDIR/seedS/NAME/teacher); later runs of the seed reuse it.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # pylint: disable=g-import-not-at-top
+
+from ltd_jax import config_lib  # pylint: disable=g-import-not-at-top
+from ltd_jax import train  # pylint: disable=g-import-not-at-top
+
+ATTACKS = ('clean', 'pgd20', 'cw')
+
+
+def parse_run(spec: str):
+  name, rest = spec.split('=', 1)
+  path, _, overrides = rest.partition(':')
+  config = config_lib.load_config_file(path)
+  for item in filter(None, overrides.split(',')):
+    key, value = item.split('=', 1)
+    node = config
+    *parents, leaf = key.split('.')
+    for p in parents:
+      node = node[p]
+    current = node[leaf]
+    node[leaf] = (value.lower() == 'true') if isinstance(current, bool) else type(current)(value)
+  return name, path, overrides, config  # overrides: comma-separated key=value
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument('--run', action='append', required=True)
+  p.add_argument('--seeds', default='0,1,2')
+  p.add_argument('--workdir', default='workdirs/compare')
+  p.add_argument('--out', required=True)
+  p.add_argument('--set', action='append', default=[], help='key=value applied to every run')
+  args = p.parse_args()
+  seeds = [int(s) for s in args.seeds.split(',')]
+  runs = [r + (',' if ':' in r else ':') + ','.join(args.set) for r in args.run]
+  results = {parse_run(r)[0]: [] for r in runs}
+  for seed in seeds:
+    teachers = {}  # teacher config -> work directory of this seed that trains or trained it
+    for spec in runs:
+      name, path, overrides, config = parse_run(spec)
+      config.seed, config.progress_bar = seed, False
+      workdir = os.path.join(args.workdir, f'seed{seed}', name)
+      if not overrides.strip(','):
+        teachers.setdefault(os.path.normpath(path), workdir)  # a plain run can serve as a teacher
+      if config.teacher.source == 'train':
+        key = os.path.normpath(config.teacher.config)
+        if key in teachers:
+          config.teacher.source, config.teacher.path = 'workdir', teachers[key]
+        else:
+          teachers[key] = os.path.join(workdir, 'teacher')
+      train.train_and_evaluate(config, workdir)
+      with open(os.path.join(workdir, 'results.json')) as f:
+        results[name].append(json.load(f))
+
+  lines = [f'Seeds {seeds}; test split; each cell mean +- std over seeds (percent; NSD unitless).', '',
+           '| method | ' + ' | '.join(f'{a} avg | {a} worst | {a} NSD' for a in ATTACKS) + ' |',
+           '|---|' + '---:|' * (3 * len(ATTACKS))]
+  for name, per_seed in results.items():
+    cells = []
+    for a in ATTACKS:
+      for key, scale in (('avg', 100), ('worst', 100), ('nsd', 1)):
+        v = np.array([r['attacks'][a][key] for r in per_seed]) * scale
+        cells.append(f'{v.mean():.2f} +- {v.std(ddof=1) if len(v) > 1 else 0:.2f}' if scale == 100
+                     else f'{v.mean():.3f} +- {v.std(ddof=1) if len(v) > 1 else 0:.3f}')
+    lines.append(f'| {name} | ' + ' | '.join(cells) + ' |')
+  lines += ['', 'Per seed (PGD-20 avg / worst):', '']
+  for name, per_seed in results.items():
+    vals = ', '.join(f"{100 * r['attacks']['pgd20']['avg']:.2f} / {100 * r['attacks']['pgd20']['worst']:.2f}"
+                     for r in per_seed)
+    lines.append(f'- {name}: {vals}')
+  cmd = 'python scripts/compare_methods.py ' + ' '.join(sys.argv[1:])
+  text = '\n'.join(lines) + f'\n\nCommand: `{cmd}`\n'
+  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+  with open(args.out, 'w') as f:
+    f.write(text)
+  print(text)
+
+
+if __name__ == '__main__':
+  main()
