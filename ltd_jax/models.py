@@ -36,6 +36,13 @@ def batch_norm(train: bool, name: str, dtype: Dtype = jnp.float32) -> nn.BatchNo
                       name=name)
 
 
+def pooled_logits(x, num_classes: int, name: str, dtype: Dtype):
+  """Global average pooling (PyTorch's avg_pool over the final map at 32x32) and a linear layer,
+  with float32 logits."""
+  x = jnp.mean(x, axis=(1, 2))
+  return nn.Dense(num_classes, dtype=dtype, name=name)(x).astype(jnp.float32)
+
+
 class WideBasicBlock(nn.Module):
   """TRADES/RobustBench WRN block: pre-activation, shortcut conv on relu(bn1(x)) when shapes differ."""
   in_planes: int
@@ -89,8 +96,7 @@ class WideResNet(nn.Module):
       x = WideResNetGroup(n, widths[g], widths[g + 1], stride, self.dtype,
                           name=f'block{g + 1}')(x, train)
     x = nn.relu(batch_norm(train, 'bn1', self.dtype)(x))
-    x = jnp.mean(x, axis=(1, 2))
-    return nn.Dense(self.num_classes, dtype=self.dtype, name='fc')(x).astype(jnp.float32)
+    return pooled_logits(x, self.num_classes, 'fc', self.dtype)
 
 
 class ResNetBasicBlock(nn.Module):
@@ -154,8 +160,7 @@ class ResNet(nn.Module):
                        name=f'layer{s + 1}_{i}')(x, train)
     if self.final_bn:
       x = nn.relu(batch_norm(train, 'bn', self.dtype)(x))
-    x = jnp.mean(x, axis=(1, 2))
-    return nn.Dense(self.num_classes, dtype=self.dtype, name='linear')(x).astype(jnp.float32)
+    return pooled_logits(x, self.num_classes, 'linear', self.dtype)
 
 
 class InvertedResidual(nn.Module):
@@ -205,8 +210,7 @@ class MobileNetV2(nn.Module):
         in_planes, idx = out_planes, idx + 1
     x = conv(1280, 1, name='conv2', dtype=self.dtype)(x)
     x = nn.relu(batch_norm(train, 'bn2', self.dtype)(x))
-    x = jnp.mean(x, axis=(1, 2))
-    return nn.Dense(self.num_classes, dtype=self.dtype, name='linear')(x).astype(jnp.float32)
+    return pooled_logits(x, self.num_classes, 'linear', self.dtype)
 
 
 class SmallCNN(nn.Module):
@@ -221,8 +225,7 @@ class SmallCNN(nn.Module):
     for i, (mult, stride) in enumerate(((1, 1), (2, 2), (4, 2))):
       x = conv(self.width * mult, 3, stride, name=f'conv{i + 1}', dtype=self.dtype)(x)
       x = nn.relu(batch_norm(train, f'bn{i + 1}', self.dtype)(x))
-    x = jnp.mean(x, axis=(1, 2))
-    return nn.Dense(self.num_classes, dtype=self.dtype, name='fc')(x).astype(jnp.float32)
+    return pooled_logits(x, self.num_classes, 'fc', self.dtype)
 
 
 _WRN = re.compile(r'^wrn-(\d+)-(\d+)$')

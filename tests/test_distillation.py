@@ -240,3 +240,6 @@ def test_absld_training_updates_logs_and_checkpoints_temperatures(tiny_config, t
                              np_eq10(np.ones(10), np.array(temps[0]['risk_adv']), 0.1, 0.5, 5.0),
                              rtol=1e-5)
   assert float(jnp.sum(st.risk_adv_count)) == 0  # cleared at the epoch's end
+  import os
+  assert os.path.getsize(tmp_path / 'student' / 'temperatures.png') > 10_000
+  assert os.path.getsize(tmp_path / 'student' / 'per_class_accuracy.png') > 10_000
