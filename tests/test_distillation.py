@@ -230,6 +230,20 @@ def test_absld_training_updates_logs_and_checkpoints_temperatures(tiny_config, t
   tiny_config.teacher.source, tiny_config.teacher.path = 'workdir', str(teacher_dir)
   tiny_config.num_epochs = 2
   st = train.train_and_evaluate(tiny_config, str(tmp_path / 'student'))
+
+  class Stop(Exception):
+    pass
+
+  def stop_at_7(step):
+    if step == 7:
+      raise Stop()
+
+  with pytest.raises(Stop):  # killed mid-epoch 2, after the epoch-1 checkpoint and update
+    train.train_and_evaluate(tiny_config, str(tmp_path / 'resumed'), step_hook=stop_at_7)
+  resumed = train.train_and_evaluate(tiny_config, str(tmp_path / 'resumed'))
+  for a, b in zip(jax.tree_util.tree_leaves((st.params, st.tau_adv, st.tau_clean)),
+                  jax.tree_util.tree_leaves((resumed.params, resumed.tau_adv, resumed.tau_clean))):
+    np.testing.assert_array_equal(a, b)
   records = [json.loads(l) for l in open(tmp_path / 'student' / 'metrics.jsonl')]
   temps = [r for r in records if r['kind'] == 'temperatures']
   assert [r['epoch'] for r in temps] == [1, 2]
