@@ -10,6 +10,7 @@ Sources:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import io
 import os
@@ -220,9 +221,13 @@ def default_augmentation(name: str) -> str:
   return _AUGMENT[name]
 
 
+@functools.lru_cache(maxsize=2)
 def epoch_permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:
-  """Training order for ``epoch``: a pure function of (seed, epoch), so resumed runs agree."""
-  return np.random.default_rng([seed, epoch]).permutation(num_examples)
+  """Training order for ``epoch``: a pure function of (seed, epoch), so resumed runs agree.
+  Cached, so the step loop does not redraw it every step; callers must not modify it."""
+  order = np.random.default_rng([seed, epoch]).permutation(num_examples)
+  order.flags.writeable = False
+  return order
 
 
 def train_batch_indices(num_examples: int, batch_size: int, seed: int, step: int) -> np.ndarray:
