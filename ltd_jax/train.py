@@ -289,12 +289,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         bar.close()
         bar = None
         epoch += 1
-        if method.epoch_end is not None:
-          before = jax.device_get(state)
-          state = epoch_end_fn(state, epoch)
-          _write_temperatures(writer, step, epoch, before, jax.device_get(state))
-        else:
-          state = epoch_end_fn(state, epoch)
+        risks = _per_class_risks(state) if method.epoch_end is not None else None
+        state = epoch_end_fn(state, epoch)
+        if risks is not None:
+          writer.write('temperatures', step, epoch=epoch, **risks,
+                       tau_adv=np.asarray(state.tau_adv).tolist(),
+                       tau_clean=np.asarray(state.tau_clean).tolist())
         if epoch % config.eval.every_epochs == 0 or step == total_steps:
           ev = evaluate.evaluate(periodic_eval, state.variables, sel_images[subset],
                                  sel_labels[subset], ds.num_classes, config.eval.batch_size,
@@ -322,14 +322,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   return state
 
 
-def _write_temperatures(writer, step, epoch, before: TrainState, after: TrainState) -> None:
-  """Logs the epoch's per-class mean risks and the temperatures they produced."""
-  risk = lambda s, c: np.where(c > 0, s / np.maximum(c, 1), np.nan).tolist()
-  writer.write('temperatures', step, epoch=epoch,
-               risk_adv=risk(before.risk_adv_sum, before.risk_adv_count),
-               risk_clean=risk(before.risk_clean_sum, before.risk_clean_count),
-               tau_adv=np.asarray(after.tau_adv).tolist(),
-               tau_clean=np.asarray(after.tau_clean).tolist())
+def _per_class_risks(state: TrainState) -> dict:
+  """The epoch's per-class mean risks (only these small vectors leave the device)."""
+  sums = jax.device_get((state.risk_adv_sum, state.risk_adv_count, state.risk_clean_sum,
+                         state.risk_clean_count))
+  mean = lambda s, c: np.where(c > 0, s / np.maximum(c, 1), np.nan).tolist()
+  return {'risk_adv': mean(sums[0], sums[1]), 'risk_clean': mean(sums[2], sums[3])}
 
 
 def _trained_steps_in_results(workdir: str) -> int | None:
