@@ -1,8 +1,10 @@
 """ltd_jax command line: ``python run.py --config=configs/NAME.py [--config.a.b=v] [--workdir=DIR]``.
 
 Modes: ``train`` (resumes from the work directory's latest checkpoint, then evaluates the
-selected checkpoint with every attack), ``evaluate`` (evaluates a saved checkpoint) and
-``temperature_search`` (LTD's two-step search of the teacher temperature).
+selected checkpoint with every attack), ``evaluate`` (evaluates a saved checkpoint, or a PyTorch
+file given as --checkpoint), ``export`` (writes the checkpoint as a PyTorch state_dict),
+``autoattack`` (runs the official AutoAttack on the exported model and adds it to the results)
+and ``temperature_search`` (LTD's two-step search of the teacher temperature).
 """
 
 import os
@@ -19,10 +21,12 @@ from ltd_jax import errors
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file: configs/NAME.py.',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Work directory (default: workdirs/<config name>).')
-_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'evaluate', 'temperature_search'],
-                          'train, evaluate a checkpoint, or run LTD\'s teacher-temperature search.')
-_CHECKPOINT = flags.DEFINE_enum('checkpoint', 'auto', ['auto', 'best', 'latest'],
-                                '--mode=evaluate: which checkpoint (auto: best if kept).')
+_MODE = flags.DEFINE_enum(
+    'mode', 'train', ['train', 'evaluate', 'export', 'autoattack', 'temperature_search'],
+    'train; evaluate, export or AutoAttack a checkpoint; or LTD\'s teacher-temperature search.')
+_CHECKPOINT = flags.DEFINE_string(
+    'checkpoint', 'auto', 'evaluate / export / autoattack: auto (best if kept, else latest), '
+    'best, latest, or the path of a PyTorch .pt/.pth/.safetensors file of config.model.')
 
 
 def _fail(message: str) -> None:
@@ -45,8 +49,12 @@ def parse_flags(argv):
     _fail(str(e).splitlines()[0])
 
 
-def default_workdir(config_path: str) -> str:
-  return os.path.join('workdirs', os.path.splitext(os.path.basename(config_path))[0])
+def default_workdir(config_path: str, checkpoint: str = 'auto') -> str:
+  """workdirs/<config name>, or workdirs/<config name>_<file name> for a PyTorch checkpoint."""
+  name = os.path.splitext(os.path.basename(config_path))[0]
+  if checkpoint not in ('auto', 'best', 'latest'):
+    name += '_' + os.path.splitext(os.path.basename(checkpoint))[0]
+  return os.path.join('workdirs', name)
 
 
 def main(argv):
@@ -54,12 +62,19 @@ def main(argv):
   from ltd_jax import train  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.WARNING)
   config = _CONFIG.value
-  workdir = _WORKDIR.value or default_workdir(config_flags.get_config_filename(flags.FLAGS['config']))
+  workdir = _WORKDIR.value or default_workdir(
+      config_flags.get_config_filename(flags.FLAGS['config']), _CHECKPOINT.value)
   try:
     if _MODE.value == 'train':
       train.train_and_evaluate(config, workdir)
     elif _MODE.value == 'evaluate':
       train.evaluate_checkpoint(config, workdir, _CHECKPOINT.value)
+    elif _MODE.value == 'export':
+      from ltd_jax import export  # pylint: disable=g-import-not-at-top
+      export.export_checkpoint(config, workdir, _CHECKPOINT.value)
+    elif _MODE.value == 'autoattack':
+      from ltd_jax import autoattack  # pylint: disable=g-import-not-at-top
+      autoattack.autoattack_checkpoint(config, workdir, _CHECKPOINT.value)
     else:
       from ltd_jax import temperature_search  # pylint: disable=g-import-not-at-top
       temperature_search.ltd_temperature_search(config, workdir, train.train_and_evaluate)

@@ -16,6 +16,7 @@ from ltd_jax.errors import ConfigError
 
 EVAL_ATTACKS = ('clean', 'fgsm', 'pgd20', 'cw')
 SELECTIONS = ('robust', 'fair', 'last')
+TEACHER_SOURCES = ('none', 'train', 'workdir', 'torch')
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -89,9 +90,14 @@ def default_config() -> ml_collections.ConfigDict:
   c.absld.released_code_aliasing = False
 
   c.teacher = ml_collections.ConfigDict()
-  c.teacher.source = 'none'  # none | train | workdir
+  c.teacher.source = 'none'  # none | train | workdir | torch
   c.teacher.config = ''  # source=train: config file of the teacher stage (run in WORKDIR/teacher)
-  c.teacher.path = ''  # source=workdir: a work directory of this project
+  c.teacher.path = ''  # source=workdir: a work directory of this project; torch: a .pt/.safetensors
+  # source=torch: the checkpoint's architecture (empty name: read model.json beside the file).
+  c.teacher.model = ml_collections.ConfigDict()
+  c.teacher.model.name = ''
+  c.teacher.model.base_width = 64
+  c.teacher.model.width = 32
   c.teacher.checkpoint = 'auto'  # auto | best | latest
   c.teacher.cache_logits = False  # precompute teacher logits once (needs data.augment=none)
 
@@ -111,6 +117,13 @@ def default_config() -> ml_collections.ConfigDict:
   c.eval.pgd_steps = 20
   c.eval.cw_steps = 30
   c.eval.cw_kappa = 50.0
+
+  # --mode=autoattack: the official AutoAttack (pyautoattack) on the exported PyTorch model.
+  c.autoattack = ml_collections.ConfigDict()
+  c.autoattack.version = 'standard'  # standard | plus | rand
+  c.autoattack.n_examples = 0  # 0: the final evaluation's images (eval.final_subset_size)
+  c.autoattack.batch_size = 500
+  c.autoattack.device = 'auto'  # auto (cuda when available) | cpu | cuda | cuda:N
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.keep = 3
@@ -212,8 +225,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
            f'absld.tau_init ({a.tau_init}) must lie in [tau_min, tau_max] = [{a.tau_min}, {a.tau_max}]')
   _require(a.beta >= 0, f'absld.beta must be >= 0, got {a.beta}')
   _require(config.awp.gamma >= 0 and config.awp.warmup_epochs >= 0, 'awp.gamma and awp.warmup_epochs must be >= 0')
-  _require(config.teacher.source in ('none', 'train', 'workdir'),
-           f'teacher.source must be none, train or workdir, got {config.teacher.source!r}')
+  _require(config.teacher.source in TEACHER_SOURCES,
+           f'teacher.source must be one of {", ".join(TEACHER_SOURCES)}, '
+           f'got {config.teacher.source!r}')
   if methods.METHODS[config.method].needs_teacher:
     _require(config.teacher.source != 'none',
              f'method {config.method} distils from a teacher: set --config.teacher.source=train '
@@ -222,6 +236,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
            'teacher.source=train needs --config.teacher.config=configs/NAME.py for the teacher stage')
   _require(config.teacher.source != 'workdir' or config.teacher.path,
            'teacher.source=workdir needs --config.teacher.path=WORKDIR of a trained teacher')
+  _require(config.teacher.source != 'torch' or config.teacher.path,
+           'teacher.source=torch needs --config.teacher.path=FILE.pt (or .safetensors) and '
+           '--config.teacher.model.name (e.g. wrn-34-10) unless model.json lies beside it')
+  aa = config.autoattack
+  _require(aa.version in ('standard', 'plus', 'rand'),
+           f'autoattack.version must be standard, plus or rand, got {aa.version!r}')
+  _require(aa.n_examples >= 0 and aa.batch_size > 0,
+           'autoattack.n_examples must be >= 0 and autoattack.batch_size > 0')
   augment = config.data.augment
   if augment == 'auto':
     augment = 'none' if config.data.name == 'digits' else 'crop_flip'

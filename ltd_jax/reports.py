@@ -14,7 +14,8 @@ import jax
 import numpy as np
 
 LIBRARIES = ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'ml-collections', 'chex',
-             'numpy', 'scikit-learn', 'tensorflow-datasets', 'tqdm', 'matplotlib')
+             'numpy', 'scikit-learn', 'tensorflow-datasets', 'tqdm', 'matplotlib', 'safetensors',
+             'torch', 'pyautoattack')
 
 
 def git_commit() -> str:
@@ -105,15 +106,24 @@ def results_markdown(results: dict, class_names=()) -> str:
   """Summary table (attacks as rows) and per-class table (classes as rows) in Markdown."""
   evals = results['attacks']
   names = list(evals)
+  n = results.get('num_examples', '?')
+  where = 'imported' if results.get('step') is None else f"step {results['step']}"
   lines = [f"# Results: {results.get('title', '')}".rstrip(), '',
-           f"Checkpoint: {results.get('checkpoint', '?')} (step {results.get('step', '?')}), "
-           f"split: {results.get('split', 'test')} ({results.get('num_examples', '?')} images), "
+           f"Checkpoint: {results.get('checkpoint', '?')} ({where}), "
+           f"split: {results.get('split', 'test')} ({n} images), "
            f"eps = {results.get('eps', float('nan')):.5f}", '',
-           '| attack | avg % | worst-class % | worst-10% % | NSD |', '|---|---:|---:|---:|---:|']
+           '| attack | images | avg % | worst-class % | worst-10% % | NSD |',
+           '|---|---:|---:|---:|---:|---:|']
   for name in names:
     r = evals[name]
-    lines.append(f"| {name} | {100 * r['avg']:.2f} | {100 * r['worst']:.2f} | "
-                 f"{100 * r['worst10']:.2f} | {r['nsd']:.3f} |")
+    lines.append(f"| {name} | {r.get('num_examples', n)} | {100 * r['avg']:.2f} | "
+                 f"{100 * r['worst']:.2f} | {100 * r['worst10']:.2f} | {r['nsd']:.3f} |")
+  if 'autoattack' in results:
+    aa = results['autoattack']
+    lines += ['', f"autoattack: the official AutoAttack (pyautoattack {aa['pyautoattack']}, "
+              f"version {aa['version']}: {', '.join(aa['attacks'])}) on the exported PyTorch "
+              f"model, {aa['num_examples']} images, device {aa['device']}, "
+              f"{aa['seconds']:.0f} s."]
   num_classes = len(evals[names[0]]['per_class']) if names else 0
   class_names = list(class_names) or [str(i) for i in range(num_classes)]
   lines += ['', '| class | ' + ' | '.join(f'{n} %' for n in names) + ' |',

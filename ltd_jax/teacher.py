@@ -6,6 +6,9 @@
   * ``train``: the teacher stage runs ``teacher.config`` (e.g. ``configs/natural_digits.py`` for
     LTD, a TRADES config for RSLAD / ABSLD) in ``WORKDIR/teacher`` with the student's data and
     seed, resuming or skipping it when already complete, before the student trains.
+  * ``torch``: ``teacher.path`` is a PyTorch checkpoint (``.pt``/``.pth``/``.safetensors``, e.g.
+    TRADES' released WRN-34-10) of the architecture ``teacher.model.name`` (or the one named by
+    the ``model.json`` that ``--mode=export`` writes beside it), imported into Flax.
 The teacher is only ever applied in eval mode and never updated.
 """
 
@@ -23,6 +26,8 @@ import numpy as np
 from ltd_jax import checkpoints
 from ltd_jax import config_lib
 from ltd_jax import data
+from ltd_jax import interchange
+from ltd_jax import models
 from ltd_jax import state as state_lib
 from ltd_jax.errors import CheckpointError, ConfigError
 
@@ -104,12 +109,41 @@ def load_teacher(workdir: str, num_classes: int, image_shape, which: str = 'auto
   return Teacher(model.apply, restored.variables, tc, workdir, int(restored.step))
 
 
+def torch_teacher_model(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """``teacher.model``, or the ``model`` entry of ``model.json`` beside ``teacher.path``."""
+  if config.teacher.model.name:
+    return config.teacher.model
+  info_path = os.path.join(os.path.dirname(os.path.abspath(config.teacher.path)), 'model.json')
+  if not os.path.exists(info_path):
+    raise ConfigError(f'teacher.source=torch: name the architecture of {config.teacher.path} with '
+                      f'--config.teacher.model.name (e.g. wrn-34-10); no {info_path} says it')
+  with open(info_path) as f:
+    return ml_collections.ConfigDict(json.load(f)['model'])
+
+
+def load_torch_teacher(config: ml_collections.ConfigDict, ds: data.Dataset) -> Teacher:
+  """A frozen teacher from the PyTorch checkpoint ``teacher.path``."""
+  tc = config_lib.default_config()
+  tc.model.update(torch_teacher_model(config).to_dict())
+  tc.data = ml_collections.ConfigDict(config.data.to_dict())
+  model = state_lib.build_model(tc, ds.num_classes)
+  params, batch_stats = models.init_variables(model, jax.random.PRNGKey(0), ds.image_shape)
+  state_dict = interchange.load_torch_file(config.teacher.path)
+  params, batch_stats = interchange.from_torch_state_dict(
+      state_dict, params, batch_stats, source=config.teacher.path,
+      model_name=f'the teacher model {tc.model.name} with {ds.num_classes} classes')
+  return Teacher(model.apply, {'params': params, 'batch_stats': batch_stats}, tc,
+                 os.path.dirname(os.path.abspath(config.teacher.path)), step=0)
+
+
 def prepare_teacher(config: ml_collections.ConfigDict, workdir: str, ds: data.Dataset,
                     run_stage: Callable[[ml_collections.ConfigDict, str], Any]) -> Teacher | None:
   """Trains (``source=train``, via ``run_stage``) and/or loads the configured teacher."""
   source = config.teacher.source
   if source == 'none':
     return None
+  if source == 'torch':
+    return load_torch_teacher(config, ds)
   if source == 'train':
     teacher_dir = os.path.join(workdir, 'teacher')
     tc = teacher_stage_config(config)

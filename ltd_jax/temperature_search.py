@@ -27,7 +27,8 @@ def _candidate_config(config, method: str, temperature: float, teacher_dir: str,
   c = ml_collections.ConfigDict(config.to_dict())
   c.method = method
   c.ltd.teacher_temperature = float(temperature)
-  c.teacher.source, c.teacher.path = 'workdir', teacher_dir
+  if c.teacher.source != 'torch':  # a trained teacher stage is shared by every candidate
+    c.teacher.source, c.teacher.path = 'workdir', teacher_dir
   c.num_epochs = epochs
   if method == 'soft_label_natural':
     c.eval.during_training = ('clean',)

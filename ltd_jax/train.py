@@ -28,6 +28,7 @@ from ltd_jax import checkpoints
 from ltd_jax import config_lib
 from ltd_jax import data
 from ltd_jax import evaluate
+from ltd_jax import interchange
 from ltd_jax import methods
 from ltd_jax import reports
 from ltd_jax import teacher as teacher_lib
@@ -142,24 +143,52 @@ def _run_title(config) -> str:
   return f'{config.method} / {config.model.name} / {config.data.name}'
 
 
-def final_evaluation(config, workdir: str, state: TrainState, ds: data.Dataset,
-                     store: checkpoints.CheckpointStore, which: str = 'auto',
-                     trained_steps: int | None = None) -> dict:
-  """Full evaluation of the selected checkpoint on the test split with ``eval.final`` attacks.
+def is_torch_file(which: str) -> bool:
+  """Whether a checkpoint choice names a PyTorch file rather than auto / best / latest."""
+  return which not in CHECKPOINT_CHOICES
+
+
+CHECKPOINT_CHOICES = ('auto', 'best', 'latest')
+
+
+def select_checkpoint(config, state: TrainState, store: checkpoints.CheckpointStore,
+                      which: str = 'auto') -> tuple[TrainState, str]:
+  """The state to evaluate or export and its label.
 
   ``which``: ``best`` (selected by ``eval.selection`` on ``eval.selection_split``), ``latest``
-  or ``auto`` (best when a best checkpoint exists and selection is not ``last``).
+  (``state`` itself, already the latest), ``auto`` (best when a best checkpoint exists and
+  selection is not ``last``), or the path of a PyTorch ``.pt``/``.pth``/``.safetensors`` file
+  whose weights are imported into ``state``.
   """
+  if is_torch_file(which):
+    sd = interchange.load_torch_file(which)
+    params, batch_stats = interchange.from_torch_state_dict(
+        sd, state.params, state.batch_stats, source=which, model_name=config.model.name)
+    return state.replace(params=params, batch_stats=batch_stats), os.path.abspath(which)
   store.wait()
   if which == 'auto':
     which = 'best' if config.eval.selection != 'last' and store.best_step() is not None else 'latest'
   if which == 'best':
     restored = store.restore(state, 'best')
     if restored is None:
-      raise CheckpointError(f'no best checkpoint in {os.path.join(workdir, "best")}: train first '
-                            f'or evaluate with --checkpoint=latest')
+      raise CheckpointError(f'no best checkpoint in {os.path.join(store.workdir, "best")}: train '
+                            f'first or evaluate with --checkpoint=latest')
     state = restored
-  step = int(state.step)
+  return state, which
+
+
+def final_evaluation(config, workdir: str, state: TrainState, ds: data.Dataset,
+                     store: checkpoints.CheckpointStore, which: str = 'auto',
+                     trained_steps: int | None = None) -> dict:
+  """Full evaluation of the checkpoint ``which`` (see ``select_checkpoint``) on the test split
+  with the ``eval.final`` attacks; writes results.json/md and the plots."""
+  state, which = select_checkpoint(config, state, store, which)
+  imported = is_torch_file(which)
+  if imported:
+    selection, trained_steps = None, None
+  else:
+    selection = config.eval.selection if which == 'best' else 'last'
+    trained_steps = int(state.step) if trained_steps is None else trained_steps
   images, labels = ds.split('test')
   subset = evaluate.stratified_subset(labels, config.eval.final_subset_size, config.seed)
   images, labels = images[subset], labels[subset]
@@ -169,25 +198,24 @@ def final_evaluation(config, workdir: str, state: TrainState, ds: data.Dataset,
   attacks = evaluate.evaluate(eval_step, state.variables, images, labels, ds.num_classes,
                               config.eval.batch_size, rng)
   results = {
-      'title': _run_title(config), 'checkpoint': which, 'step': step, 'split': 'test',
-      'num_examples': int(len(labels)), 'eps': float(config.eps),
-      'selection': config.eval.selection if which == 'best' else 'last',
-      'selection_split': config.eval.selection_split,
-      'trained_steps': int(state.step) if trained_steps is None else trained_steps,
+      'title': _run_title(config), 'checkpoint': which,
+      'step': None if imported else int(state.step), 'split': 'test',
+      'num_examples': int(len(labels)), 'eps': float(config.eps), 'selection': selection,
+      'selection_split': config.eval.selection_split, 'trained_steps': trained_steps,
       'attacks': attacks,
   }
   md = reports.write_results(workdir, results, ds.class_names)
-  reports.plot_per_class(workdir, results, ds.class_names, _comparison_runs(config, workdir))
+  reports.plot_per_class(workdir, results, ds.class_names, comparison_runs(config, workdir))
   reports.plot_training_curves(workdir)
   reports.plot_temperatures(workdir, ds.class_names)
   print(md)
   return results
 
 
-def _comparison_runs(config, workdir: str) -> dict:
+def comparison_runs(config, workdir: str) -> dict:
   """Finished runs to plot beside this one: its teacher and ``report.baseline_workdir``."""
   runs = {'teacher': {'train': os.path.join(workdir, 'teacher'), 'workdir': config.teacher.path,
-                      'none': ''}[config.teacher.source],
+                      'torch': '', 'none': ''}[config.teacher.source],
           'baseline': config.report.baseline_workdir}
   out = {}
   for name, path in runs.items():
@@ -334,20 +362,41 @@ def _trained_steps_in_results(workdir: str) -> int | None:
   try:
     with open(os.path.join(workdir, 'results.json')) as f:
       return int(json.load(f)['trained_steps'])
-  except (OSError, ValueError, KeyError):
+  except (OSError, ValueError, KeyError, TypeError):
     return None
+
+
+def restore_for_evaluation(config: ml_collections.ConfigDict, workdir: str, which: str = 'auto'):
+  """``(ds, latest state, store)`` of a trained ``workdir``; for a PyTorch file (``which``) the
+  work directory must not hold a run of its own, whose results the evaluation would replace."""
+  ds, state, store, _ = _setup(config, workdir)
+  has_checkpoints = store.latest_step() is not None or store.best_step() is not None
+  if is_torch_file(which):
+    if has_checkpoints:
+      store.close()
+      raise ConfigError(f'{os.path.abspath(workdir)} holds a trained run: evaluate the PyTorch '
+                        f'file {which} in another --workdir so that its results stay apart')
+    return ds, state, store
+  if not has_checkpoints:
+    store.close()
+    raise CheckpointError(f'no checkpoint in {os.path.abspath(workdir)}: train with --mode=train '
+                          f'first or pass the --workdir of a trained run')
+  try:
+    latest = store.restore(state, 'latest')
+  except CheckpointError:
+    store.close()
+    raise
+  return ds, latest if latest is not None else state, store
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
                         which: str = 'auto') -> dict:
-  """``--mode=evaluate``: final evaluation of a saved checkpoint of ``workdir``."""
-  ds, state, store, _ = _setup(config, workdir)
+  """``--mode=evaluate``: final evaluation of a saved checkpoint of ``workdir``, or of a PyTorch
+  file (``which``) imported into ``config.model``."""
+  ds, state, store = restore_for_evaluation(config, workdir, which)
   try:
-    if store.latest_step() is None and store.best_step() is None:
-      raise CheckpointError(f'no checkpoint in {os.path.abspath(workdir)}: train with --mode=train '
-                            f'first or pass the --workdir of a trained run')
-    latest = store.restore(state, 'latest')
-    state = latest if latest is not None else state
+    if is_torch_file(which):
+      reports.write_run_info(workdir, config)
     return final_evaluation(config, workdir, state, ds, store, which,
                             trained_steps=int(state.step))
   finally:
