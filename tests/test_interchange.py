@@ -1,0 +1,257 @@
+"""PyTorch interchange: exported weights load strictly into the PyTorch twins and give the same
+logits; import gives back identical arrays; files, wrappers and bad checkpoints."""
+
+import os
+import pickle
+
+import jax
+import numpy as np
+import pytest
+
+from ltd_jax import interchange
+from ltd_jax import models
+from ltd_jax.errors import CheckpointError
+from tests.conftest import shared_path
+
+torch = pytest.importorskip('torch')
+torch_models = pytest.importorskip('ltd_jax.torch_models')
+
+
+def random_variables(name, shape, seed=0, **kw):
+  """He-scaled random weights and non-trivial BN statistics: each layer's statistics of a
+  calibration batch, then shifted and rescaled, so that eval mode differs from train mode while
+  the logits still depend on the input. (numpy draws: Flax's jitted init is slow to compile.)"""
+  model = models.create_model(name, 10, **kw)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
+                                             np.zeros((1, *shape), np.float32), train=False))
+  rng = np.random.default_rng(seed)
+
+  def param(path, s):
+    if path[-1].key == 'kernel':
+      return rng.normal(0, np.sqrt(2 / np.prod(s.shape[:-1])), s.shape).astype(np.float32)
+    return ((path[-1].key == 'scale') + 0.1 * rng.standard_normal(s.shape)).astype(np.float32)
+  params = jax.tree_util.tree_map_with_path(param, shapes['params'])
+  batch_stats = jax.tree_util.tree_map_with_path(
+      lambda p, s: np.full(s.shape, float(p[-1].key == 'var'), np.float32), shapes['batch_stats'])
+  x = rng.uniform(size=(8, *shape)).astype(np.float32)
+  _, updates = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=['batch_stats']))(
+      {'params': params, 'batch_stats': batch_stats}, x)
+
+  def stat(path, old, new):  # Flax: new = 0.9 old + 0.1 batch
+    batch = (np.asarray(new) - 0.9 * np.asarray(old)) / 0.1
+    if path[-1].key == 'mean':
+      return (batch + 0.1 * rng.standard_normal(batch.shape)).astype(np.float32)
+    return (np.maximum(batch, 1e-3) * rng.uniform(0.7, 1.4, batch.shape)).astype(np.float32)
+  return model, params, jax.tree_util.tree_map_with_path(stat, batch_stats,
+                                                         updates['batch_stats'])
+
+
+def torch_logits(torch_model, x_nhwc):
+  with torch.no_grad():
+    return torch_model(torch.from_numpy(x_nhwc.transpose(0, 3, 1, 2).copy())).numpy()
+
+
+def load_strict(torch_model, state_dict):
+  torch_model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()},
+                              strict=True)
+  return torch_model
+
+
+ARCHS = [
+    ('small_cnn', dict(width=8), (8, 8, 1)),
+    ('resnet18', dict(base_width=8), (32, 32, 3)),
+    ('preactresnet18', dict(base_width=8), (32, 32, 3)),
+    ('preactresnet18-bn', dict(base_width=8), (32, 32, 3)),
+    ('mobilenetv2', {}, (32, 32, 3)),
+    ('wrn-10-2', {}, (32, 32, 3)),
+]
+
+
+@pytest.mark.parametrize('name,kw,shape', ARCHS)
+def test_pytorch_logits_equal_jax_logits(name, kw, shape):
+  model, params, batch_stats = random_variables(name, shape, **kw)
+  x = np.random.default_rng(1).uniform(size=(4, *shape)).astype(np.float32)
+  jax_out = np.asarray(jax.jit(model.apply)({'params': params, 'batch_stats': batch_stats}, x))
+  state_dict = interchange.to_torch_state_dict(params, batch_stats, num_batches_tracked=7)
+  assert {k: v.shape for k, v in state_dict.items()} == \
+      interchange.torch_state_dict_shapes(params, batch_stats)
+  assert state_dict['fc.bias' if 'fc.bias' in state_dict else 'linear.bias'].dtype == np.float32
+  tm = load_strict(torch_models.build_torch_model(name, 10, shape[-1], **kw), state_dict)
+  assert not tm.training
+  out = torch_logits(tm, x)
+  # The logits vary with the input by much more than the tolerance: a real comparison.
+  assert np.std(jax_out, axis=0).mean() > 1e-2 * np.abs(jax_out).max()
+  assert np.abs(out - jax_out).max() / np.abs(jax_out).max() < 1e-4
+  # Export then import gives back the identical arrays.
+  p2, b2 = interchange.from_torch_state_dict(state_dict, params, batch_stats)
+  for a, b in zip(jax.tree_util.tree_leaves((params, batch_stats)),
+                  jax.tree_util.tree_leaves((p2, b2))):
+    np.testing.assert_array_equal(a, b)
+  assert jax.tree_util.tree_structure((params, batch_stats)) == \
+      jax.tree_util.tree_structure((p2, b2))
+
+
+def test_full_size_wrn_34_10_parity_and_spec_layout():
+  shape = (32, 32, 3)
+  model, params, batch_stats = random_variables('wrn-34-10', shape)
+  state_dict = interchange.to_torch_state_dict(params, batch_stats)
+  spec = interchange.read_torch_keys(shared_path('spec', 'torch_keys', 'wrn-34-10.txt'))
+  assert {k: v.shape for k, v in state_dict.items()} == spec
+  x = np.random.default_rng(2).uniform(size=(2, *shape)).astype(np.float32)
+  jax_out = np.asarray(jax.jit(lambda v, x: model.apply(v, x))(
+      {'params': params, 'batch_stats': batch_stats}, x))
+  out = torch_logits(load_strict(torch_models.WideResNet(34, 10, 10).eval(), state_dict), x)
+  assert np.abs(out - jax_out).max() / np.abs(jax_out).max() < 1e-4
+
+
+def test_torch_model_in_train_mode_updates_running_stats_like_flax():
+  """BN momentum agrees: one train-mode step moves the statistics alike (up to the variance's
+  Bessel correction, which PyTorch applies to running_var and Flax does not)."""
+  model, params, batch_stats = random_variables('small_cnn', (8, 8, 1), width=4)
+  x = np.random.default_rng(3).uniform(size=(16, 8, 8, 1)).astype(np.float32)
+  _, updates = model.apply({'params': params, 'batch_stats': batch_stats}, x, train=True,
+                           mutable=['batch_stats'])
+  tm = load_strict(torch_models.build_torch_model('small_cnn', 10, 1, width=4),
+                   interchange.to_torch_state_dict(params, batch_stats))
+  tm.train()
+  with torch.no_grad():
+    tm(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()))
+  got = {k: v.numpy() for k, v in tm.state_dict().items()}
+  before = interchange.to_torch_state_dict(params, batch_stats)
+  flax_after = interchange.to_torch_state_dict(params, updates['batch_stats'])
+  for bn, n in (('bn1', 16 * 8 * 8), ('bn3', 16 * 2 * 2)):  # values per channel: batch x H x W
+    np.testing.assert_allclose(got[f'{bn}.running_mean'], flax_after[f'{bn}.running_mean'],
+                               rtol=1e-5, atol=1e-6)
+    # Flax keeps the biased batch variance, PyTorch the unbiased one (factor n / (n - 1)).
+    old = before[f'{bn}.running_var']
+    batch_var = (flax_after[f'{bn}.running_var'] - 0.9 * old) / 0.1
+    np.testing.assert_allclose(got[f'{bn}.running_var'], 0.9 * old + 0.1 * batch_var * n / (n - 1),
+                               rtol=1e-4)
+  assert int(got['bn1.num_batches_tracked']) == 1
+
+
+@pytest.fixture
+def tiny_state_dict():
+  _, params, batch_stats = random_variables('small_cnn', (8, 8, 1), width=4)
+  return params, batch_stats, interchange.to_torch_state_dict(params, batch_stats)
+
+
+def _same(tree_a, tree_b):
+  return all(np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(tree_a),
+                                                  jax.tree_util.tree_leaves(tree_b)))
+
+
+def test_files_wrappers_prefixes_and_trades_sub_block1(tiny_state_dict, tmp_path):
+  params, batch_stats, sd = tiny_state_dict
+  interchange.save_safetensors(str(tmp_path / 'm.safetensors'), sd)
+  interchange.save_torch(str(tmp_path / 'm.pt'), sd)
+  tensors = {k: torch.from_numpy(np.array(v)) for k, v in sd.items()}
+  wrapped = {
+      'state_dict.pth': {'state_dict': {f'module.{k}': v for k, v in tensors.items()},
+                         'epoch': 76},
+      'model.pth': {'model': tensors, 'optimizer': {'lr': torch.tensor(0.1)}},
+      'trades_release.pt': {**tensors, 'sub_block1.layer.0.bn1.weight': torch.ones(3)},
+  }
+  for name, obj in wrapped.items():
+    torch.save(obj, tmp_path / name)
+  for name in ('m.safetensors', 'm.pt', *wrapped):
+    loaded = interchange.load_torch_file(str(tmp_path / name))
+    assert sorted(loaded) == sorted(sd), name
+    p, b = interchange.from_torch_state_dict(loaded, params, batch_stats, source=name)
+    assert _same((p, b), (params, batch_stats)), name
+  # The raw .pt is a plain state_dict of tensors: it loads with weights_only=True as is.
+  raw = torch.load(tmp_path / 'm.pt', weights_only=True)
+  assert isinstance(raw, dict) and all(isinstance(v, torch.Tensor) for v in raw.values())
+  assert raw['bn1.num_batches_tracked'].dtype == torch.int64
+
+
+def test_missing_unexpected_and_misshaped_keys_are_listed(tiny_state_dict):
+  params, batch_stats, sd = tiny_state_dict
+  bad = dict(sd)
+  del bad['conv2.weight']
+  bad['head.weight'] = np.zeros((3, 3), np.float32)
+  bad['fc.weight'] = np.zeros((7, 16), np.float32)
+  del bad['bn1.num_batches_tracked']  # optional: an eval-mode forward does not read it
+  with pytest.raises(CheckpointError) as e:
+    interchange.from_torch_state_dict(bad, params, batch_stats, source='x.pt',
+                                      model_name='small_cnn')
+  msg = str(e.value)
+  assert '\n' not in msg
+  assert '1 missing: conv2.weight' in msg and '1 unexpected: head.weight' in msg
+  assert 'fc.weight (7, 16) != (10, 16)' in msg and 'x.pt does not fit small_cnn' in msg
+
+
+def test_checkpoint_of_another_architecture_is_refused(tmp_path):
+  _, p_resnet, b_resnet = random_variables('resnet18', (32, 32, 3), base_width=4)
+  path = str(tmp_path / 'resnet.pt')
+  interchange.save_torch(path, interchange.to_torch_state_dict(p_resnet, b_resnet))
+  _, p_wrn, b_wrn = random_variables('wrn-10-1', (32, 32, 3))
+  with pytest.raises(CheckpointError, match='missing: block1.layer.0.bn1.bias.*unexpected: '):
+    interchange.from_torch_state_dict(interchange.load_torch_file(path), p_wrn, b_wrn,
+                                      source=path, model_name='wrn-10-2')
+
+
+class _RunsCode:
+  def __reduce__(self):
+    return (os.system, ('touch PWNED',))
+
+
+def test_pickles_that_carry_code_are_refused_without_running_it(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  path = tmp_path / 'evil.pt'
+  torch.save({'conv1.weight': torch.zeros(1), 'payload': _RunsCode()}, path)
+  with open(tmp_path / 'evil_plain.pth', 'wb') as f:
+    pickle.dump({'x': _RunsCode()}, f)
+  for name in ('evil.pt', 'evil_plain.pth'):
+    with pytest.raises(CheckpointError, match='weights_only=True'):
+      interchange.load_torch_file(str(tmp_path / name))
+  assert not (tmp_path / 'PWNED').exists()
+
+
+def test_truncated_missing_and_non_dict_files(tiny_state_dict, tmp_path):
+  _, _, sd = tiny_state_dict
+  interchange.save_torch(str(tmp_path / 'm.pt'), sd)
+  interchange.save_safetensors(str(tmp_path / 'm.safetensors'), sd)
+  for name in ('m.pt', 'm.safetensors'):
+    data = (tmp_path / name).read_bytes()
+    (tmp_path / f'cut_{name}').write_bytes(data[:len(data) // 2])
+    with pytest.raises(CheckpointError, match='truncated'):
+      interchange.load_torch_file(str(tmp_path / f'cut_{name}'))
+  with pytest.raises(CheckpointError, match='not found'):
+    interchange.load_torch_file(str(tmp_path / 'nope.pt'))
+  torch.save(torch.zeros(3), tmp_path / 'tensor.pt')
+  with pytest.raises(CheckpointError, match='expected a state_dict'):
+    interchange.load_torch_file(str(tmp_path / 'tensor.pt'))
+
+
+def _robustbench_module(name):
+  """RobustBench's own architecture file, loaded without its package (whose import needs
+  torchvision and more); skipped where robustbench is not installed."""
+  import importlib.metadata  # pylint: disable=g-import-not-at-top
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  try:
+    dist = importlib.metadata.distribution('robustbench')
+  except importlib.metadata.PackageNotFoundError:
+    pytest.skip('robustbench is not installed (pip install --no-deps robustbench)')
+  path = dist.locate_file(f'robustbench/model_zoo/architectures/{name}.py')
+  spec = importlib.util.spec_from_file_location(f'robustbench_{name}', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.mark.parametrize('name,build', [
+    ('wrn-16-2', lambda rb: rb['wide_resnet'].WideResNet(depth=16, widen_factor=2, num_classes=10)),
+    ('resnet18', lambda rb: rb['resnet'].ResNet(rb['resnet'].BasicBlock, [2, 2, 2, 2], 10)),
+    ('preactresnet18', lambda rb: rb['resnet'].PreActResNet(rb['resnet'].PreActBlockV2,
+                                                            [2, 2, 2, 2], 10)),
+    ('preactresnet18-bn', lambda rb: rb['resnet'].PreActResNet(
+        rb['resnet'].PreActBlockV2, [2, 2, 2, 2], 10, bn_before_fc=True)),
+])
+def test_export_loads_strictly_into_robustbench_classes(name, build):
+  rb = {m: _robustbench_module(m) for m in ('wide_resnet', 'resnet')}
+  model, params, batch_stats = random_variables(name, (32, 32, 3))
+  tm = load_strict(build(rb).eval(), interchange.to_torch_state_dict(params, batch_stats))
+  x = np.random.default_rng(4).uniform(size=(2, 32, 32, 3)).astype(np.float32)
+  jax_out = np.asarray(jax.jit(model.apply)({'params': params, 'batch_stats': batch_stats}, x))
+  assert np.abs(torch_logits(tm, x) - jax_out).max() / np.abs(jax_out).max() < 1e-4
