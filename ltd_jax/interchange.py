@@ -152,7 +152,7 @@ def from_torch_state_dict(state_dict: dict, params, batch_stats, source: str = '
     value = _torch_leaf_to_flax(name, np.asarray(state_dict[key], np.float32))
     out[(collection, tuple(_path_names(path)))] = value
   rebuilt = {c: jax.tree_util.tree_map_with_path(
-      lambda p, leaf, c=c: out[(c, tuple(_path_names(p)))].astype(np.asarray(leaf).dtype),
+      lambda p, leaf, c=c: out[(c, tuple(_path_names(p)))].astype(leaf.dtype),
       template[c]) for c in template}
   return rebuilt['params'], rebuilt['batch_stats']
 

@@ -127,7 +127,8 @@ def load_torch_teacher(config: ml_collections.ConfigDict, ds: data.Dataset) -> T
   tc.model.update(torch_teacher_model(config).to_dict())
   tc.data = ml_collections.ConfigDict(config.data.to_dict())
   model = state_lib.build_model(tc, ds.num_classes)
-  params, batch_stats = models.init_variables(model, jax.random.PRNGKey(0), ds.image_shape)
+  params, batch_stats = jax.eval_shape(  # shapes only: every value comes from the file
+      lambda r: models.init_variables(model, r, ds.image_shape), jax.random.PRNGKey(0))
   state_dict = interchange.load_torch_file(config.teacher.path)
   params, batch_stats = interchange.from_torch_state_dict(
       state_dict, params, batch_stats, source=config.teacher.path,
