@@ -76,3 +76,18 @@ def test_train_then_evaluate_from_the_command_line(tmp_path):
 def test_default_workdir_is_derived_from_the_config_name():
   import run  # pylint: disable=g-import-not-at-top
   assert run.default_workdir('configs/absld_cifar10.py') == os.path.join('workdirs', 'absld_cifar10')
+
+
+def test_missing_pytorch_checkpoint_is_one_line(tmp_path):
+  line = error_line(run_cli('--config=configs/trades_digits.py', '--mode=evaluate',
+                            f'--checkpoint={tmp_path / "model_cifar_wrn.pt"}',
+                            f'--workdir={tmp_path / "w"}'))
+  assert 'model_cifar_wrn.pt not found' in line
+
+
+def test_default_workdir_of_an_imported_checkpoint_is_its_own():
+  import run  # pylint: disable=g-import-not-at-top
+  assert run.default_workdir('configs/trades_cifar10.py', '/ckpt/model_cifar_wrn.pt') == \
+      os.path.join('workdirs', 'trades_cifar10_model_cifar_wrn')
+  assert run.default_workdir('configs/trades_cifar10.py', 'best') == \
+      os.path.join('workdirs', 'trades_cifar10')

@@ -196,6 +196,7 @@ class _RunsCode:
     return (os.system, ('touch PWNED',))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_pickles_that_carry_code_are_refused_without_running_it(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   path = tmp_path / 'evil.pt'
