@@ -59,12 +59,14 @@ def default_workdir(config_path: str, checkpoint: str = 'auto') -> str:
 
 def main(argv):
   del argv
+  from ltd_jax import parallel  # pylint: disable=g-import-not-at-top
   from ltd_jax import train  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.WARNING)
   config = _CONFIG.value
   workdir = _WORKDIR.value or default_workdir(
       config_flags.get_config_filename(flags.FLAGS['config']), _CHECKPOINT.value)
   try:
+    parallel.initialize_distributed(config)
     if _MODE.value == 'train':
       train.train_and_evaluate(config, workdir)
     elif _MODE.value == 'evaluate':

@@ -49,12 +49,18 @@ class CheckpointStore:
     self.workdir = os.path.abspath(workdir)
     self.latest = ocp.CheckpointManager(
         os.path.join(self.workdir, 'checkpoints'),
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True,
+            multiprocessing_options=ocp.options.MultiprocessingOptions(
+                barrier_sync_key_prefix='latest')),
         item_handlers=ocp.StandardCheckpointHandler())
     self.best = ocp.CheckpointManager(
         os.path.join(self.workdir, 'best'),
-        options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True,
-                                             best_fn=lambda m: m['score'], best_mode='max'),
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=1, create=True, best_fn=lambda m: m['score'], best_mode='max',
+            # Both managers may save the same step: distinct barrier names across hosts.
+            multiprocessing_options=ocp.options.MultiprocessingOptions(
+                barrier_sync_key_prefix='best')),
         item_handlers=ocp.StandardCheckpointHandler())
 
   def latest_step(self) -> int | None:

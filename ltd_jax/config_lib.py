@@ -34,6 +34,15 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.augment = 'auto'  # auto | none | crop_flip
   c.data.val_size = 0  # Stratified hold-out from the training set for checkpoint selection.
   c.data.split_seed = 0
+  c.data.on_device = True  # Keep an in-memory training set on the devices; steps send indices.
+
+  # Several hosts: jax.distributed.initialize (autodetected on SLURM / Open MPI / Cloud TPU when
+  # coordinator_address is empty). One host uses all of its devices without it.
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.initialize = False
+  c.distributed.coordinator_address = ''  # host:port of process 0
+  c.distributed.num_processes = 0
+  c.distributed.process_id = -1
 
   c.model = ml_collections.ConfigDict()
   c.model.name = 'wrn-34-10'
@@ -58,6 +67,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.attack.steps = 10
   c.attack.init = 'normal'  # normal | uniform | none
   c.attack.bn_mode = 'eval'  # eval: running BN statistics (spec default) | train: batch statistics
+  c.attack.unroll = False  # Write the attack's steps out unrolled (slower compile; FLOP counts).
 
   c.trades = ml_collections.ConfigDict()
   c.trades.beta = 6.0

@@ -13,9 +13,11 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from ltd_jax import attacks
 from ltd_jax import data
+from ltd_jax import parallel
 
 
 def attack_images(name: str, logits_fn, x, y, rng, *, eps: float, eval_config):
@@ -75,11 +77,14 @@ def summarize(class_acc: np.ndarray, correct_total: float | None = None) -> dict
 
 
 def evaluate(eval_step, variables, images: np.ndarray, labels: np.ndarray, num_classes: int,
-             batch_size: int, rng: jax.Array) -> dict:
-  """Runs ``eval_step`` over all images (last batch padded and masked).
+             batch_size: int, rng: jax.Array, mesh=None) -> dict:
+  """Runs ``eval_step`` over all images (last batch padded and masked); with a ``mesh`` each
+  batch (rounded up to a multiple of its devices) is split over the devices.
 
   Returns ``{attack: {'per_class': [...], 'avg', 'class_mean', 'worst', 'worst10', 'nsd'}}``.
   """
+  if mesh is not None:
+    batch_size = parallel.round_up_to_devices(batch_size, mesh)
   n = len(labels)
   correct: dict[str, list[np.ndarray]] = {}
   for b, start in enumerate(range(0, n, batch_size)):
@@ -88,7 +93,11 @@ def evaluate(eval_step, variables, images: np.ndarray, labels: np.ndarray, num_c
     if valid < batch_size:
       x = np.concatenate([x, np.zeros((batch_size - valid, *x.shape[1:]), x.dtype)])
       y = np.concatenate([y, np.zeros((batch_size - valid,), y.dtype)])
+    if mesh is not None:
+      x, y = parallel.shard_global_batch((x, y), mesh)
     out = eval_step(variables, x, y, jax.random.fold_in(rng, b))
+    if jax.process_count() > 1:
+      out = multihost_utils.process_allgather(out, tiled=True)
     for name, c in out.items():
       correct.setdefault(name, []).append(np.asarray(c)[:valid])
   results = {}

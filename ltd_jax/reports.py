@@ -46,6 +46,7 @@ def environment() -> dict:
       'time': time.strftime('%Y-%m-%dT%H:%M:%S%z'),
       'libraries': versions,
       'process_count': jax.process_count(),
+      'device_count': jax.device_count(),
       'devices': [str(d) for d in jax.devices()],
       'device_kind': jax.devices()[0].device_kind,
   }
@@ -83,6 +84,13 @@ class MetricWriter:
     record.update({k: _scalar(v) for k, v in values.items()})
     with open(self.path, 'a') as f:
       f.write(json.dumps(record, default=_json_default) + '\n')
+
+
+class NullWriter:
+  """The MetricWriter of processes other than the first: records nothing."""
+
+  def write(self, kind: str, step: int, **values) -> None:
+    del kind, step, values
 
 
 def _scalar(v):

@@ -30,6 +30,7 @@ from ltd_jax import data
 from ltd_jax import evaluate
 from ltd_jax import interchange
 from ltd_jax import methods
+from ltd_jax import parallel
 from ltd_jax import reports
 from ltd_jax import teacher as teacher_lib
 from ltd_jax.errors import CheckpointError, ConfigError, TrainingError
@@ -61,11 +62,12 @@ def train_step(state: TrainState, images: jax.Array, labels: jax.Array, teacher_
 
   if method.uses_awp(config):
     warm = state.step >= config.awp.warmup_epochs * steps_per_epoch
-    delta = jax.lax.cond(
-        warm,
-        lambda: awp.weight_perturbation(lambda p: loss_fn(p)[0], state.params,
-                                        proxy_lr=config.awp.proxy_lr, gamma=config.awp.gamma),
-        lambda: jax.tree_util.tree_map(jnp.zeros_like, state.params))
+    # Computed every step and zeroed during the warm-up rather than skipped with lax.cond:
+    # XLA:CPU ran the convolutions inside a conditional ~9x slower (benchmarks/README.md), and
+    # the warm-up is a few epochs of hundreds.
+    delta = awp.weight_perturbation(lambda p: loss_fn(p)[0], state.params,
+                                    proxy_lr=config.awp.proxy_lr, gamma=config.awp.gamma)
+    delta = jax.tree_util.tree_map(lambda d: jnp.where(warm, d, 0.0), delta)
     at = awp.add(state.params, delta)
   else:
     at = state.params
@@ -105,6 +107,20 @@ def end_of_epoch(state: TrainState, epochs_completed, *, method: methods.Method,
   zeros = jnp.zeros_like(state.risk_adv_sum)
   return state.replace(risk_adv_sum=zeros, risk_adv_count=zeros, risk_clean_sum=zeros,
                        risk_clean_count=zeros)
+
+
+def make_train_step_fn(mesh, **step_kwargs):
+  """``train_step`` compiled once over ``mesh``: ``(state, batch, device_data, teacher_variables)
+  -> (state, metrics)``. ``batch`` holds either the global batch (``images``, ``labels``,
+  optional ``teacher_logits``) or only its ``index`` into ``device_data``, the training set kept
+  on the devices. The state's buffers are donated (updated in place) and every output is
+  replicated."""
+  def step(state, batch, device_data, teacher_variables):
+    if 'index' in batch:
+      batch = {k: v[batch['index']] for k, v in device_data.items()}
+    return train_step(state, batch['images'], batch['labels'], teacher_variables,
+                      batch.get('teacher_logits'), **step_kwargs)
+  return jax.jit(step, donate_argnums=(0,), out_shardings=parallel.replicated(mesh))
 
 
 class _MetricBuffer:
@@ -195,8 +211,9 @@ def final_evaluation(config, workdir: str, state: TrainState, ds: data.Dataset,
   eval_step = evaluate.make_eval_step(state.apply_fn, config.eval.final, eps=config.eps,
                                       eval_config=config.eval)
   rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 2)
-  attacks = evaluate.evaluate(eval_step, state.variables, images, labels, ds.num_classes,
-                              config.eval.batch_size, rng)
+  mesh = parallel.make_mesh()
+  attacks = evaluate.evaluate(eval_step, parallel.replicate(state.variables, mesh), images, labels,
+                              ds.num_classes, config.eval.batch_size, rng, mesh=mesh)
   results = {
       'title': _run_title(config), 'checkpoint': which,
       'step': None if imported else int(state.step), 'split': 'test',
@@ -204,11 +221,12 @@ def final_evaluation(config, workdir: str, state: TrainState, ds: data.Dataset,
       'selection_split': config.eval.selection_split, 'trained_steps': trained_steps,
       'attacks': attacks,
   }
-  md = reports.write_results(workdir, results, ds.class_names)
-  reports.plot_per_class(workdir, results, ds.class_names, comparison_runs(config, workdir))
-  reports.plot_training_curves(workdir)
-  reports.plot_temperatures(workdir, ds.class_names)
-  print(md)
+  if parallel.is_primary():
+    md = reports.write_results(workdir, results, ds.class_names)
+    reports.plot_per_class(workdir, results, ds.class_names, comparison_runs(config, workdir))
+    reports.plot_training_curves(workdir)
+    reports.plot_temperatures(workdir, ds.class_names)
+    print(md)
   return results
 
 
@@ -234,6 +252,7 @@ def _setup(config, workdir: str):
   if config.batch_size > n:
     raise ConfigError(f'batch_size={config.batch_size} exceeds the {n} training images of '
                       f'{ds.name}: lower --config.batch_size')
+  parallel.check_batch_size(config.batch_size, parallel.make_mesh())
   steps_per_epoch = n // config.batch_size
   model = build_model(config, ds.num_classes)
   state = create_train_state(config, model, ds.image_shape, ds.num_classes, steps_per_epoch)
@@ -257,8 +276,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if restored is not None:
     state = restored
     logging.info('resuming from step %d', int(state.step))
-  reports.write_run_info(workdir, config)
-  writer = reports.MetricWriter(workdir)
+  if parallel.is_primary():
+    reports.write_run_info(workdir, config)
+  writer = reports.MetricWriter(workdir) if parallel.is_primary() else reports.NullWriter()
   method = methods.get_method(config.method)
   teacher = None
   if method.needs_teacher:
@@ -267,13 +287,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                    if teacher is not None and config.teacher.cache_logits else None)
   augment_kind = (data.default_augmentation(ds.name) if config.data.augment == 'auto'
                   else config.data.augment)
-  donate = (0,) if jax.default_backend() != 'cpu' else ()
-  step_fn = jax.jit(functools.partial(
-      train_step, method=method, config=config, augment_kind=augment_kind,
+  mesh = parallel.make_mesh()
+  state = parallel.replicate(state, mesh)
+  teacher_variables = (parallel.replicate(teacher.variables, mesh)
+                       if teacher is not None and cached_logits is None else None)
+  host_data = {'images': ds.train_images, 'labels': ds.train_labels}
+  if cached_logits is not None:
+    host_data['teacher_logits'] = cached_logits
+  device_data = parallel.replicate(host_data, mesh) if config.data.on_device else None
+  step_fn = make_train_step_fn(
+      mesh, method=method, config=config, augment_kind=augment_kind,
       num_classes=ds.num_classes, steps_per_epoch=steps_per_epoch,
-      teacher_apply_fn=teacher.apply_fn if teacher is not None else None), donate_argnums=donate)
-  teacher_variables = teacher.variables if teacher is not None and cached_logits is None else None
-  epoch_end_fn = jax.jit(functools.partial(end_of_epoch, method=method, config=config))
+      teacher_apply_fn=teacher.apply_fn if teacher is not None else None)
+  epoch_end_fn = jax.jit(functools.partial(end_of_epoch, method=method, config=config),
+                         out_shardings=parallel.replicated(mesh))
 
   sel_images, sel_labels = ds.split(config.eval.selection_split)
   subset = evaluate.stratified_subset(sel_labels, config.eval.subset_size, config.seed)
@@ -301,10 +328,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       if bar is None:
         bar = tqdm(total=steps_per_epoch, initial=step % steps_per_epoch, leave=False,
                    desc=f'epoch {epoch + 1}/{config.num_epochs}', unit='step',
-                   disable=not config.progress_bar)
+                   disable=not config.progress_bar or not parallel.is_primary())
       idx = data.train_batch_indices(n, config.batch_size, config.seed, step)
-      state, metrics = step_fn(state, ds.train_images[idx], ds.train_labels[idx], teacher_variables,
-                               None if cached_logits is None else cached_logits[idx])
+      if device_data is not None:
+        batch = parallel.shard_global_batch({'index': idx.astype(np.int32)}, mesh)
+      else:
+        batch = parallel.shard_global_batch({k: v[idx] for k, v in host_data.items()}, mesh)
+      state, metrics = step_fn(state, batch, device_data, teacher_variables)
       step += 1
       buffer.add(metrics)
       bar.update(1)
@@ -326,7 +356,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         if epoch % config.eval.every_epochs == 0 or step == total_steps:
           ev = evaluate.evaluate(periodic_eval, state.variables, sel_images[subset],
                                  sel_labels[subset], ds.num_classes, config.eval.batch_size,
-                                 jax.random.fold_in(eval_rng, epoch))
+                                 jax.random.fold_in(eval_rng, epoch), mesh=mesh)
           record = {f'{a}/{k}': v for a, r in ev.items() for k, v in r.items() if k != 'per_class'}
           if config.eval.selection != 'last':
             score = evaluate.selection_score(ev, config.eval.selection)

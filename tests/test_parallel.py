@@ -1,0 +1,125 @@
+"""Data parallelism: 1, 8 and 2x2 (two processes) CPU devices train the same model.
+
+Each run is a fresh process (``tests/train_worker.py``), since the device count is fixed when
+JAX starts: ``--xla_force_host_platform_device_count`` splits the CPU into N devices, and two
+processes joined by ``jax.distributed.initialize`` form one 4-device mesh.
+"""
+
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from ltd_jax import parallel
+from ltd_jax.errors import ConfigError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKER = os.path.join(ROOT, 'tests', 'train_worker.py')
+
+
+def _env(devices: int) -> dict:
+  env = dict(os.environ)
+  env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+  env['JAX_PLATFORMS'] = 'cpu'
+  return env
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    return s.getsockname()[1]
+
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory):
+  """Final parameters of each run, all launched at once: {name: {key: array}}."""
+  root = tmp_path_factory.mktemp('parallel')
+  procs = {}
+
+  def launch(name, devices, *overrides, process_id=None):
+    out = root / f'{name}.npz'
+    cmd = [sys.executable, WORKER, str(root / name), str(out), *overrides]
+    log = open(root / f'{name}{"" if process_id is None else process_id}.log', 'w')
+    procs[(name, process_id)] = (subprocess.Popen(cmd, env=_env(devices), stdout=log,
+                                                  stderr=subprocess.STDOUT), log, out)
+
+  for method in ('natural', 'trades'):
+    launch(f'{method}_1', 1, f'--config.method={method}')
+    launch(f'{method}_8', 8, f'--config.method={method}')
+  port = _free_port()
+  for pid in (0, 1):
+    launch('natural_2x2', 2, '--config.method=natural', '--config.distributed.initialize=True',
+           f'--config.distributed.coordinator_address=localhost:{port}',
+           '--config.distributed.num_processes=2', f'--config.distributed.process_id={pid}',
+           process_id=pid)
+  results = {}
+  for (name, pid), (proc, log, out) in procs.items():
+    rc = proc.wait(timeout=600)
+    log.close()
+    assert rc == 0, f'{name} failed:\n{open(log.name).read()[-3000:]}'
+    if pid in (None, 0):
+      with np.load(out) as f:
+        results[name] = dict(f)
+  return results
+
+
+def _max_diff(a, b):
+  return max(float(np.abs(a[k] - b[k]).max()) for k in a if k.startswith('['))
+
+
+def test_runs_used_the_devices_asked_for(runs):
+  assert runs['natural_1']['device_count'] == 1
+  assert runs['natural_8']['device_count'] == 8
+  assert runs['natural_2x2']['device_count'] == 4
+  assert runs['natural_2x2']['process_count'] == 2
+
+
+def test_eight_devices_train_the_same_model_as_one(runs):
+  # Natural training is a smooth function of the data: only summation order differs.
+  assert _max_diff(runs['natural_1'], runs['natural_8']) < 1e-5
+  assert _max_diff(runs['natural_1'], runs['natural_1']) == 0.0
+
+
+def test_eight_devices_trades_agree_within_sign_flips(runs):
+  # PGD's sign(grad) turns ~1e-7 gradient differences into an occasional alpha-sized pixel
+  # change, so TRADES agrees to ~1e-3 rather than to float precision.
+  diff = _max_diff(runs['trades_1'], runs['trades_8'])
+  assert diff < 3e-3
+  assert _max_diff(runs['trades_1'], runs['natural_1']) > 100 * diff  # the tolerance is tight
+
+
+def test_two_processes_train_the_same_model_as_one_device(runs):
+  assert _max_diff(runs['natural_1'], runs['natural_2x2']) < 1e-5
+
+
+def test_indivisible_batch_is_a_one_line_error(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, 'run.py'), '--config=configs/trades_digits.py',
+       '--config.batch_size=100', f'--workdir={tmp_path}'],
+      cwd=ROOT, env=_env(8), capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2
+  lines = proc.stderr.strip().splitlines()
+  assert lines[-1].startswith('error: batch_size=100 does not divide over the 8 devices')
+  assert 'multiple of 8' in lines[-1]
+
+
+def test_check_batch_size_and_process_slice():
+  mesh = parallel.make_mesh([jax.devices()[0]] * 1)
+  parallel.check_batch_size(7, mesh)
+  assert parallel.round_up_to_devices(7, mesh) == 7
+  assert parallel.process_slice(12) == slice(0, 12)
+  with pytest.raises(ConfigError, match='eval.batch_size=5 does not divide'):
+    mesh4 = parallel.make_mesh(np.array(jax.devices() * 4))
+    parallel.check_batch_size(5, mesh4, 'eval.batch_size')
+
+
+def test_replicate_gives_every_leaf_its_own_buffer():
+  shared = jax.numpy.ones((3,))
+  tree = parallel.replicate({'a': shared, 'b': shared, 'n': np.arange(4)}, parallel.make_mesh())
+  assert tree['a'].unsafe_buffer_pointer() != tree['b'].unsafe_buffer_pointer()
+  assert tree['a'].sharding.is_fully_replicated
+  np.testing.assert_array_equal(tree['n'], np.arange(4))

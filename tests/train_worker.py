@@ -1,0 +1,48 @@
+"""Trains the tiny TRADES config in a fresh process and saves the final parameters.
+
+    python tests/train_worker.py WORKDIR OUT.npz [--config.key=value ...]
+
+Tests run it under different XLA_FLAGS (device counts) or as one of several processes.
+"""
+
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, 'tests'))
+
+import jax  # pylint: disable=g-import-not-at-top
+import numpy as np  # pylint: disable=g-import-not-at-top
+
+import conftest  # pylint: disable=g-import-not-at-top
+from ltd_jax import parallel  # pylint: disable=g-import-not-at-top
+from ltd_jax import train  # pylint: disable=g-import-not-at-top
+
+
+def tiny_config():
+  return conftest.tiny_config.__wrapped__()
+
+
+def main(workdir, out, *overrides):
+  config = tiny_config()
+  config.max_steps = 6
+  config.eval.final = ('clean', 'pgd20')
+  for item in overrides:
+    key, value = item[len('--config.'):].split('=', 1)
+    *parents, leaf = key.split('.')
+    node = config
+    for p in parents:
+      node = node[p]
+    node[leaf] = type(node[leaf])(value) if not isinstance(node[leaf], bool) else value == 'True'
+  parallel.initialize_distributed(config)
+  state = train.train_and_evaluate(config, workdir)
+  leaves = jax.tree_util.tree_leaves_with_path(
+      {'params': state.params, 'batch_stats': state.batch_stats})
+  if parallel.is_primary():
+    np.savez(out, device_count=jax.device_count(), process_count=jax.process_count(),
+             **{jax.tree_util.keystr(k): np.asarray(jax.device_get(v)) for k, v in leaves})
+
+
+if __name__ == '__main__':
+  main(*sys.argv[1:])
