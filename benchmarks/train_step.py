@@ -1,68 +1,238 @@
-"""Times the shared train step: compile time and images/s per method on this machine.
+"""Benchmarks the train step of every method against its minimal cost and a PyTorch reference.
 
-    python benchmarks/train_step.py --model=resnet18 --methods=natural,pgd_at,trades --batch=128
+    python benchmarks/train_step.py --model=resnet18 --batch=128 --out=benchmarks/results/NAME.md
 
-Prints a Markdown table naming the device, the architecture and the configuration.
+For each method it compiles the trainer's own step (``train.make_train_step_fn``: the state
+donated, the training set on the devices, the batch sharded over every device) and prints:
+  * compile s, step ms and images/s (median of the timed steps, after one warm-up step);
+  * GFLOP/image from XLA's cost analysis of the step (attack loop unrolled, since XLA counts a
+    loop body once), the minimal pass count of the method in forward-pass units and the ratio
+    of the two (1.00: no wasted forward or backward pass);
+  * achieved TFLOP/s and its share of the matrix-multiply peak measured on this machine;
+  * peak memory: the device's peak bytes in use where it reports them (GPU/TPU), else XLA's
+    compiled estimate (arguments + outputs + temporaries);
+  * the same step in plain PyTorch eager (``benchmarks/torch_reference.py``), measured in the
+    same run, and the JAX / PyTorch images/s ratio.
+
+Pass counts (forward = 1, backward to the input only = 1, backward to the weights = 2, K
+attack steps, T = teacher forward / student forward): natural 3, pgd_at 2K+3, trades 2K+7
+(27 at K=10), awp 2K+13, rslad and absld 2K+6+T, ltd 2K+7+T.
 """
 
 import argparse
 import os
+import platform
+import statistics
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # pylint: disable=g-import-not-at-top
+import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 
 from ltd_jax import config_lib  # pylint: disable=g-import-not-at-top
 from ltd_jax import methods  # pylint: disable=g-import-not-at-top
+from ltd_jax import models  # pylint: disable=g-import-not-at-top
+from ltd_jax import parallel  # pylint: disable=g-import-not-at-top
 from ltd_jax import train  # pylint: disable=g-import-not-at-top
+
+ALL_METHODS = ('natural', 'pgd_at', 'trades', 'awp', 'rslad', 'absld', 'ltd')
+
+
+def minimal_passes(method: str, k: int, teacher_ratio: float) -> float:
+  """Forward-pass equivalents a method cannot do without (see the module docstring)."""
+  return {'natural': 3, 'pgd_at': 2 * k + 3, 'trades': 2 * k + 7, 'awp': 2 * k + 13,
+          'rslad': 2 * k + 6 + teacher_ratio, 'absld': 2 * k + 6 + teacher_ratio,
+          'ltd': 2 * k + 7 + teacher_ratio}[method]
+
+
+def machine_name() -> str:
+  dev = jax.devices()[0]
+  if dev.platform != 'cpu':
+    return f'{jax.device_count()} x {dev.device_kind} ({dev.platform})'
+  cpu = platform.processor() or 'CPU'
+  try:
+    with open('/proc/cpuinfo') as f:
+      cpu = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
+  except (OSError, StopIteration):
+    pass
+  return f'{cpu}, {os.cpu_count()} cores, {jax.device_count()} JAX CPU device(s)'
+
+
+def matmul_peak(dtype, n: int, reps: int = 5) -> float:
+  """Best FLOP/s of an n x n matrix product in ``dtype`` on the first device."""
+  a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), dtype)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  best = float('inf')
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    f(a).block_until_ready()
+    best = min(best, time.perf_counter() - t0)
+  return 2 * n**3 / best
+
+
+def make_config(args, method: str):
+  c = config_lib.default_config()
+  c.method, c.model.name, c.dtype = method, args.model, args.dtype
+  c.attack.steps = args.attack_steps
+  c.batch_size = args.batch
+  c.awp.warmup_epochs = 0
+  return c  # not validated: the benchmark builds the distillation teacher itself
+
+
+def forward_flops(model, variables, batch, image) -> float:
+  """XLA's FLOPs of one eval-mode forward pass per image."""
+  x = jnp.zeros((batch, image, image, 3), jnp.float32)
+  lowered = jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(variables, x)
+  return lowered.cost_analysis()['flops'] / batch
+
+
+def bench_jax(args, method: str, mesh) -> dict:
+  c = make_config(args, method)
+  model = train.build_model(c, 10)
+  shape = (args.image, args.image, 3)
+  state = train.create_train_state(c, model, shape, 10, steps_per_epoch=100)
+  rng = np.random.default_rng(0)
+  n_data = 4 * args.batch
+  device_data = parallel.replicate(
+      {'images': rng.integers(0, 256, (n_data, *shape), dtype=np.uint8),
+       'labels': (np.arange(n_data) % 10).astype(np.int32)}, mesh)
+  m = methods.get_method(method)
+  teacher_apply, teacher_vars, teacher_ratio = None, None, 0.0
+  student_fwd = forward_flops(model, state.variables, args.batch, args.image)
+  if m.needs_teacher:
+    tmodel = models.create_model(args.teacher_model or args.model, 10, model.dtype)
+    tparams, tstats = models.init_variables(tmodel, jax.random.PRNGKey(1), shape)
+    teacher_vars = parallel.replicate({'params': tparams, 'batch_stats': tstats}, mesh)
+    teacher_apply = tmodel.apply
+    teacher_ratio = forward_flops(tmodel, teacher_vars, args.batch, args.image) / student_fwd
+  kwargs = dict(method=m, augment_kind='crop_flip', num_classes=10, steps_per_epoch=100,
+                teacher_apply_fn=teacher_apply)
+  state = parallel.replicate(state, mesh)
+  batch_of = lambda i: parallel.shard_global_batch(
+      {'index': ((np.arange(args.batch) + i * args.batch) % n_data).astype(np.int32)}, mesh)
+
+  unrolled = c.copy_and_resolve_references()
+  unrolled.attack.unroll = True
+  step_flops = train.make_train_step_fn(mesh, config=unrolled, **kwargs).lower(
+      state, batch_of(0), device_data, teacher_vars).cost_analysis()['flops']
+
+  step_fn = train.make_train_step_fn(mesh, config=c, **kwargs)
+  t0 = time.perf_counter()
+  compiled = step_fn.lower(state, batch_of(0), device_data, teacher_vars).compile()
+  compile_s = time.perf_counter() - t0
+  mem = compiled.memory_analysis()
+  xla_bytes = (mem.argument_size_in_bytes + mem.output_size_in_bytes
+               + mem.temp_size_in_bytes - mem.alias_size_in_bytes) if mem is not None else None
+  state, metrics = compiled(state, batch_of(0), device_data, teacher_vars)
+  jax.block_until_ready(metrics)
+  times = []
+  for i in range(args.steps):
+    t0 = time.perf_counter()
+    state, metrics = compiled(state, batch_of(i + 1), device_data, teacher_vars)
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - t0)
+  stats = jax.devices()[0].memory_stats() or {}
+  step_s = statistics.median(times)
+  passes = minimal_passes(method, args.attack_steps, teacher_ratio)
+  return {
+      'method': method, 'compile_s': compile_s, 'step_ms': 1000 * step_s,
+      'images_per_s': args.batch / step_s,
+      'gflop_per_image': step_flops / args.batch / 1e9,
+      'min_passes': passes, 'flop_ratio': step_flops / (passes * student_fwd * args.batch),
+      'tflops': step_flops / step_s / 1e12,
+      'peak_mib': (stats['peak_bytes_in_use'] if 'peak_bytes_in_use' in stats else xla_bytes)
+                  / 2**20 if (stats or xla_bytes) else float('nan'),
+      'peak_kind': 'device' if 'peak_bytes_in_use' in stats else 'XLA est.',
+      'loss': float(metrics['loss']),
+  }
+
+
+def bench_torch(args, method: str) -> float | None:
+  """Median images/s of the PyTorch eager reference step, or None without torch."""
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+    from benchmarks import torch_reference  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  device = 'cuda' if torch.cuda.is_available() else 'cpu'
+  torch.manual_seed(0)
+  step = torch_reference.TorchStep(method, args.model, 10, steps=args.attack_steps,
+                                   teacher_model=args.teacher_model, device=device,
+                                   channels_last=device == 'cuda')
+  autocast = args.dtype == 'bfloat16'
+  x = torch.rand(args.batch, 3, args.image, args.image, device=device)
+  y = torch.arange(args.batch, device=device) % 10
+  sync = torch.cuda.synchronize if device == 'cuda' else (lambda: None)
+  times = []
+  for i in range(args.steps + 1):
+    t0 = time.perf_counter()
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+      step(x, y)
+    sync()
+    if i:
+      times.append(time.perf_counter() - t0)
+  return args.batch / statistics.median(times)
 
 
 def main():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument('--model', default='resnet18')
-  p.add_argument('--methods', default='natural,pgd_at,trades')
+  p.add_argument('--teacher_model', default='', help='distillation teacher (default: --model)')
+  p.add_argument('--methods', default=','.join(ALL_METHODS))
   p.add_argument('--batch', type=int, default=128)
   p.add_argument('--image', type=int, default=32)
   p.add_argument('--attack_steps', type=int, default=10)
-  p.add_argument('--steps', type=int, default=5)
-  p.add_argument('--dtype', default='float32')
+  p.add_argument('--steps', type=int, default=3, help='timed steps (after one warm-up)')
+  p.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
+  p.add_argument('--no_torch', action='store_true', help='skip the PyTorch reference')
+  p.add_argument('--out', default='', help='also write the table to this Markdown file')
   args = p.parse_args()
 
+  mesh = parallel.make_mesh()
+  parallel.check_batch_size(args.batch, mesh, 'batch')
+  on_cpu = jax.devices()[0].platform == 'cpu'
+  peak = {d: matmul_peak(d, 2048 if on_cpu else 8192) for d in (jnp.float32, jnp.bfloat16)}
+  peak_key = jnp.bfloat16 if args.dtype == 'bfloat16' else jnp.float32
   rows = []
   for name in args.methods.split(','):
-    c = config_lib.default_config()
-    c.method, c.model.name, c.dtype = name, args.model, args.dtype
-    c.attack.steps = args.attack_steps
-    config_lib.validate(c)
-    model = train.build_model(c, 10)
-    shape = (args.image, args.image, 3)
-    state = train.create_train_state(c, model, shape, 10, steps_per_epoch=100)
-    images = np.random.default_rng(0).integers(0, 256, (args.batch, *shape), dtype=np.uint8)
-    labels = np.arange(args.batch, dtype=np.int32) % 10
-    step = jax.jit(lambda s, x, y, m=methods.get_method(name), c=c: train.train_step(
-        s, x, y, method=m, config=c, augment_kind='crop_flip', num_classes=10))
-    t0 = time.perf_counter()
-    state, metrics = step(state, images, labels)
-    jax.block_until_ready(metrics)
-    compile_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-      state, metrics = step(state, images, labels)
-    jax.block_until_ready(metrics)
-    per_step = (time.perf_counter() - t0) / args.steps
-    rows.append((name, compile_s, per_step, args.batch / per_step))
+    row = bench_jax(args, name, mesh)
+    row['torch_images_per_s'] = None if args.no_torch else bench_torch(args, name)
+    rows.append(row)
+    print(f'{name}: {row["images_per_s"]:.1f} images/s (torch {row["torch_images_per_s"]})',
+          file=sys.stderr, flush=True)
 
-  dev = jax.devices()[0]
-  print(f'device: {dev.platform} {dev.device_kind} x{jax.device_count()}, jax {jax.__version__}')
-  print(f'model: {args.model}, batch {args.batch}, {args.image}x{args.image}, '
-        f'attack steps {args.attack_steps}, dtype {args.dtype}, timed steps {args.steps}\n')
-  print('| method | compile s | step ms | images/s |')
-  print('|---|---:|---:|---:|')
-  for name, compile_s, per_step, ips in rows:
-    print(f'| {name} | {compile_s:.1f} | {1000 * per_step:.1f} | {ips:.1f} |')
+  lines = [
+      f'machine: {machine_name()}; jax {jax.__version__}',
+      f'command: python benchmarks/train_step.py {" ".join(sys.argv[1:])}',
+      f'model: {args.model} (teacher {args.teacher_model or args.model}), global batch '
+      f'{args.batch}, {args.image}x{args.image}, attack steps {args.attack_steps}, dtype '
+      f'{args.dtype}, median of {args.steps} timed steps',
+      f'matmul peak (measured, one device): float32 {peak[jnp.float32] / 1e12:.2f} TFLOP/s, '
+      f'bfloat16 {peak[jnp.bfloat16] / 1e12:.2f} TFLOP/s',
+      '',
+      '| method | compile s | step ms | images/s | GFLOP/image | min passes | FLOPs / minimal '
+      '| TFLOP/s | % of matmul peak | peak MiB | PyTorch images/s | JAX / PyTorch |',
+      '|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|',
+  ]
+  for r in rows:
+    t = r['torch_images_per_s']
+    pct = 100 * r['tflops'] * 1e12 / peak[peak_key] / jax.device_count()
+    torch_cells = ('- | -' if t is None else f'{t:.1f} | {r["images_per_s"] / t:.2f}')
+    lines.append(
+        f'| {r["method"]} | {r["compile_s"]:.1f} | {r["step_ms"]:.0f} | {r["images_per_s"]:.1f} '
+        f'| {r["gflop_per_image"]:.2f} | {r["min_passes"]:.1f} | {r["flop_ratio"]:.2f} '
+        f'| {r["tflops"]:.3f} | {pct:.0f} | {r["peak_mib"]:.0f} ({r["peak_kind"]}) '
+        f'| {torch_cells} |')
+  table = '\n'.join(lines)
+  print(table)
+  if args.out:
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, 'w') as f:
+      f.write(table + '\n')
 
 
 if __name__ == '__main__':

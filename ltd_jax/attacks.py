@@ -50,15 +50,17 @@ def sign_ascent_step(x_adv, grad, alpha):
 
 def pgd_attack(objective: Objective, x: jax.Array, rng: jax.Array, *, eps: float, alpha: float,
                steps: int, init: str = 'uniform', step_fn=sign_ascent_step,
-               project=project_linf) -> jax.Array:
+               project=project_linf, unroll: bool = False) -> jax.Array:
   """K steps of ``x_adv <- project(step_fn(x_adv, grad objective, alpha), x, eps)`` from
-  ``init(x)``; the defaults are L-inf PGD (signed ascent, eps-ball then [0, 1] box)."""
+  ``init(x)``; the defaults are L-inf PGD (signed ascent, eps-ball then [0, 1] box).
+  ``unroll`` writes the K steps out in the program (XLA's cost analysis counts a loop body
+  once; the FLOP count of the benchmark needs them unrolled)."""
   if init not in INITS:
     raise ValueError(f'unknown attack init {init!r}: use one of {sorted(INITS)}')
   grad_fn = jax.grad(objective)
   x_adv = INITS[init](rng, x, eps)
   body = lambda _, xa: project(step_fn(xa, grad_fn(xa), alpha), x, eps)
-  return lax.stop_gradient(lax.fori_loop(0, steps, body, x_adv))
+  return lax.stop_gradient(lax.fori_loop(0, steps, body, x_adv, unroll=True if unroll else 1))
 
 
 def fgsm_attack(objective: Objective, x: jax.Array, *, eps: float) -> jax.Array:
