@@ -29,12 +29,17 @@ def default_config() -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict()
   c.data.name = 'cifar10'
-  c.data.source = 'auto'  # auto | pickle | tfds
+  c.data.source = 'auto'  # auto | pickle | tfds | folder (imagenet, tiny_imagenet)
   c.data.dir = ''  # Folder holding cifar-10-batches-py / cifar-100-python (or the tfds data_dir).
   c.data.augment = 'auto'  # auto | none | crop_flip
   c.data.val_size = 0  # Stratified hold-out from the training set for checkpoint selection.
   c.data.split_seed = 0
   c.data.on_device = True  # Keep an in-memory training set on the devices; steps send indices.
+  # Streamed datasets (imagenet, tiny_imagenet): decode/crop worker threads, crop size (0: the
+  # dataset's own, 224 / 64) and the smallest area fraction of ImageNet's random-resized-crop.
+  c.data.num_workers = 16
+  c.data.image_size = 0
+  c.data.rrc_scale_min = 0.08
 
   # Several hosts: jax.distributed.initialize (autodetected on SLURM / Open MPI / Cloud TPU when
   # coordinator_address is empty). One host uses all of its devices without it.

@@ -27,7 +27,8 @@ DIGITS_SPLIT_SEED = 0
 
 _PICKLE_DIRS = {'cifar10': 'cifar-10-batches-py', 'cifar100': 'cifar-100-python'}
 _NUM_CLASSES = {'digits': 10, 'cifar10': 10, 'cifar100': 100}
-_AUGMENT = {'digits': 'none', 'cifar10': 'crop_flip', 'cifar100': 'crop_flip'}
+_AUGMENT = {'digits': 'none', 'cifar10': 'crop_flip', 'cifar100': 'crop_flip',
+            'imagenet': 'none', 'tiny_imagenet': 'crop_flip'}  # imagenet: crops on the host
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,9 +44,15 @@ class Dataset:
   val_labels: np.ndarray | None = None
   class_names: tuple[str, ...] = ()
 
+  streaming = False  # see input_pipeline.StreamingDataset
+
   @property
   def image_shape(self) -> tuple[int, int, int]:
     return tuple(self.train_images.shape[1:])
+
+  @property
+  def num_train(self) -> int:
+    return len(self.train_labels)
 
   def split(self, name: str) -> tuple[np.ndarray, np.ndarray]:
     if name == 'val':
@@ -149,7 +156,7 @@ def load_digits() -> Dataset:
                  class_names=tuple(str(i) for i in range(10)))
 
 
-def _candidate_roots(data_dir: str) -> list[str]:
+def candidate_roots(data_dir: str) -> list[str]:
   roots = [data_dir] if data_dir else []
   here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   roots += [os.path.join(os.getcwd(), 'data'), os.path.join(here, 'data'),
@@ -189,8 +196,12 @@ def _hold_out_validation(ds: Dataset, val_size: int, seed: int) -> Dataset:
 def load_dataset(config) -> Dataset:
   """Loads ``config.data`` (name, source, dir, val_size); fails naming every path tried."""
   name, source = config.name, config.source
+  from ltd_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  if name in input_pipeline.SPECS:
+    return input_pipeline.load_streaming(config)
   if name not in _NUM_CLASSES:
-    raise DatasetError(f'unknown dataset {name!r}: choose one of {sorted(_NUM_CLASSES)}')
+    raise DatasetError(f'unknown dataset {name!r}: choose one of '
+                       f'{sorted(_NUM_CLASSES) + sorted(input_pipeline.SPECS)}')
   if name == 'digits':
     ds = load_digits()
   elif source == 'tfds':
@@ -198,7 +209,7 @@ def load_dataset(config) -> Dataset:
   elif source in ('auto', 'pickle'):
     tried = []
     ds = None
-    for root in _candidate_roots(config.dir):
+    for root in candidate_roots(config.dir):
       folder = os.path.join(root, _PICKLE_DIRS[name])
       tried.append(folder)
       if os.path.isdir(folder):

@@ -88,7 +88,8 @@ def evaluate(eval_step, variables, images: np.ndarray, labels: np.ndarray, num_c
   n = len(labels)
   correct: dict[str, list[np.ndarray]] = {}
   for b, start in enumerate(range(0, n, batch_size)):
-    x, y = images[start:start + batch_size], labels[start:start + batch_size]
+    x = np.asarray(images[start:start + batch_size])  # decodes a streamed split's batch
+    y = labels[start:start + batch_size]
     valid = len(y)
     if valid < batch_size:
       x = np.concatenate([x, np.zeros((batch_size - valid, *x.shape[1:]), x.dtype)])

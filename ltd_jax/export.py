@@ -31,6 +31,9 @@ def torch_constructors(model: ml_collections.ConfigDict, num_classes: int,
   m = _WRN.match(model.name)
   if in_channels != 3:
     return out
+  if model.name in ('resnet50', 'wrn-50-2'):
+    fn = 'wide_resnet50_2' if model.name == 'wrn-50-2' else 'resnet50'
+    out['torchvision'] = f'torchvision.models.{fn}(num_classes={num_classes})'
   if m:
     out['robustbench'] = (f'{rb}.wide_resnet.WideResNet(depth={m.group(1)}, '
                           f'widen_factor={m.group(2)}, num_classes={num_classes})')

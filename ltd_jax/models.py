@@ -163,6 +163,48 @@ class ResNet(nn.Module):
     return pooled_logits(x, self.num_classes, 'linear', self.dtype)
 
 
+class Bottleneck(nn.Module):
+  """torchvision's ResNet v1.5 bottleneck: 1x1, 3x3 (stride here), 1x1 x4; downsample = conv+BN."""
+  planes: int
+  stride: int
+  width: int  # inner width: planes for ResNet-50, 2 * planes for WRN-50-2
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    out_planes = 4 * self.planes
+    o = nn.relu(batch_norm(train, 'bn1', self.dtype)(conv(self.width, 1, name='conv1',
+                                                           dtype=self.dtype)(x)))
+    o = nn.relu(batch_norm(train, 'bn2', self.dtype)(conv(self.width, 3, self.stride,
+                                                           name='conv2', dtype=self.dtype)(o)))
+    o = batch_norm(train, 'bn3', self.dtype)(conv(out_planes, 1, name='conv3', dtype=self.dtype)(o))
+    if self.stride != 1 or x.shape[-1] != out_planes:
+      x = batch_norm(train, 'downsample_1', self.dtype)(
+          conv(out_planes, 1, self.stride, name='downsample_0', dtype=self.dtype)(x))
+    return nn.relu(o + x)
+
+
+class ImageNetResNet(nn.Module):
+  """torchvision's ImageNet ResNet-50 (``width_factor`` 1) and Wide ResNet-50-2 (2): 7x7/2 stem,
+  3x3/2 max-pool, bottleneck stages (3, 4, 6, 3), global average pooling, ``fc``."""
+  stage_sizes: Sequence[int] = (3, 4, 6, 3)
+  width_factor: int = 1
+  num_classes: int = 1000
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = conv(64, 7, 2, name='conv1', dtype=self.dtype)(x.astype(self.dtype))
+    x = nn.relu(batch_norm(train, 'bn1', self.dtype)(x))
+    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    for s, n in enumerate(self.stage_sizes):
+      planes = 64 * 2**s
+      for i in range(n):
+        x = Bottleneck(planes, 2 if s > 0 and i == 0 else 1, planes * self.width_factor,
+                       self.dtype, name=f'layer{s + 1}_{i}')(x, train)
+    return pooled_logits(x, self.num_classes, 'fc', self.dtype)
+
+
 class InvertedResidual(nn.Module):
   """MobileNetV2 block: expand 1x1, depthwise 3x3, project 1x1; residual only at stride 1."""
   in_planes: int
@@ -230,13 +272,17 @@ class SmallCNN(nn.Module):
 
 _WRN = re.compile(r'^wrn-(\d+)-(\d+)$')
 ARCHITECTURES = ('wrn-D-W', 'resnet18', 'preactresnet18', 'preactresnet18-bn', 'mobilenetv2',
-                 'small_cnn')
+                 'preactresnet34', 'small_cnn', 'resnet50', 'wrn-50-2')
 
 
 def create_model(name: str, num_classes: int, dtype: Dtype = jnp.float32,
                  base_width: int = 64, width: int = 32) -> nn.Module:
-  """Builds an architecture by name: ``wrn-34-10``, ``resnet18``, ``preactresnet18[-bn]``,
-  ``mobilenetv2`` or ``small_cnn``. ``base_width`` shrinks the ResNets for tests."""
+  """Builds an architecture by name: ``wrn-34-10``, ``resnet18``, ``preactresnet18[-bn]``, ``preactresnet34``,
+  ``mobilenetv2``, ``small_cnn``, or the ImageNet ``resnet50`` / ``wrn-50-2``. ``base_width``
+  shrinks the CIFAR ResNets for tests."""
+  if name in ('resnet50', 'wrn-50-2'):
+    return ImageNetResNet(width_factor=2 if name == 'wrn-50-2' else 1, num_classes=num_classes,
+                          dtype=dtype)
   if m := _WRN.match(name):
     depth, widen = int(m.group(1)), int(m.group(2))
     if (depth - 4) % 6 or depth < 10:
@@ -244,6 +290,9 @@ def create_model(name: str, num_classes: int, dtype: Dtype = jnp.float32,
     return WideResNet(depth, widen, num_classes, dtype)
   if name == 'resnet18':
     return ResNet(ResNetBasicBlock, base_width=base_width, num_classes=num_classes, dtype=dtype)
+  if name == 'preactresnet34':
+    return ResNet(PreActBlock, stage_sizes=(3, 4, 6, 3), base_width=base_width,
+                  num_classes=num_classes, stem_bn=False, dtype=dtype)
   if name in ('preactresnet18', 'preactresnet18-bn'):
     return ResNet(PreActBlock, base_width=base_width, num_classes=num_classes, stem_bn=False,
                   final_bn=name.endswith('-bn'), dtype=dtype)

@@ -3,7 +3,7 @@
 These let a user without RobustBench load an exported checkpoint and run it (AutoAttack runs on
 them). Names and layer order follow ``shared/spec/torch_keys``: TRADES / RobustBench
 ``WideResNet``, kuangliu's ``ResNet18`` and ``MobileNetV2``, RobustBench's and AWP's
-``PreActResNet18``. Pooling is a global average, equal to the references' ``avg_pool2d`` over
+``PreActResNet18``, torchvision's ``resnet50`` / ``wide_resnet50_2``. Pooling is a global average, equal to the references' ``avg_pool2d`` over
 the final map at 32x32 input and also defined for other input sizes (8x8 digits). Inputs are
 NCHW float in [0, 1], without normalisation, as in RobustBench.
 
@@ -236,18 +236,68 @@ class SmallCNN(nn.Module):
     return self.fc(_pool(x))
 
 
+class Bottleneck(nn.Module):
+  """torchvision's ResNet v1.5 bottleneck (stride on the 3x3 convolution)."""
+
+  def __init__(self, in_planes: int, planes: int, stride: int, width: int):
+    super().__init__()
+    self.conv1, self.bn1 = _conv(in_planes, width, 1), nn.BatchNorm2d(width)
+    self.conv2, self.bn2 = _conv(width, width, 3, stride), nn.BatchNorm2d(width)
+    self.conv3, self.bn3 = _conv(width, 4 * planes, 1), nn.BatchNorm2d(4 * planes)
+    self.downsample = None
+    if stride != 1 or in_planes != 4 * planes:
+      self.downsample = nn.Sequential(_conv(in_planes, 4 * planes, 1, stride),
+                                      nn.BatchNorm2d(4 * planes))
+
+  def forward(self, x):
+    o = F.relu(self.bn1(self.conv1(x)))
+    o = F.relu(self.bn2(self.conv2(o)))
+    o = self.bn3(self.conv3(o))
+    return F.relu(o + (x if self.downsample is None else self.downsample(x)))
+
+
+class ImageNetResNet(nn.Module):
+  """torchvision's ``resnet50`` / ``wide_resnet50_2`` layout (same state_dict keys)."""
+
+  def __init__(self, width_factor: int = 1, num_classes: int = 1000, in_channels: int = 3):
+    super().__init__()
+    self.conv1, self.bn1 = _conv(in_channels, 64, 7, 2), nn.BatchNorm2d(64)
+    self.maxpool = nn.MaxPool2d(3, 2, 1)
+    in_planes = 64
+    for s, n in enumerate((3, 4, 6, 3)):
+      planes = 64 * 2**s
+      blocks = []
+      for i in range(n):
+        blocks.append(Bottleneck(in_planes, planes, 2 if s > 0 and i == 0 else 1,
+                                 planes * width_factor))
+        in_planes = 4 * planes
+      setattr(self, f'layer{s + 1}', nn.Sequential(*blocks))
+    self.fc = nn.Linear(in_planes, num_classes)
+
+  def forward(self, x):
+    x = self.maxpool(F.relu(self.bn1(self.conv1(x))))
+    for s in range(1, 5):
+      x = getattr(self, f'layer{s}')(x)
+    return self.fc(_pool(x))
+
+
 _WRN = re.compile(r'^wrn-(\d+)-(\d+)$')
 
 
 def build_torch_model(name: str, num_classes: int, in_channels: int = 3, base_width: int = 64,
                       width: int = 32) -> nn.Module:
   """The PyTorch twin of ``models.create_model(name, ...)``, in eval mode."""
-  if m := _WRN.match(name):
+  if name in ('resnet50', 'wrn-50-2'):
+    model = ImageNetResNet(2 if name == 'wrn-50-2' else 1, num_classes, in_channels)
+  elif m := _WRN.match(name):
     model = WideResNet(int(m.group(1)), int(m.group(2)), num_classes, in_channels)
   elif name == 'resnet18':
     model = ResNet18(num_classes, base_width, in_channels)
   elif name in ('preactresnet18', 'preactresnet18-bn'):
     model = PreActResNet18(num_classes, base_width, in_channels, final_bn=name.endswith('-bn'))
+  elif name == 'preactresnet34':
+    model = ResNet(PreActBlock, (3, 4, 6, 3), num_classes=num_classes, base_width=base_width,
+                   in_channels=in_channels)
   elif name == 'mobilenetv2':
     model = MobileNetV2(num_classes, in_channels)
   elif name == 'small_cnn':

@@ -28,6 +28,7 @@ from ltd_jax import checkpoints
 from ltd_jax import config_lib
 from ltd_jax import data
 from ltd_jax import evaluate
+from ltd_jax import input_pipeline
 from ltd_jax import interchange
 from ltd_jax import methods
 from ltd_jax import parallel
@@ -248,7 +249,7 @@ def _setup(config, workdir: str):
   config_lib.validate(config)
   os.makedirs(workdir, exist_ok=True)
   ds = data.load_dataset(config.data)
-  n = len(ds.train_labels)
+  n = ds.num_train
   if config.batch_size > n:
     raise ConfigError(f'batch_size={config.batch_size} exceeds the {n} training images of '
                       f'{ds.name}: lower --config.batch_size')
@@ -283,6 +284,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   teacher = None
   if method.needs_teacher:
     teacher = teacher_lib.prepare_teacher(config, workdir, ds, train_and_evaluate)
+  if config.teacher.cache_logits and ds.streaming:
+    raise ConfigError(f'teacher.cache_logits needs an in-memory dataset, not the streamed '
+                      f'{ds.name}: set --config.teacher.cache_logits=False')
   cached_logits = (teacher_lib.precompute_logits(teacher, ds.train_images)
                    if teacher is not None and config.teacher.cache_logits else None)
   augment_kind = (data.default_augmentation(ds.name) if config.data.augment == 'auto'
@@ -291,10 +295,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   state = parallel.replicate(state, mesh)
   teacher_variables = (parallel.replicate(teacher.variables, mesh)
                        if teacher is not None and cached_logits is None else None)
-  host_data = {'images': ds.train_images, 'labels': ds.train_labels}
-  if cached_logits is not None:
-    host_data['teacher_logits'] = cached_logits
-  device_data = parallel.replicate(host_data, mesh) if config.data.on_device else None
+  host_data = device_data = None
+  if not ds.streaming:
+    host_data = {'images': ds.train_images, 'labels': ds.train_labels}
+    if cached_logits is not None:
+      host_data['teacher_logits'] = cached_logits
+    device_data = parallel.replicate(host_data, mesh) if config.data.on_device else None
   step_fn = make_train_step_fn(
       mesh, method=method, config=config, augment_kind=augment_kind,
       num_classes=ds.num_classes, steps_per_epoch=steps_per_epoch,
@@ -308,11 +314,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                           eps=config.eps, eval_config=config.eval)
   eval_rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1)
 
-  n = len(ds.train_labels)
+  n = ds.num_train
   total_steps = config.num_epochs * steps_per_epoch
   if config.max_steps:
     total_steps = min(total_steps, config.max_steps)
   step = int(state.step)
+  stream = (input_pipeline.train_batches(ds, config.batch_size, config.seed, step, total_steps)
+            if ds.streaming else None)
   buffer, bar = _MetricBuffer(), None
 
   def flush():
@@ -329,11 +337,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         bar = tqdm(total=steps_per_epoch, initial=step % steps_per_epoch, leave=False,
                    desc=f'epoch {epoch + 1}/{config.num_epochs}', unit='step',
                    disable=not config.progress_bar or not parallel.is_primary())
-      idx = data.train_batch_indices(n, config.batch_size, config.seed, step)
-      if device_data is not None:
-        batch = parallel.shard_global_batch({'index': idx.astype(np.int32)}, mesh)
+      if stream is not None:
+        images, labels = next(stream)  # this host's rows of the global batch
+        batch = parallel.shard_process_batch({'images': images, 'labels': labels}, mesh)
       else:
-        batch = parallel.shard_global_batch({k: v[idx] for k, v in host_data.items()}, mesh)
+        idx = data.train_batch_indices(n, config.batch_size, config.seed, step)
+        if device_data is not None:
+          batch = parallel.shard_global_batch({'index': idx.astype(np.int32)}, mesh)
+        else:
+          batch = parallel.shard_global_batch({k: v[idx] for k, v in host_data.items()}, mesh)
       state, metrics = step_fn(state, batch, device_data, teacher_variables)
       step += 1
       buffer.add(metrics)

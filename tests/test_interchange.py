@@ -64,6 +64,9 @@ ARCHS = [
     ('preactresnet18-bn', dict(base_width=8), (32, 32, 3)),
     ('mobilenetv2', {}, (32, 32, 3)),
     ('wrn-10-2', {}, (32, 32, 3)),
+    ('preactresnet34', dict(base_width=8), (32, 32, 3)),
+    ('resnet50', {}, (64, 64, 3)),
+    ('wrn-50-2', {}, (32, 32, 3)),
 ]
 
 

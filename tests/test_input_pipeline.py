@@ -1,0 +1,192 @@
+"""Streaming ImageNet / Tiny-ImageNet input: folder sources, crops, per-host batches, resume,
+and the two large-dataset configs trained end to end on mock folder trees."""
+
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ltd_jax import config_lib
+from ltd_jax import data
+from ltd_jax import input_pipeline
+from ltd_jax import train
+from ltd_jax.errors import DatasetError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _jpeg(path, rng, size):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+
+
+def mock_tiny_imagenet(root, classes=200, per_class=2, val_per_class=1):
+  """The official tiny-imagenet-200 layout: train/<wnid>/images/*.JPEG, val/images +
+  val_annotations.txt."""
+  rng = np.random.default_rng(0)
+  base = os.path.join(root, 'tiny-imagenet-200')
+  wnids = [f'n{i:08d}' for i in range(classes)]
+  lines = []
+  for c, w in enumerate(wnids):
+    for k in range(per_class):
+      _jpeg(os.path.join(base, 'train', w, 'images', f'{w}_{k}.JPEG'), rng, (64, 64))
+    for k in range(val_per_class):
+      name = f'val_{c * val_per_class + k}.JPEG'
+      _jpeg(os.path.join(base, 'val', 'images', name), rng, (64, 64))
+      lines.append(f'{name}\t{w}\t0\t0\t63\t63\n')
+  with open(os.path.join(base, 'val', 'val_annotations.txt'), 'w') as f:
+    f.writelines(lines)
+  return base, wnids
+
+
+def mock_imagenet(root, classes=1000):
+  """train/<wnid>/*.JPEG and val/<wnid>/*.JPEG with images of varied sizes."""
+  rng = np.random.default_rng(1)
+  base = os.path.join(root, 'imagenet')
+  for c in range(classes):
+    w = f'n{c:08d}'
+    size = (int(rng.integers(40, 90)), int(rng.integers(40, 90)))
+    _jpeg(os.path.join(base, 'train', w, f'{w}_0.JPEG'), rng, size)
+    _jpeg(os.path.join(base, 'val', w, f'ILSVRC2012_val_{c:08d}.JPEG'), rng, size)
+  return base
+
+
+@pytest.fixture(scope='module')
+def tiny_root(tmp_path_factory):
+  root = tmp_path_factory.mktemp('tiny')
+  mock_tiny_imagenet(str(root))
+  return str(root)
+
+
+def _data_config(name, root, **kw):
+  c = config_lib.default_config().data
+  c.name, c.dir, c.num_workers = name, root, 4
+  for k, v in kw.items():
+    c[k] = v
+  return c
+
+
+def test_random_resized_crop_of_the_full_square_is_a_plain_resize():
+  img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (50, 50, 3), dtype=np.uint8))
+  out = input_pipeline.random_resized_crop(img, 24, np.random.default_rng(0), (1.0, 1.0),
+                                           (1.0, 1.0))
+  np.testing.assert_array_equal(out, np.asarray(img.resize((24, 24), Image.BILINEAR)))
+
+
+def test_random_resized_crop_covers_the_scale_range_and_is_seeded():
+  # A horizontal ramp: the crop's mean column tells where it was cut from.
+  ramp = np.tile(np.arange(200, dtype=np.uint8)[None, :, None], (200, 1, 3))
+  img = Image.fromarray(ramp)
+  crops = [input_pipeline.random_resized_crop(img, 16, np.random.default_rng(s)) for s in range(40)]
+  assert all(c.shape == (16, 16, 3) and c.dtype == np.uint8 for c in crops)
+  spans = [int(c[0, -1, 0]) - int(c[0, 0, 0]) for c in crops]
+  assert min(spans) < 80 and max(spans) > 150  # small and large area fractions both occur
+  again = input_pipeline.random_resized_crop(img, 16, np.random.default_rng(3))
+  np.testing.assert_array_equal(again, crops[3])
+
+
+def test_center_crop_resizes_the_shorter_side_to_256_then_crops_224():
+  img = Image.fromarray(np.zeros((200, 300, 3), np.uint8))
+  out = input_pipeline.center_crop(img, 224)
+  assert out.shape == (224, 224, 3)
+  ramp = np.tile(np.arange(300, dtype=np.uint8)[None, :, None] // 2, (200, 1, 3))
+  out = input_pipeline.center_crop(Image.fromarray(ramp), 224)
+  # 300 x 200 -> 384 x 256; the crop's central column is the image's central column (75).
+  assert abs(int(out[112, 112, 0]) - 75) <= 1
+
+
+def test_tiny_imagenet_folder_layout(tiny_root):
+  ds = data.load_dataset(_data_config('tiny_imagenet', tiny_root))
+  assert ds.streaming and ds.num_classes == 200 and ds.num_train == 400
+  assert ds.image_shape == (64, 64, 3)
+  images, labels = ds.split('test')
+  assert len(images) == 200 and sorted(labels) == list(range(200))
+  batch = np.asarray(images[np.array([5, 7])])
+  assert batch.shape == (2, 64, 64, 3) and batch.dtype == np.uint8
+  encoded, label = ds.sources['test'][7]
+  np.testing.assert_array_equal(batch[1], np.asarray(input_pipeline.decode(encoded)))
+  assert label == labels[7] == 7
+
+
+def test_train_batches_follow_the_epoch_permutation_and_resume(tiny_root):
+  ds = data.load_dataset(_data_config('tiny_imagenet', tiny_root))
+  batches = list(input_pipeline.train_batches(ds, 8, seed=3, start_step=0, total_steps=3))
+  assert len(batches) == 3
+  for step, (images, labels) in enumerate(batches):
+    idx = data.train_batch_indices(ds.num_train, 8, 3, step)
+    np.testing.assert_array_equal(labels, ds.sources['train'].labels[idx])
+    assert images.shape == (8, 64, 64, 3) and images.dtype == np.uint8
+  resumed = next(input_pipeline.train_batches(ds, 8, seed=3, start_step=2, total_steps=3))
+  np.testing.assert_array_equal(resumed[0], batches[2][0])
+
+
+def test_imagenet_crops_are_random_per_step_and_fixed_per_seed(tmp_path):
+  root = str(tmp_path)
+  mock_imagenet(root)
+  ds = data.load_dataset(_data_config('imagenet', root, image_size=32))
+  assert ds.num_classes == 1000 and ds.image_shape == (32, 32, 3)
+  a = next(input_pipeline.train_batches(ds, 4, seed=0, start_step=0, total_steps=1))[0]
+  b = next(input_pipeline.train_batches(ds, 4, seed=0, start_step=0, total_steps=1))[0]
+  np.testing.assert_array_equal(a, b)
+  test_images, _ = ds.split('test')
+  assert np.asarray(test_images[np.arange(3)]).shape == (3, 32, 32, 3)
+
+
+def test_missing_and_partial_datasets_name_the_paths(tmp_path):
+  with pytest.raises(DatasetError, match=r'tiny_imagenet not found; tried .*tiny-imagenet-200'):
+    data.load_dataset(_data_config('tiny_imagenet', str(tmp_path)))
+  mock_tiny_imagenet(str(tmp_path), classes=3)
+  with pytest.raises(DatasetError, match='has 3 classes, expected 200'):
+    data.load_dataset(_data_config('tiny_imagenet', str(tmp_path)))
+
+
+def _stage_config(tmp_path, name, module, overrides):
+  path = tmp_path / f'{name}.py'
+  body = '\n'.join(f'  c.{k} = {v!r}' for k, v in overrides.items())
+  path.write_text(f'from configs import {module}\n\n\ndef get_config():\n'
+                  f'  c = {module}.get_config()\n{body}\n  return c\n')
+  return str(path)
+
+
+SMALL = {'max_steps': 2, 'batch_size': 4, 'attack.steps': 1, 'eval.subset_size': 8,
+         'eval.final_subset_size': 8, 'eval.batch_size': 8, 'eval.pgd_steps': 1,
+         'eval.cw_steps': 1, 'progress_bar': False, 'data.num_workers': 4,
+         'eval.during_training': ('clean', 'pgd20'), 'eval.final': ('clean', 'pgd20')}
+
+
+def _apply(config, overrides):
+  for key, value in overrides.items():
+    *parents, leaf = key.split('.')
+    node = config
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+
+
+def test_absld_tinyimagenet_config_trains_on_mock_data(tiny_root, tmp_path):
+  config = config_lib.load_config_file(os.path.join(ROOT, 'configs', 'absld_tinyimagenet.py'))
+  teacher = _stage_config(tmp_path, 'teacher', 'trades_tinyimagenet',
+                          {**SMALL, 'model.base_width': 4})
+  _apply(config, {**SMALL, 'model.base_width': 4, 'data.dir': tiny_root,
+                  'teacher.config': teacher})
+  state = train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert int(state.step) == 2
+  assert os.path.exists(tmp_path / 'run' / 'teacher' / 'results.json')
+  assert os.path.exists(tmp_path / 'run' / 'results.json')
+
+
+def test_ltd_imagenet_resnet50_config_trains_on_mock_data(tmp_path):
+  root = str(tmp_path / 'data')
+  mock_imagenet(root)
+  config = config_lib.load_config_file(os.path.join(ROOT, 'configs', 'ltd_imagenet_resnet50.py'))
+  assert config.model.name == 'resnet50' and config.data.image_size == 224
+  # lr 0.1 at a batch of 4 over 1000 classes makes the logits explode within two steps.
+  teacher = _stage_config(tmp_path, 'teacher', 'natural_imagenet_resnet50',
+                          {**SMALL, 'max_steps': 1, 'optim.lr': 1e-3})
+  _apply(config, {**SMALL, 'data.dir': root, 'data.image_size': 32, 'teacher.config': teacher,
+                  'optim.lr': 1e-3, 'eval.during_training': ('clean',), 'eval.final': ('clean',),
+                  'eval.selection': 'last'})
+  state = train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert int(state.step) == 2
+  assert state.params['fc']['kernel'].shape == (2048, 1000)
