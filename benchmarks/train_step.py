@@ -80,6 +80,7 @@ def make_config(args, method: str):
   c.attack.steps = args.attack_steps
   c.batch_size = args.batch
   c.awp.warmup_epochs = 0
+  c.attack.unroll = not args.loop_attack
   return c  # not validated: the benchmark builds the distillation teacher itself
 
 
@@ -188,6 +189,8 @@ def main():
   p.add_argument('--attack_steps', type=int, default=10)
   p.add_argument('--steps', type=int, default=3, help='timed steps (after one warm-up)')
   p.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
+  p.add_argument('--loop_attack', action='store_true',
+                 help='time the attack as a lax.fori_loop (config.attack.unroll=False)')
   p.add_argument('--no_torch', action='store_true', help='skip the PyTorch reference')
   p.add_argument('--out', default='', help='also write the table to this Markdown file')
   args = p.parse_args()
@@ -210,7 +213,8 @@ def main():
       f'command: python benchmarks/train_step.py {" ".join(sys.argv[1:])}',
       f'model: {args.model} (teacher {args.teacher_model or args.model}), global batch '
       f'{args.batch}, {args.image}x{args.image}, attack steps {args.attack_steps}, dtype '
-      f'{args.dtype}, median of {args.steps} timed steps',
+      f'{args.dtype}, attack loop {"lax.fori_loop" if args.loop_attack else "unrolled"}, '
+      f'median of {args.steps} timed steps',
       f'matmul peak (measured, one device): float32 {peak[jnp.float32] / 1e12:.2f} TFLOP/s, '
       f'bfloat16 {peak[jnp.bfloat16] / 1e12:.2f} TFLOP/s',
       '',
