@@ -19,6 +19,20 @@ def shared_path(*parts):
 
 @pytest.fixture
 def tiny_config():
+  return make_tiny_config()
+
+
+def apply_overrides(config, overrides: dict) -> None:
+  """Sets ``{'a.b': value}`` entries of a ConfigDict."""
+  for key, value in overrides.items():
+    *parents, leaf = key.split('.')
+    node = config
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+
+
+def make_tiny_config():
   """TRADES on digits with a 4-wide CNN, 2 epochs of 4 steps: seconds per run."""
   c = config_lib.default_config()
   c.method = 'trades'

@@ -12,6 +12,7 @@ from ltd_jax import data
 from ltd_jax import input_pipeline
 from ltd_jax import train
 from ltd_jax.errors import DatasetError
+from tests.conftest import apply_overrides
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -155,21 +156,12 @@ SMALL = {'max_steps': 2, 'batch_size': 4, 'attack.steps': 1, 'eval.subset_size':
          'eval.during_training': ('clean', 'pgd20'), 'eval.final': ('clean', 'pgd20')}
 
 
-def _apply(config, overrides):
-  for key, value in overrides.items():
-    *parents, leaf = key.split('.')
-    node = config
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-
-
 def test_absld_tinyimagenet_config_trains_on_mock_data(tiny_root, tmp_path):
   config = config_lib.load_config_file(os.path.join(ROOT, 'configs', 'absld_tinyimagenet.py'))
   teacher = _stage_config(tmp_path, 'teacher', 'trades_tinyimagenet',
                           {**SMALL, 'model.base_width': 4})
-  _apply(config, {**SMALL, 'model.base_width': 4, 'data.dir': tiny_root,
-                  'teacher.config': teacher})
+  apply_overrides(config, {**SMALL, 'model.base_width': 4, 'data.dir': tiny_root,
+                           'teacher.config': teacher})
   state = train.train_and_evaluate(config, str(tmp_path / 'run'))
   assert int(state.step) == 2
   assert os.path.exists(tmp_path / 'run' / 'teacher' / 'results.json')
@@ -184,9 +176,10 @@ def test_ltd_imagenet_resnet50_config_trains_on_mock_data(tmp_path):
   # lr 0.1 at a batch of 4 over 1000 classes makes the logits explode within two steps.
   teacher = _stage_config(tmp_path, 'teacher', 'natural_imagenet_resnet50',
                           {**SMALL, 'max_steps': 1, 'optim.lr': 1e-3})
-  _apply(config, {**SMALL, 'data.dir': root, 'data.image_size': 32, 'teacher.config': teacher,
-                  'optim.lr': 1e-3, 'eval.during_training': ('clean',), 'eval.final': ('clean',),
-                  'eval.selection': 'last'})
+  apply_overrides(config, {**SMALL, 'data.dir': root, 'data.image_size': 32,
+                           'teacher.config': teacher, 'optim.lr': 1e-3,
+                           'eval.during_training': ('clean',), 'eval.final': ('clean',),
+                           'eval.selection': 'last'})
   state = train.train_and_evaluate(config, str(tmp_path / 'run'))
   assert int(state.step) == 2
   assert state.params['fc']['kernel'].shape == (2048, 1000)

@@ -20,21 +20,20 @@ from ltd_jax import parallel  # pylint: disable=g-import-not-at-top
 from ltd_jax import train  # pylint: disable=g-import-not-at-top
 
 
-def tiny_config():
-  return conftest.tiny_config.__wrapped__()
+def _typed(config, key: str, text: str):
+  """The override ``text`` as the type of the config's current value at ``key``."""
+  current = config
+  for part in key.split('.'):
+    current = current[part]
+  return text == 'True' if isinstance(current, bool) else type(current)(text)
 
 
 def main(workdir, out, *overrides):
-  config = tiny_config()
+  config = conftest.make_tiny_config()
   config.max_steps = 6
   config.eval.final = ('clean', 'pgd20')
-  for item in overrides:
-    key, value = item[len('--config.'):].split('=', 1)
-    *parents, leaf = key.split('.')
-    node = config
-    for p in parents:
-      node = node[p]
-    node[leaf] = type(node[leaf])(value) if not isinstance(node[leaf], bool) else value == 'True'
+  pairs = [item[len('--config.'):].split('=', 1) for item in overrides]
+  conftest.apply_overrides(config, {k: _typed(config, k, v) for k, v in pairs})
   parallel.initialize_distributed(config)
   state = train.train_and_evaluate(config, workdir)
   leaves = jax.tree_util.tree_leaves_with_path(
