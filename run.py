@@ -80,6 +80,9 @@ def main(argv):
     else:
       from ltd_jax import temperature_search  # pylint: disable=g-import-not-at-top
       temperature_search.ltd_temperature_search(config, workdir, train.train_and_evaluate)
+  except errors.Preempted as e:
+    print(str(e), file=sys.stderr)
+    sys.exit(128 + e.signum)
   except errors.LtdError as e:
     _fail(str(e))
   print(f'work directory: {os.path.abspath(workdir)}')

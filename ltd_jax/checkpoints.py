@@ -1,17 +1,26 @@
 """Orbax checkpoints of the whole TrainState: the latest N under ``checkpoints/``, the best under ``best/``.
 
-Orbax writes each step into a temporary folder and renames it when complete, so a process
-killed mid-save leaves the previous checkpoints valid and the partial one ignored.
+Each step holds two items: ``state`` (the TrainState's arrays) and ``digest`` (the CRC-32 of
+every array). Orbax writes a step into a temporary folder and renames it when complete, so a
+process killed mid-save leaves the previous checkpoints valid; the digest catches what the
+rename cannot (a file truncated or overwritten later: Orbax restores garbled bytes without
+complaint). A checkpoint that cannot be read or fails its digest is reported, moved to
+``corrupt/`` and skipped, so that the next older one is used and a rerun never meets it again.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import sys
+import time
+import zlib
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import serialization
+from jax.experimental import multihost_utils
 
 from ltd_jax.errors import CheckpointError
 
@@ -23,6 +32,13 @@ def _to_tree(state):
 def _shapes(tree) -> dict[str, tuple[int, ...]]:
   return {jax.tree_util.keystr(k): tuple(getattr(v, 'shape', ()) or ())
           for k, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def state_digest(tree) -> dict[str, int]:
+  """``{leaf path: CRC-32 of its bytes}`` of a state tree (arrays fetched to the host)."""
+  host = jax.device_get(tree)
+  return {jax.tree_util.keystr(k): zlib.crc32(np.ascontiguousarray(v).tobytes())
+          for k, v in jax.tree_util.tree_leaves_with_path(host)}
 
 
 def describe_mismatch(template, stored) -> str:
@@ -42,26 +58,36 @@ def describe_mismatch(template, stored) -> str:
   return '; '.join(parts)
 
 
+class CorruptCheckpoint(Exception):
+  """A checkpoint whose files cannot be read back as they were written."""
+
+
+def _reason(e: BaseException) -> str:
+  text = str(e).strip().splitlines()
+  return f'{type(e).__name__}: {text[0][:160]}' if text else type(e).__name__
+
+
+def _manager(directory: str, keep: int, barrier: str, **options) -> ocp.CheckpointManager:
+  return ocp.CheckpointManager(
+      directory,
+      options=ocp.CheckpointManagerOptions(
+          max_to_keep=keep, create=True,
+          # Both managers may save the same step: distinct barrier names across hosts.
+          multiprocessing_options=ocp.options.MultiprocessingOptions(
+              barrier_sync_key_prefix=barrier),
+          **options),
+      item_handlers={'state': ocp.StandardCheckpointHandler(),
+                     'digest': ocp.JsonCheckpointHandler()})
+
+
 class CheckpointStore:
   """Latest-N and best-by-score checkpoint managers for one work directory."""
 
   def __init__(self, workdir: str, keep: int = 3):
     self.workdir = os.path.abspath(workdir)
-    self.latest = ocp.CheckpointManager(
-        os.path.join(self.workdir, 'checkpoints'),
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True,
-            multiprocessing_options=ocp.options.MultiprocessingOptions(
-                barrier_sync_key_prefix='latest')),
-        item_handlers=ocp.StandardCheckpointHandler())
-    self.best = ocp.CheckpointManager(
-        os.path.join(self.workdir, 'best'),
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=1, create=True, best_fn=lambda m: m['score'], best_mode='max',
-            # Both managers may save the same step: distinct barrier names across hosts.
-            multiprocessing_options=ocp.options.MultiprocessingOptions(
-                barrier_sync_key_prefix='best')),
-        item_handlers=ocp.StandardCheckpointHandler())
+    self.latest = _manager(os.path.join(self.workdir, 'checkpoints'), keep, 'latest')
+    self.best = _manager(os.path.join(self.workdir, 'best'), 1, 'best',
+                         best_fn=lambda m: m['score'], best_mode='max')
 
   def latest_step(self) -> int | None:
     return self.latest.latest_step()
@@ -69,9 +95,15 @@ class CheckpointStore:
   def best_step(self) -> int | None:
     return self.best.best_step()
 
+  @staticmethod
+  def _save_args(state):
+    tree = _to_tree(state)
+    return ocp.args.Composite(state=ocp.args.StandardSave(tree),
+                              digest=ocp.args.JsonSave({'crc32': state_digest(tree)}))
+
   def save_latest(self, step: int, state) -> None:
     if step not in self.latest.all_steps():
-      self.latest.save(step, args=ocp.args.StandardSave(_to_tree(state)), force=True)
+      self.latest.save(step, args=self._save_args(state), force=True)
 
   def save_best(self, step: int, state, score: float) -> bool:
     """Saves ``state`` if ``score`` beats the stored best; returns whether it did."""
@@ -81,8 +113,7 @@ class CheckpointStore:
     best_score = self.best_score()
     if best_score is not None and score <= best_score:
       return False
-    self.best.save(step, args=ocp.args.StandardSave(_to_tree(state)),
-                   metrics={'score': float(score)}, force=True)
+    self.best.save(step, args=self._save_args(state), metrics={'score': float(score)}, force=True)
     return True
 
   def best_score(self) -> float | None:
@@ -90,29 +121,64 @@ class CheckpointStore:
     metrics = self.best.metrics(step) if step is not None else None
     return float(metrics['score']) if metrics else None
 
-  def restore(self, state, which: str = 'latest', step: int | None = None):
-    """Restores into the structure of ``state``; None when there is no checkpoint."""
+  def restore(self, state, which: str = 'latest'):
+    """The newest readable checkpoint of ``which`` (latest or best) restored into the structure
+    of ``state``; None when there is none. One that does not fit the configured model raises
+    CheckpointError; unreadable ones are reported, moved to ``corrupt/`` and skipped."""
     manager = self.latest if which == 'latest' else self.best
-    if step is None:
-      step = manager.latest_step() if which == 'latest' else manager.best_step()
-    if step is None:
-      return None
     template = _to_tree(state)
-    path = os.path.join(manager.directory, str(step))
-    meta = manager.item_metadata(step)
-    detail = describe_mismatch(template, getattr(meta, 'tree', meta))
-    if not detail:
-      abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, template)
+    steps = sorted(manager.all_steps(), reverse=True)
+    if which == 'best' and steps:
+      steps = [manager.best_step()]
+    for step in steps:
       try:
-        restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
-      except (ValueError, KeyError, TypeError) as e:
-        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+        restored = self._restore_step(manager, step, template)
+      except CorruptCheckpoint as e:
+        self._quarantine(manager, step, str(e))
+        continue
+      return serialization.from_state_dict(state, restored)
+    return None
+
+  def _restore_step(self, manager, step: int, template):
+    path = os.path.join(manager.directory, str(step))
+    try:
+      meta = manager.item_metadata(step)['state']
+    except Exception as e:  # pylint: disable=broad-except
+      raise CorruptCheckpoint(f'metadata unreadable, {_reason(e)}') from e
+    if meta is None:
+      raise CorruptCheckpoint('no state item')
+    detail = describe_mismatch(template, getattr(meta, 'tree', meta))
     if detail:
       raise CheckpointError(
           f'checkpoint {path} does not fit the configured model ({detail}): use the config it '
           f'was written with (config.json in its work directory) or another --workdir')
-    restored = jax.tree_util.tree_map(np.asarray, restored)
-    return serialization.from_state_dict(state, restored)
+    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, template)
+    try:
+      out = manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract), digest=ocp.args.JsonRestore()))
+      restored, digest = jax.tree_util.tree_map(np.asarray, out['state']), out['digest']
+    except Exception as e:  # pylint: disable=broad-except
+      raise CorruptCheckpoint(f'unreadable, {_reason(e)}') from e
+    want = (digest or {}).get('crc32', {})
+    bad = sorted(k for k, v in state_digest(restored).items() if want.get(k) != v)
+    if bad:
+      raise CorruptCheckpoint(f'{len(bad)} arrays differ from their CRC-32 at save time '
+                              f'(e.g. {bad[0]})')
+    return restored
+
+  def _quarantine(self, manager, step: int, reason: str) -> None:
+    """Moves an unreadable step to ``corrupt/`` (kept for inspection) and reports it."""
+    src = os.path.join(manager.directory, str(step))
+    dest = os.path.join(self.workdir, 'corrupt',
+                        f'{os.path.basename(manager.directory)}-{step}-{time.strftime("%Y%m%d-%H%M%S")}')
+    if jax.process_index() == 0:
+      os.makedirs(os.path.dirname(dest), exist_ok=True)
+      shutil.move(src, dest)
+      print(f'warning: checkpoint {src} is corrupt ({reason}): moved to {dest}; using the '
+            f'previous one', file=sys.stderr)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f'quarantine {src}')
+    manager.reload()
 
   def wait(self) -> None:
     self.latest.wait_until_finished()

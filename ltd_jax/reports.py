@@ -100,11 +100,31 @@ def _scalar(v):
 
 
 def read_metrics(workdir: str) -> list[dict]:
+  """The records of ``metrics.jsonl``; a line cut short by a killed process is skipped."""
   path = os.path.join(workdir, 'metrics.jsonl')
   if not os.path.exists(path):
     return []
+  records = []
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    for line in f:
+      try:
+        records.append(json.loads(line))
+      except ValueError:
+        continue
+  return records
+
+
+def rewind_metrics(workdir: str, step: int) -> None:
+  """Drops the records after ``step`` (the checkpoint a run resumes from): a killed run logged
+  steps that the resumed run trains again, and each must appear once in the curves."""
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if not os.path.exists(path):
+    return
+  kept = [r for r in read_metrics(workdir) if int(r.get('step', 0)) <= step]
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    f.writelines(json.dumps(r, default=_json_default) + '\n' for r in kept)
+  os.replace(tmp, path)
 
 
 SUMMARY_KEYS = ('avg', 'worst', 'worst10', 'nsd')

@@ -98,9 +98,12 @@ def load_teacher(workdir: str, num_classes: int, image_shape, which: str = 'auto
   template = state_lib.create_train_state(tc, model, image_shape, num_classes, steps_per_epoch=1)
   store = checkpoints.CheckpointStore(workdir, keep=tc.checkpoint.keep)
   try:
-    if which == 'auto':
-      which = 'best' if tc.eval.selection != 'last' and store.best_step() is not None else 'latest'
-    restored = store.restore(template, which)
+    restored = None
+    if which == 'auto' and tc.eval.selection != 'last' and store.best_step() is not None:
+      restored = store.restore(template, 'best')  # None if it was corrupt: then the latest
+    if restored is None:
+      which = 'latest' if which == 'auto' else which
+      restored = store.restore(template, which)
   finally:
     store.close()
   if restored is None:

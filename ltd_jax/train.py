@@ -32,9 +32,10 @@ from ltd_jax import input_pipeline
 from ltd_jax import interchange
 from ltd_jax import methods
 from ltd_jax import parallel
+from ltd_jax import preemption
 from ltd_jax import reports
 from ltd_jax import teacher as teacher_lib
-from ltd_jax.errors import CheckpointError, ConfigError, TrainingError
+from ltd_jax.errors import CheckpointError, ConfigError, Preempted, TrainingError
 from ltd_jax.state import TrainState, build_model, create_train_state
 
 
@@ -77,7 +78,9 @@ def train_step(state: TrainState, images: jax.Array, labels: jax.Array, teacher_
   params = optax.apply_updates(state.params, updates)  # AWP: the perturbation is restored exactly
 
   new = dict(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
-  metrics = {'loss': loss, 'count': jnp.float32(labels.shape[0])}
+  finite = [jnp.all(jnp.isfinite(p)) for p in jax.tree_util.tree_leaves((params, batch_stats))]
+  metrics = {'loss': loss, 'count': jnp.float32(labels.shape[0]),
+             'params_finite': jnp.all(jnp.stack(finite))}
   for kind in ('adv', 'clean'):
     if f'ce_{kind}' in aux:
       sums, counts = methods.per_class_sums(aux[f'ce_{kind}'], labels, num_classes)
@@ -133,7 +136,9 @@ class _MetricBuffer:
   def add(self, metrics):
     self.items.append(metrics)
 
-  def flush(self, step: int) -> dict | None:
+  def flush(self, step: int, last_checkpoint: Callable[[], str] = lambda: 'none') -> dict | None:
+    """Averages the buffered metrics; a non-finite loss or parameter raises TrainingError
+    naming the first bad step and ``last_checkpoint()``, the last good one."""
     if not self.items:
       return None
     fetched = jax.device_get(self.items)
@@ -147,12 +152,14 @@ class _MetricBuffer:
     for kind in ('clean', 'adv'):
       if f'correct_{kind}' in fetched[0]:
         out[f'acc_{kind}'] = sum(m[f'correct_{kind}'] for m in fetched) / count
-    bad = [i for i, m in enumerate(fetched) if not np.isfinite(m['loss'])]
     self.items, self.start = [], time.perf_counter()
-    if bad:
-      first = step - len(fetched) + bad[0] + 1
-      raise TrainingError(f'non-finite loss at step {first}: training stopped and no checkpoint '
-                          f'was written after it; lower --config.optim.lr or check the data')
+    for i, m in enumerate(fetched):
+      if not np.isfinite(m['loss']) or not m['params_finite']:
+        what = 'loss at' if not np.isfinite(m['loss']) else 'parameters after'
+        raise TrainingError(
+            f'non-finite {what} step {step - len(fetched) + i + 1}: training stopped, no '
+            f'checkpoint written after it (last good: {last_checkpoint()}); lower '
+            f'--config.optim.lr or check the data, then rerun to resume from it')
     return out
 
 
@@ -183,14 +190,18 @@ def select_checkpoint(config, state: TrainState, store: checkpoints.CheckpointSt
         sd, state.params, state.batch_stats, source=which, model_name=config.model.name)
     return state.replace(params=params, batch_stats=batch_stats), os.path.abspath(which)
   store.wait()
-  if which == 'auto':
+  auto = which == 'auto'
+  if auto:
     which = 'best' if config.eval.selection != 'last' and store.best_step() is not None else 'latest'
   if which == 'best':
     restored = store.restore(state, 'best')
-    if restored is None:
+    if restored is not None:
+      state = restored
+    elif auto:  # the best one was corrupt (and reported): the latest is what is left
+      which = 'latest'
+    else:
       raise CheckpointError(f'no best checkpoint in {os.path.join(store.workdir, "best")}: train '
                             f'first or evaluate with --checkpoint=latest')
-    state = restored
   return state, which
 
 
@@ -279,6 +290,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     logging.info('resuming from step %d', int(state.step))
   if parallel.is_primary():
     reports.write_run_info(workdir, config)
+    reports.rewind_metrics(workdir, int(state.step))  # drop records a killed run made after it
   writer = reports.MetricWriter(workdir) if parallel.is_primary() else reports.NullWriter()
   method = methods.get_method(config.method)
   teacher = None
@@ -323,64 +335,78 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             if ds.streaming else None)
   buffer, bar = _MetricBuffer(), None
 
+  def last_checkpoint() -> str:
+    store.wait()
+    latest = store.latest_step()
+    return 'none' if latest is None else os.path.join(store.latest.directory, str(latest))
+
   def flush():
-    out = buffer.flush(step)
+    out = buffer.flush(step, last_checkpoint) if buffer.items else None
     if out is not None:
       writer.write('train', step, epoch=step / steps_per_epoch, **out)
       if bar is not None:
         bar.set_postfix({k: f'{v:.3g}' for k, v in out.items() if k != 'loss_natural'})
 
+  stop = preemption.StopRequest(sync_every=config.log_every_steps)
   try:
-    while step < total_steps:
-      epoch = step // steps_per_epoch
-      if bar is None:
-        bar = tqdm(total=steps_per_epoch, initial=step % steps_per_epoch, leave=False,
-                   desc=f'epoch {epoch + 1}/{config.num_epochs}', unit='step',
-                   disable=not config.progress_bar or not parallel.is_primary())
-      if stream is not None:
-        images, labels = next(stream)  # this host's rows of the global batch
-        batch = parallel.shard_process_batch({'images': images, 'labels': labels}, mesh)
-      else:
-        idx = data.train_batch_indices(n, config.batch_size, config.seed, step)
-        if device_data is not None:
-          batch = parallel.shard_global_batch({'index': idx.astype(np.int32)}, mesh)
+    with stop:
+      while step < total_steps:
+        if stop.requested(step):
+          flush()
+          store.save_latest(step, state)
+          store.wait()
+          raise Preempted(f'{stop.name} received: stopped after step {step} of {total_steps}, '
+                          f'checkpoint in {last_checkpoint()}; rerun the same command to resume',
+                          stop.signum, step)
+        epoch = step // steps_per_epoch
+        if bar is None:
+          bar = tqdm(total=steps_per_epoch, initial=step % steps_per_epoch, leave=False,
+                     desc=f'epoch {epoch + 1}/{config.num_epochs}', unit='step',
+                     disable=not config.progress_bar or not parallel.is_primary())
+        if stream is not None:
+          images, labels = next(stream)  # this host's rows of the global batch
+          batch = parallel.shard_process_batch({'images': images, 'labels': labels}, mesh)
         else:
-          batch = parallel.shard_global_batch({k: v[idx] for k, v in host_data.items()}, mesh)
-      state, metrics = step_fn(state, batch, device_data, teacher_variables)
-      step += 1
-      buffer.add(metrics)
-      bar.update(1)
-      if step % config.log_every_steps == 0:
-        flush()
-      if step_hook is not None:
-        step_hook(step)
-      if step % steps_per_epoch == 0:
-        flush()
-        bar.close()
-        bar = None
-        epoch += 1
-        risks = _per_class_risks(state) if method.epoch_end is not None else None
-        state = epoch_end_fn(state, epoch)
-        if risks is not None:
-          writer.write('temperatures', step, epoch=epoch, **risks,
-                       tau_adv=np.asarray(state.tau_adv).tolist(),
-                       tau_clean=np.asarray(state.tau_clean).tolist())
-        if epoch % config.eval.every_epochs == 0 or step == total_steps:
-          ev = evaluate.evaluate(periodic_eval, state.variables, sel_images[subset],
-                                 sel_labels[subset], ds.num_classes, config.eval.batch_size,
-                                 jax.random.fold_in(eval_rng, epoch), mesh=mesh)
-          record = {f'{a}/{k}': v for a, r in ev.items() for k, v in r.items() if k != 'per_class'}
-          if config.eval.selection != 'last':
-            score = evaluate.selection_score(ev, config.eval.selection)
-            record['selection_score'] = score
-            record['is_best'] = store.save_best(step, state, score)
-          writer.write('eval', step, epoch=epoch, split=config.eval.selection_split, **record)
-          logging.info('epoch %d: %s', epoch, record)
-        store.save_latest(step, state)
-      elif step == total_steps or (config.checkpoint.every_steps
-                                   and step % config.checkpoint.every_steps == 0):
-        flush()
-        store.save_latest(step, state)
+          idx = data.train_batch_indices(n, config.batch_size, config.seed, step)
+          if device_data is not None:
+            batch = parallel.shard_global_batch({'index': idx.astype(np.int32)}, mesh)
+          else:
+            batch = parallel.shard_global_batch({k: v[idx] for k, v in host_data.items()}, mesh)
+        state, metrics = step_fn(state, batch, device_data, teacher_variables)
+        step += 1
+        buffer.add(metrics)
+        bar.update(1)
+        if step % config.log_every_steps == 0:
+          flush()
+        if step_hook is not None:
+          step_hook(step)
+        if step % steps_per_epoch == 0:
+          flush()
+          bar.close()
+          bar = None
+          epoch += 1
+          risks = _per_class_risks(state) if method.epoch_end is not None else None
+          state = epoch_end_fn(state, epoch)
+          if risks is not None:
+            writer.write('temperatures', step, epoch=epoch, **risks,
+                         tau_adv=np.asarray(state.tau_adv).tolist(),
+                         tau_clean=np.asarray(state.tau_clean).tolist())
+          if epoch % config.eval.every_epochs == 0 or step == total_steps:
+            ev = evaluate.evaluate(periodic_eval, state.variables, sel_images[subset],
+                                   sel_labels[subset], ds.num_classes, config.eval.batch_size,
+                                   jax.random.fold_in(eval_rng, epoch), mesh=mesh)
+            record = {f'{a}/{k}': v for a, r in ev.items() for k, v in r.items() if k != 'per_class'}
+            if config.eval.selection != 'last':
+              score = evaluate.selection_score(ev, config.eval.selection)
+              record['selection_score'] = score
+              record['is_best'] = store.save_best(step, state, score)
+            writer.write('eval', step, epoch=epoch, split=config.eval.selection_split, **record)
+            logging.info('epoch %d: %s', epoch, record)
+          store.save_latest(step, state)
+        elif step == total_steps or (config.checkpoint.every_steps
+                                     and step % config.checkpoint.every_steps == 0):
+          flush()
+          store.save_latest(step, state)
     if _trained_steps_in_results(workdir) == total_steps:
       logging.info('training and final evaluation already complete in %s', workdir)
     else:
