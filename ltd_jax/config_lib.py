@@ -157,10 +157,17 @@ def load_config_file(path: str) -> ml_collections.ConfigDict:
     raise ConfigError(f'config file {path} not found: pass --config=configs/NAME.py')
   spec = importlib.util.spec_from_file_location('ltd_jax_config', path)
   module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  if not hasattr(module, 'get_config'):
-    raise ConfigError(f'config file {path} defines no get_config()')
-  return module.get_config()
+  try:
+    spec.loader.exec_module(module)
+    if not hasattr(module, 'get_config'):
+      raise ConfigError(f'config file {path} defines no get_config()')
+    return module.get_config()
+  except ConfigError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    where = f' (line {e.lineno})' if isinstance(e, SyntaxError) else ''
+    raise ConfigError(f'config file {path} failed to load{where}: {type(e).__name__}: '
+                      f'{str(e).splitlines()[0] if str(e) else ""}; fix the file') from e
 
 
 def _flat_keys(config, prefix=''):
@@ -172,6 +179,12 @@ def _flat_keys(config, prefix=''):
   return keys
 
 
+# Names other code bases use for keys of this config, for the suggestion of a mistyped key.
+_ALIASES = {'learning_rate': 'lr', 'epochs': 'num_epochs', 'wd': 'weight_decay',
+            'bs': 'batch_size', 'epsilon': 'eps', 'step_size': 'alpha', 'num_steps': 'steps',
+            'arch': 'name', 'model_name': 'name'}
+
+
 def check_override_keys(config: ml_collections.ConfigDict, argv) -> None:
   """Fails on any ``--config.a.b=v`` whose key the config does not define."""
   known = set(_flat_keys(config))
@@ -179,7 +192,9 @@ def check_override_keys(config: ml_collections.ConfigDict, argv) -> None:
     if arg.startswith('--config.'):
       key = arg[len('--config.'):].split('=', 1)[0]
       if key not in known:
-        close = difflib.get_close_matches(key, sorted(known), n=1)
+        *section, leaf = key.split('.')
+        alias = '.'.join(section + [_ALIASES.get(leaf, leaf)])
+        close = [alias] if alias in known else difflib.get_close_matches(key, sorted(known), n=1)
         hint = f'did you mean --config.{close[0]}?' if close else 'see configs/ and ltd_jax/config_lib.py'
         raise ConfigError(f'unknown config key {key!r} in {arg}: {hint}')
 
@@ -196,6 +211,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
            f'unknown method {config.method!r}: set --config.method to one of '
            f'{", ".join(sorted(methods.METHODS))}')
   _require(config.eps >= 0, f'eps must be >= 0, got {config.eps}')
+  _require(config.eps <= 1, f'eps={config.eps} exceeds 1, but pixels lie in [0, 1]: did you mean '
+                            f'{config.eps:g}/255 (--config.eps={config.eps / 255:.6f})?')
   _require(config.attack.alpha > 0, f'attack.alpha must be > 0, got {config.attack.alpha}')
   _require(config.attack.steps >= 0, f'attack.steps must be >= 0, got {config.attack.steps}')
   _require(config.attack.init in ('normal', 'uniform', 'none'),
@@ -214,6 +231,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
            f'optim.lr_boundaries_epochs must be non-negative and increasing, got {b}')
   _require(config.dtype in ('float32', 'bfloat16'),
            f'dtype must be float32 or bfloat16, got {config.dtype!r}')
+  _require(config.data.source in ('auto', 'pickle', 'tfds', 'folder'),
+           f'data.source must be auto, pickle, tfds or folder, got {config.data.source!r}')
+  _require(config.data.val_size >= 0, f'data.val_size must be >= 0, got {config.data.val_size}')
   _require(config.data.augment in ('auto', 'none', 'crop_flip'),
            f'data.augment must be auto, none or crop_flip, got {config.data.augment!r}')
   for key in ('during_training', 'final'):

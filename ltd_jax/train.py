@@ -258,7 +258,11 @@ def comparison_runs(config, workdir: str) -> dict:
 
 def _setup(config, workdir: str):
   config_lib.validate(config)
-  os.makedirs(workdir, exist_ok=True)
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise ConfigError(f'cannot use {workdir} as the work directory ({e.strerror}): pass another '
+                      f'--workdir') from e
   ds = data.load_dataset(config.data)
   n = ds.num_train
   if config.batch_size > n:
