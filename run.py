@@ -3,8 +3,9 @@
 Modes: ``train`` (resumes from the work directory's latest checkpoint, then evaluates the
 selected checkpoint with every attack), ``evaluate`` (evaluates a saved checkpoint, or a PyTorch
 file given as --checkpoint), ``export`` (writes the checkpoint as a PyTorch state_dict),
-``autoattack`` (runs the official AutoAttack on the exported model and adds it to the results)
-and ``temperature_search`` (LTD's two-step search of the teacher temperature).
+``autoattack`` (runs the official AutoAttack on the exported model and adds it to the results),
+``audit`` (the gradient-masking audit of a checkpoint; exit status 1 when it finds signs of
+masking) and ``temperature_search`` (LTD's two-step search of the teacher temperature).
 """
 
 import os
@@ -22,10 +23,11 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file: configs/
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Work directory (default: workdirs/<config name>).')
 _MODE = flags.DEFINE_enum(
-    'mode', 'train', ['train', 'evaluate', 'export', 'autoattack', 'temperature_search'],
-    'train; evaluate, export or AutoAttack a checkpoint; or LTD\'s teacher-temperature search.')
+    'mode', 'train', ['train', 'evaluate', 'export', 'autoattack', 'audit', 'temperature_search'],
+    'train; evaluate, export, AutoAttack or audit (gradient masking) a checkpoint; or LTD\'s '
+    'teacher-temperature search.')
 _CHECKPOINT = flags.DEFINE_string(
-    'checkpoint', 'auto', 'evaluate / export / autoattack: auto (best if kept, else latest), '
+    'checkpoint', 'auto', 'evaluate / export / autoattack / audit: auto (best if kept, else latest), '
     'best, latest, or the path of a PyTorch .pt/.pth/.safetensors file of config.model.')
 
 
@@ -77,6 +79,11 @@ def main(argv):
     elif _MODE.value == 'autoattack':
       from ltd_jax import autoattack  # pylint: disable=g-import-not-at-top
       autoattack.autoattack_checkpoint(config, workdir, _CHECKPOINT.value)
+    elif _MODE.value == 'audit':
+      from ltd_jax import audit  # pylint: disable=g-import-not-at-top
+      if not audit.audit_checkpoint(config, workdir, _CHECKPOINT.value)['passed']:
+        print(f'work directory: {os.path.abspath(workdir)}')
+        sys.exit(1)
     else:
       from ltd_jax import temperature_search  # pylint: disable=g-import-not-at-top
       temperature_search.ltd_temperature_search(config, workdir, train.train_and_evaluate)

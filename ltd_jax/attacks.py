@@ -84,3 +84,64 @@ def kl_objective(logits_fn: LogitsFn, target_probs: jax.Array) -> Objective:
 def cw_objective(logits_fn: LogitsFn, labels: jax.Array, kappa: float = 50.0) -> Objective:
   """sum_i -clamp(z_y - max_{c!=y} z_c + kappa, 0)."""
   return lambda x_adv: losses.cw_margin(logits_fn(x_adv), labels, kappa, 'sum')
+
+
+def margin(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """z_y - max_{c != y} z_c per example: negative once the example is misclassified."""
+  z_y = jnp.take_along_axis(logits, labels[:, None], axis=-1)[:, 0]
+  others = jnp.where(jax.nn.one_hot(labels, logits.shape[-1], dtype=bool), -jnp.inf, logits)
+  return z_y - jnp.max(others, axis=-1)
+
+
+def square_init(rng, x, eps):
+  """Vertical stripes: x + eps * (+-1) per column and channel, clipped to [0, 1]."""
+  b, _, w, c = x.shape
+  signs = jax.random.choice(rng, jnp.array([-1.0, 1.0], x.dtype), (b, 1, w, c))
+  return jnp.clip(x + eps * signs, 0.0, 1.0)
+
+
+def square_fraction(p_init: float, query: jax.Array, queries: int) -> jax.Array:
+  """The Square attack's schedule of the window's area fraction p: p_init halved at 10, 50,
+  200, 500, 1000, 2000, 4000, 6000 and 8000 of a budget rescaled to 10,000 queries."""
+  it = (query * 10000) // queries
+  halvings = jnp.sum(it > jnp.array([10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000]))
+  return p_init / 2.0 ** halvings
+
+
+def square_proposal(rng, x_best, x, eps, side):
+  """x_best with one random side x side window (a different place per example) set to
+  x + eps * (+-1 per channel), clipped to [0, 1]."""
+  b, h, w, c = x.shape
+  r_rng, c_rng, s_rng = jax.random.split(rng, 3)
+  top = jax.random.randint(r_rng, (b, 1, 1, 1), 0, h - side + 1)
+  left = jax.random.randint(c_rng, (b, 1, 1, 1), 0, w - side + 1)
+  rows = jnp.arange(h)[None, :, None, None]
+  cols = jnp.arange(w)[None, None, :, None]
+  window = (rows >= top) & (rows < top + side) & (cols >= left) & (cols < left + side)
+  signs = jax.random.choice(s_rng, jnp.array([-1.0, 1.0], x.dtype), (b, 1, 1, c))
+  return jnp.where(window, jnp.clip(x + eps * signs, 0.0, 1.0), x_best)
+
+
+def square_attack(logits_fn: LogitsFn, x: jax.Array, labels: jax.Array, rng: jax.Array, *,
+                  eps: float, queries: int, p_init: float = 0.8) -> jax.Array:
+  """Score-based L-inf Square attack (Andriushchenko et al. 2020, Algorithm 1): it sees only
+  the logits, never a gradient. From vertical stripes, each query proposes a random square
+  window of +-eps values and keeps it where it lowers the margin ``z_y - max_{c!=y} z_c``, for
+  the examples still classified correctly."""
+  h, w = x.shape[1:3]
+  init_rng, loop_rng = jax.random.split(rng)
+  misclassified = (margin(logits_fn(x), labels) <= 0)[:, None, None, None]
+  x_best = jnp.where(misclassified, x, square_init(init_rng, x, eps))  # attack only the correct
+  best = margin(logits_fn(x_best), labels)
+
+  def body(i, carry):
+    x_best, best = carry
+    p = square_fraction(p_init, i, queries)
+    side = jnp.clip(jnp.round(jnp.sqrt(p * h * w)), 1, min(h, w) - 1).astype(jnp.int32)
+    x_new = square_proposal(jax.random.fold_in(loop_rng, i), x_best, x, eps, side)
+    new = margin(logits_fn(x_new), labels)
+    better = (new < best) & (best > 0)
+    return (jnp.where(better[:, None, None, None], x_new, x_best), jnp.where(better, new, best))
+
+  x_best, _ = lax.fori_loop(1, queries, body, (x_best, best))
+  return lax.stop_gradient(x_best)

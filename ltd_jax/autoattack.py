@@ -163,6 +163,7 @@ def autoattack_checkpoint(config: ml_collections.ConfigDict, workdir: str,
       **evaluate.summarize(class_acc, correct.mean()), 'num_examples': int(len(labels))}
   results['autoattack'] = info
   md = reports.write_results(workdir, results, ds.class_names)
+  reports.write_report(workdir)
   reports.plot_per_class(workdir, results, ds.class_names, train.comparison_runs(config, workdir))
   print(md)
   return results

@@ -142,6 +142,18 @@ def default_config() -> ml_collections.ConfigDict:
   c.autoattack.batch_size = 500
   c.autoattack.device = 'auto'  # auto (cuda when available) | cpu | cuda | cuda:N
 
+  # --mode=audit: the gradient-masking audit of a checkpoint (ltd_jax/audit.py).
+  c.audit = ml_collections.ConfigDict()
+  c.audit.n_examples = 1000  # stratified test subset (0: all)
+  c.audit.eps_multiples = (0.25, 0.5, 1.0, 2.0, 4.0)  # PGD-20 at these multiples of eps
+  c.audit.large_eps = 0.5  # PGD at this eps must leave about 0 accuracy ...
+  c.audit.large_eps_max_accuracy = 0.05  # ... at most this much
+  c.audit.pgd_steps = 100  # the stronger PGD: this many steps ...
+  c.audit.restarts = 5  # ... from this many random starts
+  c.audit.square_queries = 1000  # black-box Square attack (AutoAttack uses 5000)
+  c.audit.square_p_init = 0.8
+  c.audit.tolerance = 0.02  # accuracy differences below this are sampling noise
+
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.keep = 3
   c.checkpoint.every_steps = 0  # 0: at the end of every epoch only.
@@ -286,6 +298,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
     augment = 'none' if config.data.name == 'digits' else 'crop_flip'
   _require(not config.teacher.cache_logits or augment == 'none',
            'teacher.cache_logits caches one soft label per image: it needs --config.data.augment=none')
+  au = config.audit
+  _require(1.0 in tuple(au.eps_multiples) and all(m > 0 for m in au.eps_multiples),
+           f'audit.eps_multiples must be positive and include 1.0, got {tuple(au.eps_multiples)}')
+  _require(au.pgd_steps > 0 and au.restarts > 0 and au.square_queries > 0 and au.n_examples >= 0,
+           'audit.pgd_steps, audit.restarts and audit.square_queries must be > 0')
+  _require(0 < au.large_eps <= 1 and 0 < au.square_p_init <= 1 and au.tolerance >= 0,
+           'audit.large_eps and audit.square_p_init must lie in (0, 1], audit.tolerance >= 0')
   _require(config.checkpoint.keep > 0, f'checkpoint.keep must be > 0, got {config.checkpoint.keep}')
   _require(config.checkpoint.every_steps >= 0, 'checkpoint.every_steps must be >= 0')
   _require(config.log_every_steps > 0, 'log_every_steps must be > 0')

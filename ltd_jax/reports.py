@@ -153,7 +153,8 @@ def results_markdown(results: dict, class_names=()) -> str:
               f"model, {aa['num_examples']} images, device {aa['device']}, "
               f"{aa['seconds']:.0f} s."]
   num_classes = len(evals[names[0]]['per_class']) if names else 0
-  class_names = list(class_names) or [str(i) for i in range(num_classes)]
+  class_names = (list(class_names) or list(results.get('class_names', ()))
+                 or [str(i) for i in range(num_classes)])
   lines += ['', '| class | ' + ' | '.join(f'{n} %' for n in names) + ' |',
             '|---|' + '---:|' * len(names)]
   for c in range(num_classes):
@@ -255,3 +256,77 @@ def plot_temperatures(workdir: str, class_names=()) -> str | None:
   fig.savefig(path, dpi=100)
   plt.close(fig)
   return path
+
+
+PLOTS = (('training_curves.png', 'Training curves'),
+         ('per_class_accuracy.png', 'Per-class accuracy'),
+         ('temperatures.png', 'ABSLD class temperatures'))
+
+
+def _read_json(path: str):
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
+
+
+def write_report(workdir: str, status: str | None = None) -> str:
+  """``report.md``: the run's status, results table for every attack (AutoAttack included
+  when it ran), audit verdict, plots, training summary, environment and full config.
+  ``status`` overrides the one read from the work directory (finished when results exist)."""
+  config = _read_json(os.path.join(workdir, 'config.json')) or {}
+  env = _read_json(os.path.join(workdir, 'environment.json')) or {}
+  results = _read_json(os.path.join(workdir, 'results.json'))
+  audit = _read_json(os.path.join(workdir, 'audit.json'))
+  title = (results or {}).get('title') or (
+      f"{config.get('method', '?')} / {config.get('model', {}).get('name', '?')} / "
+      f"{config.get('data', {}).get('name', '?')}")
+  status = status or ('finished' if results else 'no results yet')
+  lines = [f'# Run report: {title}', '', f'Status: {status}  ',
+           f'Work directory: `{os.path.abspath(workdir)}`  ',
+           f"Written: {time.strftime('%Y-%m-%d %H:%M:%S')}", '']
+  lines += ['## Results', '']
+  if results:
+    table = results_markdown(results).split('\n', 2)[2]  # without its own title line
+    lines += [table.rstrip(), '']
+  else:
+    lines += ['No final evaluation yet.', '']
+  lines += ['## Gradient-masking audit', '']
+  if audit:
+    lines += [f"Checkpoint {audit.get('checkpoint', '?')}, {audit['num_examples']} images. "
+              f"**{audit['verdict']}** (details in `audit.md`)", '',
+              '| check | verdict | evidence |', '|---|---|---|']
+    lines += [f"| {c['check']} | {'PASS' if c['passed'] else 'FAIL'} | {c['evidence']} |"
+              for c in audit['checks']]
+    lines.append('')
+  else:
+    lines += ['Not run: `python run.py --config=... --mode=audit`.', '']
+  plots = [(f, t) for f, t in PLOTS if os.path.exists(os.path.join(workdir, f))]
+  if plots:
+    lines += ['## Plots', ''] + [f'![{t}]({f})' for f, t in plots] + ['']
+  train = [r for r in read_metrics(workdir) if r['kind'] == 'train']
+  if train:
+    last = train[-1]
+    lines += ['## Training', '',
+              f"{last['step']} steps logged, last loss {last['loss']:.4g}"
+              + (f", last train adversarial accuracy {100 * last['acc_adv']:.2f}%"
+                 if 'acc_adv' in last else '')
+              + f", {last.get('images_per_sec', float('nan')):.1f} images/s.", '']
+  if env:
+    libs = ', '.join(f'{k} {v}' for k, v in env.get('libraries', {}).items() if v)
+    lines += ['## Environment', '',
+              f"- git commit: `{env.get('git_commit')}`",
+              f"- python {env.get('python')} on {env.get('platform')}",
+              f"- devices: {env.get('device_count')} x {env.get('device_kind')} "
+              f"({env.get('process_count')} process(es))",
+              f'- libraries: {libs}',
+              f"- command: `{' '.join(env.get('argv', []))}`", '']
+  lines += ['## Config', '', '```json', json.dumps(config, indent=2, default=_json_default),
+            '```', '']
+  text = '\n'.join(lines)
+  tmp = os.path.join(workdir, 'report.md.tmp')
+  with open(tmp, 'w') as f:
+    f.write(text)
+  os.replace(tmp, os.path.join(workdir, 'report.md'))
+  return text

@@ -1,0 +1,114 @@
+"""The gradient-masking audit: the Square attack it relies on, and that it tells a masked model
+(logits scaled by 10^4, as defensive distillation at a high temperature does) from a robust
+one (TRADES), through the command line."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ltd_jax import attacks
+from ltd_jax import audit
+from ltd_jax import data
+from ltd_jax import evaluate
+from ltd_jax import train
+from tests.conftest import make_tiny_config
+from tests.test_bad_input import run_in_process
+
+
+def test_square_schedule_halves_p_at_the_papers_boundaries():
+  # Andriushchenko et al.: p_init up to query 10 of 10,000, then /2 up to 50, /4 up to 200, ...
+  got = [float(attacks.square_fraction(0.8, q, 10000)) for q in (0, 10, 11, 50, 51, 9999)]
+  np.testing.assert_allclose(got, [0.8, 0.8, 0.4, 0.4, 0.2, 0.8 / 512])
+  # Budgets other than 10,000 are rescaled: query 11 of 1,000 counts as 110, in (50, 200].
+  assert float(attacks.square_fraction(0.8, 11, 1000)) == pytest.approx(0.8 / 4)
+
+
+def test_square_attack_needs_no_gradient_and_stays_in_the_ball():
+  """A model with zero gradients everywhere (rounded logits) still falls to Square; the images
+  stay within eps of x and in [0, 1]; misclassified ones are left as they are."""
+  rng = np.random.default_rng(0)
+  w = jnp.asarray(rng.normal(size=(4 * 4 * 1, 3)), jnp.float32)
+  logits_fn = lambda x: jnp.round(100 * x.reshape(len(x), -1) @ w)  # d/dx = 0
+  x = jnp.asarray(rng.uniform(size=(64, 4, 4, 1)), jnp.float32)
+  labels = jnp.argmax(logits_fn(x), -1)
+  labels = labels.at[:8].set((labels[:8] + 1) % 3)  # 8 misclassified from the start
+  assert float(jnp.abs(jax.grad(lambda z: logits_fn(z).sum())(x)).max()) == 0
+  eps = 0.3
+  x_adv = attacks.square_attack(logits_fn, x, labels, jax.random.PRNGKey(1), eps=eps, queries=200)
+  assert float(jnp.abs(x_adv - x).max()) <= eps + 1e-6
+  assert float(x_adv.min()) >= 0 and float(x_adv.max()) <= 1
+  np.testing.assert_array_equal(x_adv[:8], x[:8])
+  fooled = jnp.argmax(logits_fn(x_adv[8:]), -1) != labels[8:]
+  pgd = attacks.pgd_attack(attacks.ce_objective(logits_fn, labels), x, jax.random.PRNGKey(2),
+                           eps=eps, alpha=eps / 4, steps=10, init='none')
+  assert float(fooled.mean()) > 0.5  # black box succeeds ...
+  np.testing.assert_array_equal(pgd, x)  # ... where a gradient attack cannot move
+
+
+def _audited_config(method, epochs):
+  c = make_tiny_config()
+  c.method, c.num_epochs, c.batch_size = method, epochs, 128
+  c.model.width = 8
+  c.optim.lr_boundaries_epochs = (epochs - 1,)
+  c.eval.final, c.eval.pgd_steps, c.eval.alpha = ('clean', 'pgd20'), 10, 0.05
+  c.audit.n_examples, c.audit.pgd_steps, c.audit.restarts = 200, 50, 3
+  c.audit.square_queries = 300
+  return c
+
+
+@pytest.fixture(scope='module')
+def natural(tmp_path_factory):
+  config = _audited_config('natural', 3)
+  return config, train.train_and_evaluate(config, str(tmp_path_factory.mktemp('natural')))
+
+
+def _audit(config, state, logit_scale):
+  ds = data.load_dataset(config.data)
+  images, labels = ds.split('test')
+  subset = evaluate.stratified_subset(labels, config.audit.n_examples, config.seed)
+  apply_fn = lambda v, x, train=False: logit_scale * state.apply_fn(v, x, train=train)
+  return audit.audit_model(apply_fn, state.variables, images[subset], labels[subset], 10, config,
+                           jax.random.PRNGKey(3))
+
+
+def test_masked_model_is_flagged_and_the_same_model_unscaled_is_not(natural):
+  config, state = natural
+  plain = _audit(config, state, 1.0)
+  assert plain['passed'], plain['checks']  # not robust, but its gradients work
+  masked = _audit(config, state, 1e4)
+  verdicts = {c['check']: c['passed'] for c in masked['checks']}
+  assert not masked['passed'] and masked['verdict'].startswith('gradient masking suspected')
+  assert not verdicts['black box (Square) does not beat white box (PGD)']
+  assert not verdicts['about 0 at a large eps (0.5)']
+  acc = {n: r['avg'] for n, r in masked['attacks'].items()}
+  # The scale changes no prediction: clean and black-box accuracy are the plain model's.
+  assert acc['clean'] == plain['attacks']['clean']['avg']
+  assert acc['pgd10@1eps'] > acc['square'] + 0.3
+
+
+def test_trades_model_passes_the_audit_from_the_command_line(tmp_path):
+  config = _audited_config('trades', 6)
+  workdir = str(tmp_path)
+  train.train_and_evaluate(config, workdir)
+  overrides = {'method': 'trades', 'num_epochs': 6, 'batch_size': 128, 'model.width': 8,
+               'eps': 0.2, 'data.name': 'digits', 'model.name': 'small_cnn',
+               'eval.pgd_steps': 10, 'eval.alpha': 0.05, 'audit.n_examples': 200,
+               'audit.pgd_steps': 50, 'audit.restarts': 3, 'audit.square_queries': 300,
+               'optim.lr_boundaries_epochs': '(5,)', 'eval.final': '("clean","pgd20")'}
+  code = run_in_process('--config=configs/trades_digits.py', '--mode=audit',
+                        f'--workdir={workdir}', *[f'--config.{k}={v}' for k, v in overrides.items()])
+  record = json.load(open(os.path.join(workdir, 'audit.json')))
+  assert code == 0, record['checks']
+  assert record['passed'] and all(c['passed'] for c in record['checks'])
+  assert record['checkpoint'] == 'best' and len(record['checks']) == 6
+  acc = {n: r['avg'] for n, r in record['attacks'].items()}
+  assert acc['clean'] > acc['pgd10@1eps'] > 0.05  # robust to a degree, and attacked for real
+  report = open(os.path.join(workdir, 'report.md')).read()
+  assert 'Status: finished' in report and 'passed: no sign of gradient masking' in report
+  for needle in ('| pgd20 |', '## Gradient-masking audit', '![Training curves]',
+                 '## Environment', 'git commit', '"method": "trades"'):
+    assert needle in report, needle
