@@ -415,8 +415,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             store.save_latest(step, state)
     except (Preempted, TrainingError) as e:
       if parallel.is_primary():
-        reports.write_report(workdir, status=f"{'stopped' if isinstance(e, Preempted) else 'failed'}"
-                                             f' at step {step}: {e}')
+        reports.write_report(workdir, status=f"{'stopped' if isinstance(e, Preempted) else 'failed'}: {e}")
       raise
     if _trained_steps_in_results(workdir) == total_steps:
       logging.info('training and final evaluation already complete in %s', workdir)

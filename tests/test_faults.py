@@ -70,6 +70,8 @@ def test_signal_finishes_the_step_checkpoints_and_resumes(reference, tmp_path, s
   assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
   assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints')), key=int) == ['5', '7']
+  report = open(os.path.join(workdir, 'report.md')).read()
+  assert f'Status: stopped: {signal.Signals(signum).name} received: stopped after step 7' in report
   _assert_same_state(full, train.train_and_evaluate(config, workdir))
 
 

@@ -135,7 +135,7 @@ def test_work_directory_contents_and_best_checkpoint(tiny_config, tmp_path):
   workdir = str(tmp_path)
   train.train_and_evaluate(tiny_config, workdir)
   for name in ('config.json', 'environment.json', 'metrics.jsonl', 'results.json', 'results.md',
-               'per_class_accuracy.png', 'training_curves.png'):
+               'report.md', 'per_class_accuracy.png', 'training_curves.png'):
     assert os.path.exists(os.path.join(workdir, name)), name
   env = json.load(open(os.path.join(workdir, 'environment.json')))
   assert env['devices'] and env['libraries']['jax'] and 'git_commit' in env
@@ -156,6 +156,14 @@ def test_work_directory_contents_and_best_checkpoint(tiny_config, tmp_path):
     assert len(r['per_class']) == 10 and 0 <= r['worst'] <= r['avg'] <= 1
   md = open(os.path.join(workdir, 'results.md')).read()
   assert '| pgd20 |' in md and 'NSD' in md
+  report = open(os.path.join(workdir, 'report.md')).read()
+  assert report.startswith('# Run report: trades / small_cnn / digits')
+  assert 'Status: finished' in report and md.split('\n', 2)[2].strip() in report  # all attacks
+  for png in ('training_curves.png', 'per_class_accuracy.png'):
+    assert f']({png})' in report
+  assert env['git_commit'] in report and json.dumps(json.load(open(
+      os.path.join(workdir, 'config.json'))), indent=2) in report
+  assert 'Gradient-masking audit' in report and 'Not run' in report
 
   # --mode=evaluate on the same work directory gives the same numbers for the same checkpoint.
   again = train.evaluate_checkpoint(tiny_config, workdir, 'best')
@@ -198,6 +206,7 @@ def test_non_finite_parameters_stop_with_the_step_and_keep_the_last_good_checkpo
   with pytest.raises(TrainingError, match=rf'non-finite parameters after step 1[67]: .*{last}'):
     train.train_and_evaluate(tiny_config, str(tmp_path))
   assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['10', '15', '5']
+  assert 'Status: failed: non-finite parameters after step 1' in open(tmp_path / 'report.md').read()
   ds, latest, store = train.restore_for_evaluation(tiny_config, str(tmp_path), 'latest')
   store.close()
   assert int(latest.step) == 15
