@@ -62,16 +62,17 @@ def audit_attacks(config: ml_collections.ConfigDict) -> dict[str, dict]:
     out[f'pgd{ev.pgd_steps}@{m:g}eps'] = {
         'eps': e, 'what': f'PGD-{ev.pgd_steps}, step {ev.alpha * m:.4g}',
         'fn': functools.partial(_pgd, eps=e, alpha=ev.alpha * m, steps=ev.pgd_steps)}
-  out['fgsm'] = {'eps': eps, 'what': 'FGSM',
-                 'fn': lambda f, x, y, r: attacks.fgsm_attack(attacks.ce_objective(f, y), x, eps=eps)}
+  out['fgsm'] = {
+      'eps': eps, 'what': 'FGSM',
+      'fn': lambda f, x, y, r: attacks.fgsm_attack(attacks.ce_objective(f, y), x, eps=eps)}
   out['pgd_strong'] = {
       'eps': eps, 'what': f'PGD-{a.pgd_steps} x {a.restarts} restarts, step {ev.alpha:.4g}',
       'fn': functools.partial(_pgd_restarts, eps=eps, alpha=ev.alpha, steps=a.pgd_steps,
                               restarts=a.restarts)}
   out['square'] = {
       'eps': eps, 'what': f'Square, {a.square_queries} queries (black box)',
-      'fn': lambda f, x, y, r: attacks.square_attack(f, x, y, r, eps=eps,
-                                                     queries=a.square_queries, p_init=a.square_p_init)}
+      'fn': lambda f, x, y, r: attacks.square_attack(
+          f, x, y, r, eps=eps, queries=a.square_queries, p_init=a.square_p_init)}
   large_alpha = 2.5 * a.large_eps / a.pgd_steps  # Madry et al.'s step for covering the ball
   out['pgd_large_eps'] = {
       'eps': a.large_eps, 'what': f'PGD-{a.pgd_steps}, step {large_alpha:.4g}',
@@ -107,6 +108,7 @@ def gradient_masking_checks(acc: dict[str, float], specs: dict[str, dict],
   pct = lambda n: f'{100 * acc[n]:.2f}%'
   white = min(acc[pgd], acc['pgd_strong'])
   above = [n for n in acc if n != 'clean' and acc[n] > acc['clean']]
+  above_text = '; above it: ' + ', '.join(f'{n} {pct(n)}' for n in above) if above else ''
   return [
       {'check': 'accuracy falls as eps grows', 'passed': not rises,
        'evidence': ', '.join(f"{specs[n]['eps']:.4g}: {pct(n)}" for n in sweep)
@@ -125,8 +127,7 @@ def gradient_masking_checks(acc: dict[str, float], specs: dict[str, dict],
        'passed': acc['square'] >= white - tol,
        'evidence': f"Square: {pct('square')}; best white-box PGD: {100 * white:.2f}%"},
       {'check': 'no attack leaves accuracy above clean', 'passed': not above,
-       'evidence': f"clean: {pct('clean')}" + (f"; above it: {', '.join(f'{n} {pct(n)}' for n in above)}"
-                                              if above else '')},
+       'evidence': f"clean: {pct('clean')}{above_text}"},
   ]
 
 

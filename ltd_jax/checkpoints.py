@@ -1,4 +1,4 @@
-"""Orbax checkpoints of the whole TrainState: the latest N under ``checkpoints/``, the best under ``best/``.
+"""Orbax checkpoints of the whole TrainState: the latest N in ``checkpoints/``, the best in ``best/``.
 
 Each step holds two items: ``state`` (the TrainState's arrays) and ``digest`` (the CRC-32 of
 every array). Orbax writes a step into a temporary folder and renames it when complete, so a
@@ -169,8 +169,9 @@ class CheckpointStore:
   def _quarantine(self, manager, step: int, reason: str) -> None:
     """Moves an unreadable step to ``corrupt/`` (kept for inspection) and reports it."""
     src = os.path.join(manager.directory, str(step))
+    stamp = time.strftime('%Y%m%d-%H%M%S')
     dest = os.path.join(self.workdir, 'corrupt',
-                        f'{os.path.basename(manager.directory)}-{step}-{time.strftime("%Y%m%d-%H%M%S")}')
+                        f'{os.path.basename(manager.directory)}-{step}-{stamp}')
     if jax.process_index() == 0:
       os.makedirs(os.path.dirname(dest), exist_ok=True)
       shutil.move(src, dest)
