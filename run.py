@@ -90,6 +90,10 @@ def main(argv):
   except errors.Preempted as e:
     print(str(e), file=sys.stderr)
     sys.exit(128 + e.signum)
+  except KeyboardInterrupt:  # outside the training loop (start-up, final evaluation): no step lost
+    print('interrupted (SIGINT) outside training: checkpoints already written stay valid; rerun '
+          'the same command to go on', file=sys.stderr)
+    sys.exit(130)
   except errors.LtdError as e:
     _fail(str(e))
   print(f'work directory: {os.path.abspath(workdir)}')

@@ -209,3 +209,15 @@ def _restore_latest(workdir):
   _, state, store = train.restore_for_evaluation(config, workdir, 'latest')
   store.close()
   return state
+
+
+def test_ctrl_c_outside_the_training_loop_is_one_line_and_exit_130(monkeypatch, capfd, tmp_path):
+  from tests.test_bad_input import run_in_process  # pylint: disable=g-import-not-at-top
+
+  def interrupted(config, workdir):
+    raise KeyboardInterrupt
+  monkeypatch.setattr(train, 'train_and_evaluate', interrupted)
+  capfd.readouterr()
+  code = run_in_process('--config=configs/trades_digits.py', f'--workdir={tmp_path}')
+  lines = [l for l in capfd.readouterr().err.splitlines() if l.strip()]
+  assert code == 130 and len(lines) == 1 and lines[0].startswith('interrupted (SIGINT)')
