@@ -4,7 +4,9 @@ Every method runs through the same jit-compiled ``train_step``: augment on devic
 method's adversarial examples with the model in eval mode, differentiate the method's loss in
 train mode, apply the optax update and accumulate per-class risks. The step is a pure
 function of the TrainState and the batch; the batch is a pure function of (seed, step), so a
-run that is killed and restarted from a checkpoint ends with the same parameters.
+run that is killed and restarted from a checkpoint ends with the same parameters. SIGTERM and
+SIGINT stop the loop between steps with a checkpoint (``preemption.StopRequest``); a
+non-finite loss or parameter stops it before anything after it is saved.
 """
 
 from __future__ import annotations
