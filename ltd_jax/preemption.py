@@ -3,7 +3,8 @@
 Cluster schedulers send SIGTERM some seconds before they kill a job, and a user stops a run with
 Ctrl-C (SIGINT). Inside ``StopRequest`` both only record the signal; the training loop asks
 ``requested(step)`` between steps, writes a checkpoint and raises ``errors.Preempted``. A second
-signal while the first is pending acts at once (the handler that was installed before).
+signal while the first is pending acts at once (the handler that was installed before). A
+signal the process was started to ignore (SIGINT of a background job, nohup) stays ignored.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ class StopRequest:
   def __enter__(self) -> StopRequest:
     if threading.current_thread() is threading.main_thread():  # only there can Python catch them
       for s in SIGNALS:
-        self._previous[s] = signal.signal(s, self._handle)
+        if signal.getsignal(s) is not signal.SIG_IGN:  # ignored on purpose (nohup, background jobs)
+          self._previous[s] = signal.signal(s, self._handle)
     return self
 
   def __exit__(self, *exc) -> None:

@@ -34,6 +34,21 @@ def _assert_same_state(a, b):
     np.testing.assert_array_equal(x, y)
 
 
+@pytest.fixture(autouse=True)
+def default_signal_handlers():
+  """Python's own handlers, also where the suite runs as a background job (SIGINT ignored)."""
+  saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+  signal.signal(signal.SIGINT, signal.default_int_handler)
+  signal.signal(signal.SIGTERM, signal.SIG_DFL)
+  yield
+  for s, handler in saved.items():
+    signal.signal(s, handler)
+
+
+def _default_signals_in_child():
+  signal.signal(signal.SIGINT, signal.SIG_DFL)  # Python then installs its KeyboardInterrupt
+
+
 @pytest.fixture(scope='module')
 def reference(tmp_path_factory):
   """An undisturbed 3-epoch run (15 steps, checkpoints at 5, 10, 15) and its config."""
@@ -73,6 +88,17 @@ def test_signal_finishes_the_step_checkpoints_and_resumes(reference, tmp_path, s
   report = open(os.path.join(workdir, 'report.md')).read()
   assert f'Status: stopped: {signal.Signals(signum).name} received: stopped after step 7' in report
   _assert_same_state(full, train.train_and_evaluate(config, workdir))
+
+
+def test_a_signal_ignored_at_start_stays_ignored(reference, tmp_path):
+  config, full, _ = reference
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+  def ctrl_c(step):
+    if step == 3:
+      os.kill(os.getpid(), signal.SIGINT)
+  _assert_same_state(full, train.train_and_evaluate(config, str(tmp_path), step_hook=ctrl_c))
+  assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
 
 
 def test_a_second_sigint_stops_at_once(reference, tmp_path):
@@ -170,7 +196,8 @@ def test_random_kills_sigkill_included_end_with_the_uninterrupted_parameters(tmp
   log = []
   for signum in kills:
     proc = subprocess.Popen(_cli(workdir), cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_default_signals_in_child)
     ckpt_dir = os.path.join(workdir, 'checkpoints')
     before = set(os.listdir(ckpt_dir)) if os.path.isdir(ckpt_dir) else set()
     while proc.poll() is None and (not os.path.isdir(ckpt_dir)
