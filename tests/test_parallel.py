@@ -5,6 +5,7 @@ JAX starts: ``--xla_force_host_platform_device_count`` splits the CPU into N dev
 processes joined by ``jax.distributed.initialize`` form one 4-device mesh.
 """
 
+import json
 import os
 import socket
 import subprocess
@@ -40,30 +41,44 @@ def runs(tmp_path_factory):
   root = tmp_path_factory.mktemp('parallel')
   procs = {}
 
-  def launch(name, devices, *overrides, process_id=None):
+  def launch(name, devices, *overrides, process_id=None, env=None):
     out = root / f'{name}.npz'
     cmd = [sys.executable, WORKER, str(root / name), str(out), *overrides]
-    log = open(root / f'{name}{"" if process_id is None else process_id}.log', 'w')
-    procs[(name, process_id)] = (subprocess.Popen(cmd, env=_env(devices), stdout=log,
-                                                  stderr=subprocess.STDOUT), log, out)
+    log = open(root / f'{name}{"" if process_id is None else process_id}.log', 'a')
+    procs[(name, process_id)] = (subprocess.Popen(cmd, env={**_env(devices), **(env or {})},
+                                                  stdout=log, stderr=subprocess.STDOUT), log, out)
 
+  def two_processes(name, sigterm_at=None):
+    port = _free_port()
+    for pid in (0, 1):
+      env = {'LTD_TEST_SIGTERM_AT_STEP': str(sigterm_at)} if sigterm_at and pid == 1 else None
+      launch(name, 2, '--config.method=natural', '--config.distributed.initialize=True',
+             f'--config.distributed.coordinator_address=localhost:{port}',
+             '--config.distributed.num_processes=2', f'--config.distributed.process_id={pid}',
+             process_id=pid, env=env)
+
+  def wait_all(expected_rc=None):
+    for (name, pid), (proc, log, out) in procs.items():
+      rc = proc.wait(timeout=600)
+      log.close()
+      assert rc == (expected_rc or {}).get(name, 0), \
+          f'{name} exited {rc}:\n{open(log.name).read()[-3000:]}'
+      if rc == 0 and pid in (None, 0):
+        with np.load(out) as f:
+          results[name] = dict(f)
+    procs.clear()
+
+  results = {}
   for method in ('natural', 'trades'):
     launch(f'{method}_1', 1, f'--config.method={method}')
     launch(f'{method}_8', 8, f'--config.method={method}')
-  port = _free_port()
-  for pid in (0, 1):
-    launch('natural_2x2', 2, '--config.method=natural', '--config.distributed.initialize=True',
-           f'--config.distributed.coordinator_address=localhost:{port}',
-           '--config.distributed.num_processes=2', f'--config.distributed.process_id={pid}',
-           process_id=pid)
-  results = {}
-  for (name, pid), (proc, log, out) in procs.items():
-    rc = proc.wait(timeout=600)
-    log.close()
-    assert rc == 0, f'{name} failed:\n{open(log.name).read()[-3000:]}'
-    if pid in (None, 0):
-      with np.load(out) as f:
-        results[name] = dict(f)
+  two_processes('natural_2x2')
+  two_processes('natural_2x2_preempted', sigterm_at=3)  # process 1 alone gets SIGTERM
+  wait_all({'natural_2x2_preempted': 143})
+  results['preempted_at'] = [
+      json.load(open(root / f'natural_2x2_preempted.npz.{i}.preempted.json')) for i in (0, 1)]
+  two_processes('natural_2x2_preempted')  # rerun: resumes on both hosts
+  wait_all()
   return results
 
 
@@ -94,6 +109,13 @@ def test_eight_devices_trades_agree_within_sign_flips(runs):
 
 def test_two_processes_train_the_same_model_as_one_device(runs):
   assert _max_diff(runs['natural_1'], runs['natural_2x2']) < 1e-5
+
+
+def test_sigterm_on_one_host_stops_every_host_at_the_same_step_and_resumes(runs):
+  # Process 1 got SIGTERM after step 3; the hosts compare flags every log_every_steps (2), so
+  # both finished step 4, wrote its checkpoint together and exited 143; the rerun resumed.
+  assert runs['preempted_at'] == [{'step': 4, 'signum': 15}] * 2
+  assert _max_diff(runs['natural_1'], runs['natural_2x2_preempted']) < 1e-5
 
 
 def test_indivisible_batch_is_a_one_line_error(tmp_path):

@@ -2,10 +2,14 @@
 
     python tests/train_worker.py WORKDIR OUT.npz [--config.key=value ...]
 
-Tests run it under different XLA_FLAGS (device counts) or as one of several processes.
+Tests run it under different XLA_FLAGS (device counts) or as one of several processes; with
+LTD_TEST_SIGTERM_AT_STEP=N the process sends itself SIGTERM after step N and, once preempted,
+records the step it stopped at in OUT.npz.<process index>.preempted.json and exits 143.
 """
 
+import json
 import os
+import signal
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -16,6 +20,7 @@ import jax  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 
 import conftest  # pylint: disable=g-import-not-at-top
+from ltd_jax import errors  # pylint: disable=g-import-not-at-top
 from ltd_jax import parallel  # pylint: disable=g-import-not-at-top
 from ltd_jax import train  # pylint: disable=g-import-not-at-top
 
@@ -35,7 +40,16 @@ def main(workdir, out, *overrides):
   pairs = [item[len('--config.'):].split('=', 1) for item in overrides]
   conftest.apply_overrides(config, {k: _typed(config, k, v) for k, v in pairs})
   parallel.initialize_distributed(config)
-  state = train.train_and_evaluate(config, workdir)
+  hook = None
+  if os.environ.get('LTD_TEST_SIGTERM_AT_STEP'):  # this process alone receives SIGTERM then
+    at = int(os.environ['LTD_TEST_SIGTERM_AT_STEP'])
+    hook = lambda step: os.kill(os.getpid(), signal.SIGTERM) if step == at else None
+  try:
+    state = train.train_and_evaluate(config, workdir, step_hook=hook)
+  except errors.Preempted as e:
+    with open(f'{out}.{jax.process_index()}.preempted.json', 'w') as f:
+      json.dump({'step': e.step, 'signum': e.signum}, f)
+    sys.exit(128 + e.signum)
   leaves = jax.tree_util.tree_leaves_with_path(
       {'params': state.params, 'batch_stats': state.batch_stats})
   if parallel.is_primary():
