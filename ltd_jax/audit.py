@@ -157,8 +157,12 @@ def audit_markdown(audit: dict) -> str:
   lines = [f"# Gradient-masking audit: {audit.get('title', '')}".rstrip(), '',
            f"Checkpoint: {audit.get('checkpoint', '?')}, {audit['num_examples']} test images, "
            f"eps = {audit['eps']:.5f}, tolerance {100 * audit['tolerance']:g} points.", '',
-           f"**Verdict: {audit['verdict']}**", '',
-           '| check | verdict | evidence |', '|---|---|---|']
+           f"**Verdict: {audit['verdict']}**", '']
+  if not audit['passed']:
+    lines += ['The PGD numbers of this model overstate its robustness (masked gradients, or an '
+              'attack the loss surface misleads): quote the official AutoAttack '
+              '(`--mode=autoattack`) and check the failing comparisons below.', '']
+  lines += ['| check | verdict | evidence |', '|---|---|---|']
   for c in audit['checks']:
     lines.append(f"| {c['check']} | {'PASS' if c['passed'] else 'FAIL'} | {c['evidence']} |")
   lines += ['', '| attack | eps | what | accuracy % | worst class % |', '|---|---:|---|---:|---:|']

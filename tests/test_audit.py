@@ -84,6 +84,8 @@ def test_masked_model_is_flagged_and_the_same_model_unscaled_is_not(natural):
   assert not masked['passed'] and masked['verdict'].startswith('gradient masking suspected')
   assert not verdicts['black box (Square) does not beat white box (PGD)']
   assert not verdicts['about 0 at a large eps (0.5)']
+  assert 'overstate its robustness' in audit.audit_markdown(masked)
+  assert 'overstate' not in audit.audit_markdown(plain)
   acc = {n: r['avg'] for n, r in masked['attacks'].items()}
   # The scale changes no prediction: clean and black-box accuracy are the plain model's.
   assert acc['clean'] == plain['attacks']['clean']['avg']
