@@ -128,8 +128,9 @@ class CheckpointStore:
     manager = self.latest if which == 'latest' else self.best
     template = _to_tree(state)
     steps = sorted(manager.all_steps(), reverse=True)
-    if which == 'best' and steps:
-      steps = [manager.best_step()]
+    if which == 'best' and steps:  # one kept; its score may be unreadable if it is corrupt
+      best = manager.best_step()
+      steps = [best] if best is not None else steps[:1]
     for step in steps:
       try:
         restored = self._restore_step(manager, step, template)
