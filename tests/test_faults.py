@@ -185,28 +185,32 @@ def _train_step_records(workdir):
 
 
 def test_random_kills_sigkill_included_end_with_the_uninterrupted_parameters(tmp_path):
-  """The command line run killed at random moments (after its first checkpoint, so mid-step,
-  mid-save or mid-evaluation) by SIGKILL, SIGTERM and SIGINT, rerun after each kill, ends with
-  the parameters of a run that was never killed."""
+  """The command-line run, killed at random steps (a few ms after a random checkpoint: mid-step
+  or mid-save) by SIGKILL, SIGTERM and SIGINT and rerun after each kill, ends with the
+  parameters, results and metrics records of a run that was never killed."""
   ref_dir, workdir = str(tmp_path / 'reference'), str(tmp_path / 'killed')
   ref = subprocess.run(_cli(ref_dir), cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert ref.returncode == 0, ref.stderr
   rng = np.random.default_rng(0)
   kills = [signal.SIGKILL, signal.SIGTERM, signal.SIGKILL, signal.SIGINT, signal.SIGKILL]
+  # Kill once the run has checkpointed a random step of its 44 (and at least one of its own,
+  # so that it is past start-up), then after a random few ms: mid-step or mid-save.
+  targets = np.sort(rng.choice(np.arange(3, 40), size=len(kills), replace=False))
+  ckpt_dir = os.path.join(workdir, 'checkpoints')
+  latest = lambda: max([int(d) for d in os.listdir(ckpt_dir) if d.isdigit()], default=0) \
+      if os.path.isdir(ckpt_dir) else 0
   log = []
-  for signum in kills:
+  for signum, target in zip(kills, targets):
+    start = latest()
     proc = subprocess.Popen(_cli(workdir), cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True,
                             preexec_fn=_default_signals_in_child)
-    ckpt_dir = os.path.join(workdir, 'checkpoints')
-    before = set(os.listdir(ckpt_dir)) if os.path.isdir(ckpt_dir) else set()
-    while proc.poll() is None and (not os.path.isdir(ckpt_dir)
-                                   or not set(os.listdir(ckpt_dir)) - before):
-      time.sleep(0.05)
-    time.sleep(rng.uniform(0, 1.0))
+    while proc.poll() is None and latest() < max(target, start + 1):
+      time.sleep(0.01)
+    time.sleep(rng.uniform(0, 0.05))
     proc.send_signal(signum)
     out, err = proc.communicate(timeout=120)
-    log.append((signal.Signals(signum).name, proc.returncode))
+    log.append((signal.Signals(signum).name, int(target), proc.returncode))
     if proc.returncode == 0:
       break  # finished before the signal came
     if signum == signal.SIGKILL:
@@ -217,7 +221,7 @@ def test_random_kills_sigkill_included_end_with_the_uninterrupted_parameters(tmp
       assert f'{signal.Signals(signum).name} received: stopped after step' in line, err
       stopped = int(line.split('after step ')[1].split()[0])
       assert str(stopped) in os.listdir(ckpt_dir)
-  assert sum(code != 0 for _, code in log) >= 3, log
+  assert sum(code != 0 for _, _, code in log) >= 3, log
   final = subprocess.run(_cli(workdir), cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert final.returncode == 0, final.stderr
   results = [json.load(open(os.path.join(d, 'results.json'))) for d in (ref_dir, workdir)]
