@@ -30,7 +30,6 @@ import ml_collections
 import numpy as np
 
 from ltd_jax import attacks
-from ltd_jax import data
 from ltd_jax import evaluate
 from ltd_jax import parallel
 from ltd_jax import reports
@@ -80,23 +79,6 @@ def audit_attacks(config: ml_collections.ConfigDict) -> dict[str, dict]:
   return out
 
 
-def make_audit_step(apply_fn, specs: dict[str, dict]):
-  """jit-compiled ``(variables, images_uint8, labels, rng) -> {attack: correct[B]}`` for
-  ``evaluate.evaluate``."""
-  names = tuple(specs)
-
-  @jax.jit
-  def step(variables, images, labels, rng):
-    logits_fn = lambda x: apply_fn(variables, x, train=False)
-    x = data.to_float(images)
-    return {n: jnp.argmax(logits_fn(specs[n]['fn'](logits_fn, x, labels,
-                                                   jax.random.fold_in(rng, i))), -1) == labels
-            for i, n in enumerate(names)}
-
-  step.attack_names = names
-  return step
-
-
 def gradient_masking_checks(acc: dict[str, float], specs: dict[str, dict],
                             config: ml_collections.ConfigDict) -> list[dict]:
   """The six checks on the attacks' average accuracies: ``[{check, passed, evidence}]``."""
@@ -135,7 +117,7 @@ def audit_model(apply_fn, variables, images: np.ndarray, labels: np.ndarray, num
                 config: ml_collections.ConfigDict, rng: jax.Array, mesh=None) -> dict:
   """Runs every audit attack on ``images`` and the checks; returns the audit record."""
   specs = audit_attacks(config)
-  step = make_audit_step(apply_fn, specs)
+  step = evaluate.make_attack_eval_step(apply_fn, {n: s['fn'] for n, s in specs.items()})
   if mesh is not None:
     variables = parallel.replicate(variables, mesh)
   results = evaluate.evaluate(step, variables, images, labels, num_classes,

@@ -7,8 +7,9 @@ accuracies), with the population std (ddof=0).
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -36,9 +37,10 @@ def attack_images(name: str, logits_fn, x, y, rng, *, eps: float, eval_config):
   raise ValueError(f'unknown evaluation attack {name!r}')
 
 
-def make_eval_step(apply_fn, attack_names: Sequence[str], *, eps: float, eval_config):
-  """jit-compiled ``(variables, images_uint8, labels, rng) -> {attack: correct[B]}``."""
-  attack_names = tuple(attack_names)
+def make_attack_eval_step(apply_fn, attack_fns: dict[str, Callable]):
+  """jit-compiled ``(variables, images_uint8, labels, rng) -> {attack: correct[B]}`` for
+  ``attack_fns[name](logits_fn, x, labels, rng) -> x_adv`` (each with its own rng)."""
+  attack_names = tuple(attack_fns)
 
   @jax.jit
   def eval_step(variables, images, labels, rng):
@@ -46,13 +48,19 @@ def make_eval_step(apply_fn, attack_names: Sequence[str], *, eps: float, eval_co
     x = data.to_float(images)
     out = {}
     for i, name in enumerate(attack_names):
-      x_adv = attack_images(name, logits_fn, x, labels, jax.random.fold_in(rng, i), eps=eps,
-                            eval_config=eval_config)
+      x_adv = attack_fns[name](logits_fn, x, labels, jax.random.fold_in(rng, i))
       out[name] = jnp.argmax(logits_fn(x_adv), axis=-1) == labels
     return out
 
   eval_step.attack_names = attack_names
   return eval_step
+
+
+def make_eval_step(apply_fn, attack_names: Sequence[str], *, eps: float, eval_config):
+  """``make_attack_eval_step`` for the named evaluation attacks (``attack_images``)."""
+  return make_attack_eval_step(apply_fn, {
+      name: functools.partial(attack_images, name, eps=eps, eval_config=eval_config)
+      for name in attack_names})
 
 
 def per_class_accuracy(correct: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:

@@ -356,73 +356,73 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   stop = preemption.StopRequest(sync_every=config.log_every_steps)
   try:
-    try:
-      with stop:
-        while step < total_steps:
-          if stop.requested(step):
-            flush()
-            store.save_latest(step, state)
-            store.wait()
-            raise Preempted(f'{stop.name} received: stopped after step {step} of {total_steps}, '
-                            f'checkpoint in {last_checkpoint()}; rerun the same command to resume',
-                            stop.signum, step)
-          epoch = step // steps_per_epoch
-          if bar is None:
-            bar = tqdm(total=steps_per_epoch, initial=step % steps_per_epoch, leave=False,
-                       desc=f'epoch {epoch + 1}/{config.num_epochs}', unit='step',
-                       disable=not config.progress_bar or not parallel.is_primary())
-          if stream is not None:
-            images, labels = next(stream)  # this host's rows of the global batch
-            batch = parallel.shard_process_batch({'images': images, 'labels': labels}, mesh)
+    with stop:
+      while step < total_steps:
+        if stop.requested(step):
+          flush()
+          store.save_latest(step, state)
+          store.wait()
+          raise Preempted(f'{stop.name} received: stopped after step {step} of {total_steps}, '
+                          f'checkpoint in {last_checkpoint()}; rerun the same command to resume',
+                          stop.signum, step)
+        epoch = step // steps_per_epoch
+        if bar is None:
+          bar = tqdm(total=steps_per_epoch, initial=step % steps_per_epoch, leave=False,
+                     desc=f'epoch {epoch + 1}/{config.num_epochs}', unit='step',
+                     disable=not config.progress_bar or not parallel.is_primary())
+        if stream is not None:
+          images, labels = next(stream)  # this host's rows of the global batch
+          batch = parallel.shard_process_batch({'images': images, 'labels': labels}, mesh)
+        else:
+          idx = data.train_batch_indices(n, config.batch_size, config.seed, step)
+          if device_data is not None:
+            batch = parallel.shard_global_batch({'index': idx.astype(np.int32)}, mesh)
           else:
-            idx = data.train_batch_indices(n, config.batch_size, config.seed, step)
-            if device_data is not None:
-              batch = parallel.shard_global_batch({'index': idx.astype(np.int32)}, mesh)
-            else:
-              batch = parallel.shard_global_batch({k: v[idx] for k, v in host_data.items()}, mesh)
-          state, metrics = step_fn(state, batch, device_data, teacher_variables)
-          step += 1
-          buffer.add(metrics)
-          bar.update(1)
-          if step % config.log_every_steps == 0:
-            flush()
-          if step_hook is not None:
-            step_hook(step)
-          if step % steps_per_epoch == 0:
-            flush()
-            bar.close()
-            bar = None
-            epoch += 1
-            risks = _per_class_risks(state) if method.epoch_end is not None else None
-            state = epoch_end_fn(state, epoch)
-            if risks is not None:
-              writer.write('temperatures', step, epoch=epoch, **risks,
-                           tau_adv=np.asarray(state.tau_adv).tolist(),
-                           tau_clean=np.asarray(state.tau_clean).tolist())
-            if epoch % config.eval.every_epochs == 0 or step == total_steps:
-              ev = evaluate.evaluate(periodic_eval, state.variables, sel_images[subset],
-                                     sel_labels[subset], ds.num_classes, config.eval.batch_size,
-                                     jax.random.fold_in(eval_rng, epoch), mesh=mesh)
-              record = {f'{a}/{k}': v for a, r in ev.items() for k, v in r.items() if k != 'per_class'}
-              if config.eval.selection != 'last':
-                score = evaluate.selection_score(ev, config.eval.selection)
-                record['selection_score'] = score
-                record['is_best'] = store.save_best(step, state, score)
-              writer.write('eval', step, epoch=epoch, split=config.eval.selection_split, **record)
-              logging.info('epoch %d: %s', epoch, record)
-            store.save_latest(step, state)
-          elif step == total_steps or (config.checkpoint.every_steps
-                                       and step % config.checkpoint.every_steps == 0):
-            flush()
-            store.save_latest(step, state)
-    except (Preempted, TrainingError) as e:
-      if parallel.is_primary():
-        reports.write_report(workdir, status=f"{'stopped' if isinstance(e, Preempted) else 'failed'}: {e}")
-      raise
+            batch = parallel.shard_global_batch({k: v[idx] for k, v in host_data.items()}, mesh)
+        state, metrics = step_fn(state, batch, device_data, teacher_variables)
+        step += 1
+        buffer.add(metrics)
+        bar.update(1)
+        if step % config.log_every_steps == 0:
+          flush()
+        if step_hook is not None:
+          step_hook(step)
+        if step % steps_per_epoch == 0:
+          flush()
+          bar.close()
+          bar = None
+          epoch += 1
+          risks = _per_class_risks(state) if method.epoch_end is not None else None
+          state = epoch_end_fn(state, epoch)
+          if risks is not None:
+            writer.write('temperatures', step, epoch=epoch, **risks,
+                         tau_adv=np.asarray(state.tau_adv).tolist(),
+                         tau_clean=np.asarray(state.tau_clean).tolist())
+          if epoch % config.eval.every_epochs == 0 or step == total_steps:
+            ev = evaluate.evaluate(periodic_eval, state.variables, sel_images[subset],
+                                   sel_labels[subset], ds.num_classes, config.eval.batch_size,
+                                   jax.random.fold_in(eval_rng, epoch), mesh=mesh)
+            record = {f'{a}/{k}': v for a, r in ev.items() for k, v in r.items() if k != 'per_class'}
+            if config.eval.selection != 'last':
+              score = evaluate.selection_score(ev, config.eval.selection)
+              record['selection_score'] = score
+              record['is_best'] = store.save_best(step, state, score)
+            writer.write('eval', step, epoch=epoch, split=config.eval.selection_split, **record)
+            logging.info('epoch %d: %s', epoch, record)
+          store.save_latest(step, state)
+        elif step == total_steps or (config.checkpoint.every_steps
+                                     and step % config.checkpoint.every_steps == 0):
+          flush()
+          store.save_latest(step, state)
     if _trained_steps_in_results(workdir) == total_steps:
       logging.info('training and final evaluation already complete in %s', workdir)
     else:
       final_evaluation(config, workdir, state, ds, store, trained_steps=step)
+  except (Preempted, TrainingError) as e:
+    if parallel.is_primary():
+      kind = 'stopped' if isinstance(e, Preempted) else 'failed'
+      reports.write_report(workdir, status=f'{kind}: {e}')
+    raise
   finally:
     if bar is not None:
       bar.close()

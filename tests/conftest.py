@@ -84,3 +84,25 @@ def pytest_collection_modifyitems(config, items):
   for item in items:
     if 'slow' in item.keywords:
       item.add_marker(skip)
+
+
+def run_in_process(*args) -> int:
+  """Exit status of ``python run.py ARGS`` run in this process (0 when it returns): run.py's
+  own parse_flags and main, as app.run calls them, in milliseconds rather than a JAX start-up."""
+  import run  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  flags.FLAGS.unparse_flags()
+  for name in [n for n in flags.FLAGS if n.startswith('config.')]:
+    delattr(flags.FLAGS, name)  # config_flags defines one flag per override when it parses
+  cwd, argv = os.getcwd(), sys.argv
+  os.chdir(ROOT)
+  sys.argv = ['run.py', *args]  # config_flags reads the --config.* overrides from sys.argv
+  try:
+    run.parse_flags(sys.argv)
+    run.main(sys.argv)
+  except SystemExit as e:
+    return e.code if isinstance(e.code, int) else 1
+  finally:
+    os.chdir(cwd)
+    sys.argv = argv
+  return 0

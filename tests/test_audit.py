@@ -15,8 +15,7 @@ from ltd_jax import audit
 from ltd_jax import data
 from ltd_jax import evaluate
 from ltd_jax import train
-from tests.conftest import make_tiny_config
-from tests.test_bad_input import run_in_process
+from tests.conftest import make_tiny_config, run_in_process
 
 
 def test_square_schedule_halves_p_at_the_papers_boundaries():

@@ -1,43 +1,20 @@
 """Bad input, case by case: each gives one line on stderr naming the problem and the fix, and a
 non-zero exit, before anything is lost.
 
-The command line runs in this process (``run.parse_flags`` then ``run.main``, as ``app.run``
-calls them) with file-descriptor capture, so each case costs milliseconds, not a JAX start-up.
+The command line runs in this process (``conftest.run_in_process``) with file-descriptor capture, so each case costs milliseconds, not a JAX start-up.
 tests/test_cli.py runs some of them as real subprocesses; the batch that does not divide over
 8 devices is in tests/test_parallel.py (the device count is fixed when JAX starts).
 """
 
 import os
 import pickle
-import sys
 
 import numpy as np
 import pytest
-from absl import flags
 
-import run
 from ltd_jax import interchange
 from ltd_jax import state as state_lib
-from tests.conftest import ROOT, make_tiny_config
-
-
-def run_in_process(*args) -> int:
-  """Exit status of ``python run.py ARGS`` run in this process (0 when it returns)."""
-  flags.FLAGS.unparse_flags()
-  for name in [n for n in flags.FLAGS if n.startswith('config.')]:
-    delattr(flags.FLAGS, name)  # config_flags defines one flag per override when it parses
-  cwd, argv = os.getcwd(), sys.argv
-  os.chdir(ROOT)
-  sys.argv = ['run.py', *args]  # config_flags reads the --config.* overrides from sys.argv
-  try:
-    run.parse_flags(sys.argv)
-    run.main(sys.argv)
-  except SystemExit as e:
-    return e.code if isinstance(e.code, int) else 1
-  finally:
-    os.chdir(cwd)
-    sys.argv = argv
-  return 0
+from tests.conftest import make_tiny_config, run_in_process
 
 
 def _cifar_dir(root, labels=(0, 1, 2, 3), evil=False, truncate=False):

@@ -21,7 +21,7 @@ import pytest
 from ltd_jax import checkpoints
 from ltd_jax import train
 from ltd_jax.errors import Preempted
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_in_process
 
 
 def _leaves(state):
@@ -243,8 +243,6 @@ def _restore_latest(workdir):
 
 
 def test_ctrl_c_outside_the_training_loop_is_one_line_and_exit_130(monkeypatch, capfd, tmp_path):
-  from tests.test_bad_input import run_in_process  # pylint: disable=g-import-not-at-top
-
   def interrupted(config, workdir):
     raise KeyboardInterrupt
   monkeypatch.setattr(train, 'train_and_evaluate', interrupted)
