@@ -1,7 +1,9 @@
 """Streaming ImageNet / Tiny-ImageNet input: folder sources, crops, per-host batches, resume,
 and the two large-dataset configs trained end to end on mock folder trees."""
 
+import io
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -132,6 +134,63 @@ def test_imagenet_crops_are_random_per_step_and_fixed_per_seed(tmp_path):
   np.testing.assert_array_equal(a, b)
   test_images, _ = ds.split('test')
   assert np.asarray(test_images[np.arange(3)]).shape == (3, 32, 32, 3)
+
+
+def _colour(label):
+  return np.array([label * 37 % 256, label * 11 % 256, label * 5 % 256], np.uint8)
+
+
+def mock_imagenet2012_tfds(data_dir, labels):
+  """Prepares tfds's own ``imagenet2012`` builder (its features, version and 1000 label names)
+  in ``data_dir`` as array-record files, as ``download_and_prepare`` on the real archives
+  would, but from solid-colour JPEGs whose colour encodes the label. Needs no TensorFlow."""
+  tfds = pytest.importorskip('tensorflow_datasets')
+  rng = np.random.default_rng(2)
+
+  def examples(split):
+    for i, label in enumerate(labels[split]):
+      size = (int(rng.integers(40, 90)), int(rng.integers(40, 90)))
+      buffer = io.BytesIO()
+      Image.fromarray(np.broadcast_to(_colour(label), size + (3,))).save(buffer, format='JPEG')
+      yield f'{split}_{i}', {'image': buffer.getvalue(), 'label': int(label),
+                             'file_name': f'{split}_{i}.JPEG'}
+
+  class PreparedImagenet2012(type(tfds.builder('imagenet2012')), skip_registration=True):
+    name = 'imagenet2012'
+    url_infos = None  # nothing to download
+
+    def _split_generators(self, dl_manager):
+      del dl_manager
+      return {split: examples(split) for split in labels}
+
+  PreparedImagenet2012(data_dir=data_dir, file_format='array_record').download_and_prepare()
+
+
+def test_imagenet_from_a_prepared_tfds_dataset_without_tensorflow(tmp_path):
+  labels = {'train': [(83 * i) % 1000 for i in range(12)], 'validation': [999, 0, 512, 7, 64]}
+  mock_imagenet2012_tfds(str(tmp_path), labels)
+  assert 'tensorflow' not in sys.modules
+  ds = data.load_dataset(_data_config('imagenet', str(tmp_path), image_size=32))  # source auto
+  assert isinstance(ds.sources['train'], input_pipeline.TfdsSource)
+  assert ds.num_classes == 1000 and ds.num_train == 12 and ds.image_shape == (32, 32, 3)
+  assert ds.class_names[0] == 'n01440764' and ds.class_names[999] == 'n15075141'
+  records = ds.sources['train']  # tfds stores the records in its own (shuffled) order
+  assert sorted(records[i][1] for i in range(12)) == sorted(labels['train'])
+  batches = list(input_pipeline.train_batches(ds, 4, seed=5, start_step=0, total_steps=3))
+  for step, (images, batch_labels) in enumerate(batches):
+    idx = data.train_batch_indices(12, 4, 5, step)
+    np.testing.assert_array_equal(batch_labels, [records[i][1] for i in idx])
+    assert images.shape == (4, 32, 32, 3) and images.dtype == np.uint8
+    # Every crop of a solid-colour image is that colour: images stay with their labels.
+    expected = np.stack([_colour(label) for label in batch_labels])
+    assert np.abs(images.mean(axis=(1, 2)) - expected).max() < 4
+  test_images, test_labels = ds.split('test')
+  assert sorted(test_labels) == sorted(labels['validation'])
+  evaluated = np.asarray(test_images[np.arange(5)])
+  assert evaluated.shape == (5, 32, 32, 3)
+  assert np.abs(evaluated.mean(axis=(1, 2)) -
+                np.stack([_colour(label) for label in test_labels])).max() < 4
+  assert 'tensorflow' not in sys.modules
 
 
 def test_missing_and_partial_datasets_name_the_paths(tmp_path):
