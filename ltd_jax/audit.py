@@ -35,9 +35,9 @@ from ltd_jax import parallel
 from ltd_jax import reports
 
 
-def _pgd(logits_fn, x, y, rng, *, eps, alpha, steps):
+def _pgd(logits_fn, x, y, rng, *, eps, alpha, steps, unroll=False):
   return attacks.pgd_attack(attacks.ce_objective(logits_fn, y), x, rng, eps=eps, alpha=alpha,
-                            steps=steps, init='uniform')
+                            steps=steps, init='uniform', unroll=unroll)
 
 
 def _pgd_restarts(logits_fn, x, y, rng, *, restarts, **kw):
@@ -60,7 +60,8 @@ def audit_attacks(config: ml_collections.ConfigDict) -> dict[str, dict]:
     e = eps * m
     out[f'pgd{ev.pgd_steps}@{m:g}eps'] = {
         'eps': e, 'what': f'PGD-{ev.pgd_steps}, step {ev.alpha * m:.4g}',
-        'fn': functools.partial(_pgd, eps=e, alpha=ev.alpha * m, steps=ev.pgd_steps)}
+        'fn': functools.partial(_pgd, eps=e, alpha=ev.alpha * m, steps=ev.pgd_steps,
+                                unroll=ev.unroll)}
   out['fgsm'] = {
       'eps': eps, 'what': 'FGSM',
       'fn': lambda f, x, y, r: attacks.fgsm_attack(attacks.ce_objective(f, y), x, eps=eps)}

@@ -1,6 +1,7 @@
 """Evaluation summaries against hand computation; padding and subsets."""
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
@@ -49,7 +50,8 @@ def test_stratified_subset_is_balanced_and_fixed():
 def test_padded_last_batch_gives_the_same_result_as_one_batch():
   w = np.random.default_rng(0).normal(size=(12, 3)).astype(np.float32)
   apply_fn = lambda variables, x, train=False: x.reshape(x.shape[0], -1) @ variables['w']
-  cfg = ml_collections.ConfigDict({'alpha': 0.05, 'pgd_steps': 3, 'cw_steps': 3, 'cw_kappa': 50.})
+  cfg = ml_collections.ConfigDict({'alpha': 0.05, 'pgd_steps': 3, 'cw_steps': 3, 'cw_kappa': 50.,
+                                   'unroll': False})
   step = evaluate.make_eval_step(apply_fn, ('clean', 'fgsm'), eps=0.1, eval_config=cfg)
   rng = np.random.default_rng(1)
   images = rng.integers(0, 256, size=(23, 2, 2, 3)).astype(np.uint8)
@@ -59,3 +61,24 @@ def test_padded_last_batch_gives_the_same_result_as_one_batch():
   assert one == padded
   logits = images.reshape(23, -1).astype(np.float32) / 255 @ w
   assert one['clean']['avg'] == pytest.approx(np.mean(logits.argmax(1) == labels))
+
+
+def test_unrolled_evaluation_attacks_equal_the_looped_ones():
+  """eval.unroll only changes how the program is written: same rng, same adversarial images."""
+  rng = np.random.default_rng(2)
+  w = rng.normal(size=(12, 3)).astype(np.float32)
+  apply_fn = lambda variables, x, train=False: jnp.tanh(x.reshape(x.shape[0], -1) @ variables['w'])
+  images = rng.integers(0, 256, size=(64, 2, 2, 3)).astype(np.uint8)
+  labels = rng.integers(0, 3, size=64).astype(np.int32)
+  out, loops = {}, {}
+  for unroll in (False, True):
+    cfg = ml_collections.ConfigDict({'alpha': 0.02, 'pgd_steps': 5, 'cw_steps': 4,
+                                     'cw_kappa': 50., 'unroll': unroll})
+    step = evaluate.make_eval_step(apply_fn, ('clean', 'pgd20', 'cw'), eps=0.1, eval_config=cfg)
+    out[unroll] = jax.device_get(step({'w': w}, images, labels, jax.random.PRNGKey(3)))
+    program = step.lower({'w': w}, images, labels, jax.random.PRNGKey(3)).as_text()
+    loops[unroll] = program.count('stablehlo.while')
+  assert loops[False] == loops[True] + 2  # PGD's and CW's loops gone (the rest: threefry)
+  for name in ('clean', 'pgd20', 'cw'):
+    np.testing.assert_array_equal(out[False][name], out[True][name])
+  assert out[True]['pgd20'].sum() < out[True]['clean'].sum()  # the attacks did something
