@@ -66,6 +66,7 @@ def default_config() -> ml_collections.ConfigDict:
   # Epoch counts after which the lr is multiplied by lr_decay (TRADES: 1-indexed epochs 75, 90, 100).
   c.optim.lr_boundaries_epochs = (74, 89, 99)
   c.optim.lr_decay = 0.1
+  c.optim.warmup_epochs = 0.0  # >0: linear lr warm-up over this many epochs (large batches).
 
   c.attack = ml_collections.ConfigDict()  # The training attack (inner maximisation).
   c.attack.alpha = 2 / 255
@@ -243,6 +244,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(config.optim.lr > 0, f'optim.lr must be > 0, got {config.optim.lr}')
   _require(config.optim.weight_decay >= 0,
            f'optim.weight_decay must be >= 0, got {config.optim.weight_decay}')
+  _require(config.optim.warmup_epochs >= 0,
+           f'optim.warmup_epochs must be >= 0, got {config.optim.warmup_epochs}')
   b = tuple(config.optim.lr_boundaries_epochs)
   _require(list(b) == sorted(b) and all(e >= 0 for e in b),
            f'optim.lr_boundaries_epochs must be non-negative and increasing, got {b}')

@@ -40,12 +40,18 @@ class TrainState(struct.PyTreeNode):
 
 
 def learning_rate_schedule(optim: ml_collections.ConfigDict, steps_per_epoch: int):
-  """Piecewise-constant lr: ``lr`` times ``lr_decay`` after each epoch in ``lr_boundaries_epochs``."""
+  """Piecewise-constant lr: ``lr`` times ``lr_decay`` after each epoch in ``lr_boundaries_epochs``;
+  with ``warmup_epochs`` W > 0, scaled by min(1, (step + 1) / (W * steps_per_epoch)) (Goyal et
+  al.'s linear warm-up for large batches; the papers' recipes use none)."""
   scales: dict[int, float] = {}
   for epoch in optim.lr_boundaries_epochs:
     boundary = int(epoch) * steps_per_epoch
     scales[boundary] = scales.get(boundary, 1.0) * optim.lr_decay
-  return optax.piecewise_constant_schedule(optim.lr, scales)
+  piecewise = optax.piecewise_constant_schedule(optim.lr, scales)
+  warmup_steps = round(optim.warmup_epochs * steps_per_epoch)
+  if warmup_steps <= 0:
+    return piecewise
+  return lambda step: piecewise(step) * jnp.minimum(1.0, (step + 1) / warmup_steps)
 
 
 def make_optimizer(optim: ml_collections.ConfigDict, steps_per_epoch: int):

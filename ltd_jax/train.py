@@ -38,7 +38,7 @@ from ltd_jax import preemption
 from ltd_jax import reports
 from ltd_jax import teacher as teacher_lib
 from ltd_jax.errors import CheckpointError, ConfigError, Preempted, TrainingError
-from ltd_jax.state import TrainState, build_model, create_train_state
+from ltd_jax.state import TrainState, build_model, create_train_state, learning_rate_schedule
 
 
 def train_step(state: TrainState, images: jax.Array, labels: jax.Array, teacher_variables=None,
@@ -341,6 +341,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   stream = (input_pipeline.train_batches(ds, config.batch_size, config.seed, step, total_steps)
             if ds.streaming else None)
   buffer, bar = _MetricBuffer(), None
+  lr_schedule = learning_rate_schedule(config.optim, steps_per_epoch)
 
   def last_checkpoint() -> str:
     store.wait()
@@ -350,7 +351,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   def flush():
     out = buffer.flush(step, last_checkpoint) if buffer.items else None
     if out is not None:
-      writer.write('train', step, epoch=step / steps_per_epoch, **out)
+      writer.write('train', step, epoch=step / steps_per_epoch, lr=float(lr_schedule(step - 1)),
+                   **out)
       if bar is not None:
         bar.set_postfix({k: f'{v:.3g}' for k, v in out.items() if k != 'loss_natural'})
 

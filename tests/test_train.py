@@ -22,7 +22,7 @@ def test_sgd_matches_pytorch_recursion():
   for nesterov in (False, True):
     optim = ml_collections.ConfigDict({'lr': 0.1, 'momentum': 0.9, 'nesterov': nesterov,
                                        'weight_decay': 5e-4, 'lr_boundaries_epochs': (1,),
-                                       'lr_decay': 0.1})
+                                       'lr_decay': 0.1, 'warmup_epochs': 0})
     tx = state_lib.make_optimizer(optim, steps_per_epoch=2)
     w = jnp.array([1.0, -2.0])
     opt_state = tx.init(w)
@@ -39,10 +39,20 @@ def test_sgd_matches_pytorch_recursion():
 
 
 def test_learning_rate_schedule_boundaries():
-  optim = ml_collections.ConfigDict({'lr': 0.1, 'lr_boundaries_epochs': (2, 3), 'lr_decay': 0.1})
+  optim = ml_collections.ConfigDict({'lr': 0.1, 'lr_boundaries_epochs': (2, 3), 'lr_decay': 0.1,
+                                     'warmup_epochs': 0})
   sched = state_lib.learning_rate_schedule(optim, steps_per_epoch=10)
   assert [float(sched(s)) for s in (0, 19, 20, 29, 30)] == pytest.approx(
       [0.1, 0.1, 0.01, 0.01, 0.001])
+
+
+def test_learning_rate_warmup_is_linear_then_piecewise():
+  optim = ml_collections.ConfigDict({'lr': 0.4, 'lr_boundaries_epochs': (3,), 'lr_decay': 0.1,
+                                     'warmup_epochs': 1.5})
+  sched = state_lib.learning_rate_schedule(optim, steps_per_epoch=4)  # warm-up: 6 steps
+  assert [float(sched(s)) for s in (0, 1, 5, 6, 11, 12)] == pytest.approx(
+      [0.4 / 6, 0.8 / 6, 0.4, 0.4, 0.4, 0.04])
+  assert float(jax.jit(sched)(jnp.int32(2))) == pytest.approx(0.2)  # traced step, as in optax
 
 
 def _state_and_batch(config):
@@ -132,6 +142,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tiny_config, tmp_path)
 def test_work_directory_contents_and_best_checkpoint(tiny_config, tmp_path):
   tiny_config.checkpoint.keep = 1
   tiny_config.num_epochs = 3
+  tiny_config.optim.warmup_epochs = 1.0
   workdir = str(tmp_path)
   train.train_and_evaluate(tiny_config, workdir)
   for name in ('config.json', 'environment.json', 'metrics.jsonl', 'results.json', 'results.md',
@@ -144,6 +155,10 @@ def test_work_directory_contents_and_best_checkpoint(tiny_config, tmp_path):
   evals = [r for r in records if r['kind'] == 'eval']
   assert len(evals) == 3 and {r['kind'] for r in records} == {'train', 'eval'}
   assert 'images_per_sec' in records[0] and 'acc_adv' in records[0]
+  # 5 steps per epoch: the lr of each record's last step, warm-up over epoch 1, / 10 after it.
+  for r in (r for r in records if r['kind'] == 'train'):
+    s = r['step']
+    assert r['lr'] == pytest.approx(0.05 * min(1, s / 5) if s <= 5 else 0.005), r
   assert os.listdir(os.path.join(workdir, 'checkpoints')) == ['15']  # keep=1: only the latest
   best = [r for r in evals if r['is_best']][-1]
   assert os.listdir(os.path.join(workdir, 'best')) == [str(best['step'])]
