@@ -137,7 +137,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.eval.cw_kappa = 50.0
   # True writes PGD-20 and CW out step by step, as attack.unroll. On XLA:CPU a ResNet-18
   # evaluation (clean + PGD-20 + CW-30) ran 2.7x faster for ~9 s more compile; on digits the
-  # compile dominates (+4.5 s per run) and on GPUs loops are not slower, hence off by default.
+  # compile dominates (+4.5 s per run) and on GPUs loops are not expected to be slower
+  # (unmeasured), hence off by default.
   # The audit's PGD-100 x restarts always loops.
   c.eval.unroll = False
 
