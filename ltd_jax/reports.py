@@ -173,7 +173,7 @@ def write_results(workdir: str, results: dict, class_names=(), stem: str = 'resu
 
 
 def plot_training_curves(workdir: str) -> str | None:
-  """``training_curves.png``: train loss/accuracy and periodic eval accuracy against step."""
+  """``training_curves.png``: train loss and lr, train/eval accuracy against step."""
   records = read_metrics(workdir)
   train = [r for r in records if r['kind'] == 'train']
   evals = [r for r in records if r['kind'] == 'eval']
@@ -184,7 +184,12 @@ def plot_training_curves(workdir: str) -> str | None:
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
   axes[0].plot([r['step'] for r in train], [r['loss'] for r in train])
-  axes[0].set(xlabel='step', ylabel='train loss', title='loss')
+  axes[0].set(xlabel='step', ylabel='train loss', title='loss and lr')
+  lr = [(r['step'], r['lr']) for r in train if 'lr' in r]
+  if lr:
+    twin = axes[0].twinx()
+    twin.plot(*zip(*lr), color='gray', linestyle='--', linewidth=1)
+    twin.set(ylabel='lr (dashed)', yscale='log')
   for key in ('acc_clean', 'acc_adv'):
     pts = [(r['step'], r[key]) for r in train if key in r]
     if pts:
