@@ -2,6 +2,7 @@
 and the two large-dataset configs trained end to end on mock folder trees."""
 
 import io
+import json
 import os
 import sys
 
@@ -191,6 +192,18 @@ def test_imagenet_from_a_prepared_tfds_dataset_without_tensorflow(tmp_path):
   assert np.abs(evaluated.mean(axis=(1, 2)) -
                 np.stack([_colour(label) for label in test_labels])).max() < 4
   assert 'tensorflow' not in sys.modules
+  # The trainer on it: streamed training batches, lazily decoded evaluation images.
+  config = config_lib.load_config_file(os.path.join(ROOT, 'configs',
+                                                    'natural_imagenet_resnet50.py'))
+  apply_overrides(config, {**SMALL, 'data.dir': str(tmp_path), 'data.image_size': 16,
+                           'model.name': 'small_cnn', 'model.width': 4, 'optim.lr': 1e-3,
+                           'eval.during_training': ('clean',), 'eval.final': ('clean',)})
+  state = train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert int(state.step) == 2
+  with open(tmp_path / 'run' / 'results.json') as f:
+    results = json.load(f)
+  assert results['num_examples'] == 5 and results['class_names'][0] == 'n01440764'
+  assert len(results['attacks']['clean']['per_class']) == 1000
 
 
 def test_missing_and_partial_datasets_name_the_paths(tmp_path):
