@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # pylint: disable=g-import-not-at-top
 from PIL import Image  # pylint: disable=g-import-not-at-top
 
-from benchmarks.train_step import machine_name  # pylint: disable=g-import-not-at-top
+from benchmarks import common  # pylint: disable=g-import-not-at-top
 from ltd_jax import config_lib  # pylint: disable=g-import-not-at-top
 from ltd_jax import data  # pylint: disable=g-import-not-at-top
 from ltd_jax import input_pipeline  # pylint: disable=g-import-not-at-top
@@ -95,9 +95,7 @@ def main():
       print(f'{workers} workers: train {rows[-1][1]:.0f} images/s, eval {rows[-1][2]:.0f}',
             file=sys.stderr, flush=True)
 
-  lines = [
-      f'machine: {machine_name()}',
-      f'command: python benchmarks/input_pipeline.py {" ".join(sys.argv[1:])}',
+  lines = common.header_lines() + [
       f'data: {what}; crops {args.image_size}x{args.image_size}, batch {args.batch}, '
       f'{args.batches} timed batches after one',
       '',
@@ -106,12 +104,7 @@ def main():
       '|---:|---:|---:|---:|',
   ]
   lines += [f'| {w} | {t:.0f} | {e:.0f} | {t / w:.0f} |' for w, t, e in rows]
-  table = '\n'.join(lines)
-  print(table)
-  if args.out:
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, 'w') as f:
-      f.write(table + '\n')
+  common.emit_table(lines, args.out)
 
 
 if __name__ == '__main__':

@@ -21,7 +21,6 @@ attack steps, T = teacher forward / student forward): natural 3, pgd_at 2K+3, tr
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -32,6 +31,7 @@ import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 
+from benchmarks import common  # pylint: disable=g-import-not-at-top
 from ltd_jax import config_lib  # pylint: disable=g-import-not-at-top
 from ltd_jax import methods  # pylint: disable=g-import-not-at-top
 from ltd_jax import models  # pylint: disable=g-import-not-at-top
@@ -46,19 +46,6 @@ def minimal_passes(method: str, k: int, teacher_ratio: float) -> float:
   return {'natural': 3, 'pgd_at': 2 * k + 3, 'trades': 2 * k + 7, 'awp': 2 * k + 13,
           'rslad': 2 * k + 6 + teacher_ratio, 'absld': 2 * k + 6 + teacher_ratio,
           'ltd': 2 * k + 7 + teacher_ratio}[method]
-
-
-def machine_name() -> str:
-  dev = jax.devices()[0]
-  if dev.platform != 'cpu':
-    return f'{jax.device_count()} x {dev.device_kind} ({dev.platform})'
-  cpu = platform.processor() or 'CPU'
-  try:
-    with open('/proc/cpuinfo') as f:
-      cpu = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
-  except (OSError, StopIteration):
-    pass
-  return f'{cpu}, {os.cpu_count()} cores, {jax.device_count()} JAX CPU device(s)'
 
 
 def matmul_peak(dtype, n: int, reps: int = 5) -> float:
@@ -208,9 +195,7 @@ def main():
     print(f'{name}: {row["images_per_s"]:.1f} images/s (torch {row["torch_images_per_s"]})',
           file=sys.stderr, flush=True)
 
-  lines = [
-      f'machine: {machine_name()}; jax {jax.__version__}',
-      f'command: python benchmarks/train_step.py {" ".join(sys.argv[1:])}',
+  lines = common.header_lines() + [
       f'model: {args.model} (teacher {args.teacher_model or args.model}), global batch '
       f'{args.batch}, {args.image}x{args.image}, attack steps {args.attack_steps}, dtype '
       f'{args.dtype}, attack loop {"lax.fori_loop" if args.loop_attack else "unrolled"}, '
@@ -231,12 +216,7 @@ def main():
         f'| {r["gflop_per_image"]:.2f} | {r["min_passes"]:.1f} | {r["flop_ratio"]:.2f} '
         f'| {r["tflops"]:.3f} | {pct:.0f} | {r["peak_mib"]:.0f} ({r["peak_kind"]}) '
         f'| {torch_cells} |')
-  table = '\n'.join(lines)
-  print(table)
-  if args.out:
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, 'w') as f:
-      f.write(table + '\n')
+  common.emit_table(lines, args.out)
 
 
 if __name__ == '__main__':
