@@ -23,8 +23,9 @@ def test_config_loads_and_validates(path):
 
 @pytest.mark.parametrize('name,model,epochs', [
     ('trades_cifar10', 'wrn-34-10', 76),
-    ('pgd_at_cifar10', 'wrn-34-10', 200),
-    ('natural_cifar10', 'wrn-34-10', 200),
+    # The same WRN-34-10 step with a simpler loss: slow, for the suite's time on 2 cores.
+    pytest.param('pgd_at_cifar10', 'wrn-34-10', 200, marks=pytest.mark.slow),
+    pytest.param('natural_cifar10', 'wrn-34-10', 200, marks=pytest.mark.slow),
     pytest.param('trades_cifar100', 'wrn-34-10', 76, marks=pytest.mark.slow),
     pytest.param('natural_cifar100', 'wrn-34-10', 200, marks=pytest.mark.slow),
 ])
