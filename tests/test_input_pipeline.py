@@ -141,6 +141,11 @@ def _colour(label):
   return np.array([label * 37 % 256, label * 11 % 256, label * 5 % 256], np.uint8)
 
 
+def _colour_error(images, labels) -> float:
+  """Largest gap between an image's mean colour and its label's colour."""
+  return np.abs(images.mean(axis=(1, 2)) - np.stack([_colour(l) for l in labels])).max()
+
+
 def mock_imagenet2012_tfds(data_dir, labels):
   """Prepares tfds's own ``imagenet2012`` builder (its features, version and 1000 label names)
   in ``data_dir`` as array-record files, as ``download_and_prepare`` on the real archives
@@ -183,14 +188,12 @@ def test_imagenet_from_a_prepared_tfds_dataset_without_tensorflow(tmp_path):
     np.testing.assert_array_equal(batch_labels, [records[i][1] for i in idx])
     assert images.shape == (4, 32, 32, 3) and images.dtype == np.uint8
     # Every crop of a solid-colour image is that colour: images stay with their labels.
-    expected = np.stack([_colour(label) for label in batch_labels])
-    assert np.abs(images.mean(axis=(1, 2)) - expected).max() < 4
+    assert _colour_error(images, batch_labels) < 4
   test_images, test_labels = ds.split('test')
   assert sorted(test_labels) == sorted(labels['validation'])
   evaluated = np.asarray(test_images[np.arange(5)])
   assert evaluated.shape == (5, 32, 32, 3)
-  assert np.abs(evaluated.mean(axis=(1, 2)) -
-                np.stack([_colour(label) for label in test_labels])).max() < 4
+  assert _colour_error(evaluated, test_labels) < 4
   assert 'tensorflow' not in sys.modules
   # The trainer on it: streamed training batches, lazily decoded evaluation images.
   config = config_lib.load_config_file(os.path.join(ROOT, 'configs',
