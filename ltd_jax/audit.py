@@ -61,7 +61,7 @@ def audit_attacks(config: ml_collections.ConfigDict) -> dict[str, dict]:
     out[f'pgd{ev.pgd_steps}@{m:g}eps'] = {
         'eps': e, 'what': f'PGD-{ev.pgd_steps}, step {ev.alpha * m:.4g}',
         'fn': functools.partial(_pgd, eps=e, alpha=ev.alpha * m, steps=ev.pgd_steps,
-                                unroll=ev.unroll)}
+                                unroll=attacks.resolve_unroll(ev.unroll, 'eval'))}
   out['fgsm'] = {
       'eps': eps, 'what': 'FGSM',
       'fn': lambda f, x, y, r: attacks.fgsm_attack(attacks.ce_objective(f, y), x, eps=eps)}

@@ -73,9 +73,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.attack.steps = 10
   c.attack.init = 'normal'  # normal | uniform | none
   c.attack.bn_mode = 'eval'  # eval: running BN statistics (spec default) | train: batch statistics
-  # Write the attack's steps out rather than loop: XLA:CPU ran the loop body 2.2x slower
-  # (benchmarks/README.md) and the benchmark's FLOP count needs it; compiles a little longer.
-  c.attack.unroll = True
+  # True writes the attack's K steps out, False runs them as a lax.fori_loop; None (default) takes
+  # the backend's default (attacks.UNROLL_DEFAULTS: unrolled on CPU, where the loop ran 2.2x
+  # slower, see benchmarks/README.md).
+  c.attack.unroll = ml_collections.config_dict.placeholder(bool)
 
   c.trades = ml_collections.ConfigDict()
   c.trades.beta = 6.0
@@ -135,12 +136,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.eval.pgd_steps = 20
   c.eval.cw_steps = 30
   c.eval.cw_kappa = 50.0
-  # True writes PGD-20 and CW out step by step, as attack.unroll. On XLA:CPU a ResNet-18
-  # evaluation (clean + PGD-20 + CW-30) ran 2.7x faster for ~9 s more compile; on digits the
-  # compile dominates (+4.5 s per run) and on GPUs loops are not expected to be slower
-  # (unmeasured), hence off by default.
+  # PGD-20 and CW written out step by step (True) or looped (False); None takes the backend's
+  # default (attacks.UNROLL_DEFAULTS: looped on CPU, where digits runs are compile-bound, while a
+  # ResNet-18 evaluation ran 2.7x faster unrolled for ~9 s more compile: benchmarks/README.md).
   # The audit's PGD-100 x restarts always loops.
-  c.eval.unroll = False
+  c.eval.unroll = ml_collections.config_dict.placeholder(bool)
 
   # --mode=autoattack: the official AutoAttack (pyautoattack) on the exported PyTorch model.
   c.autoattack = ml_collections.ConfigDict()

@@ -27,14 +27,15 @@ def attack_images(name: str, logits_fn, x, y, rng, *, eps: float, eval_config):
     return x
   if name == 'fgsm':
     return attacks.fgsm_attack(attacks.ce_objective(logits_fn, y), x, eps=eps)
+  unroll = attacks.resolve_unroll(eval_config.unroll, 'eval')
   if name == 'pgd20':
     return attacks.pgd_attack(attacks.ce_objective(logits_fn, y), x, rng, eps=eps,
                               alpha=eval_config.alpha, steps=eval_config.pgd_steps, init='uniform',
-                              unroll=eval_config.unroll)
+                              unroll=unroll)
   if name == 'cw':
     return attacks.pgd_attack(attacks.cw_objective(logits_fn, y, eval_config.cw_kappa), x, rng,
                               eps=eps, alpha=eval_config.alpha, steps=eval_config.cw_steps,
-                              init='uniform', unroll=eval_config.unroll)
+                              init='uniform', unroll=unroll)
   raise ValueError(f'unknown evaluation attack {name!r}')
 
 

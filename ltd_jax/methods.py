@@ -71,7 +71,8 @@ class Method(NamedTuple):
 def _pgd(objective, inputs: MethodInputs, config, init: str | None = None):
   a = config.attack
   return attacks.pgd_attack(objective, inputs.x, inputs.rng, eps=config.eps, alpha=a.alpha,
-                            steps=a.steps, init=init or a.init, unroll=a.unroll)
+                            steps=a.steps, init=init or a.init,
+                            unroll=attacks.resolve_unroll(a.unroll, 'train'))
 
 
 def _aux(y, logits_clean=None, logits_adv=None) -> Aux:
