@@ -65,13 +65,23 @@ def load_torch_model(state, config: ml_collections.ConfigDict, num_classes: int,
 
 
 def logits_parity(torch_model, apply_fn, variables, images_uint8: np.ndarray) -> float:
-  """max |torch - jax| / max |jax| of the eval-mode logits on ``images_uint8`` (NHWC)."""
+  """max |torch - jax| / max |jax| of the eval-mode logits on ``images_uint8`` (NHWC).
+
+  Both sides compute in full float32: GPUs otherwise run float32 convolutions and matrix
+  products in TF32 (JAX's default precision, PyTorch's cuDNN default), whose ~1e-3 rounding
+  would hide or fake an export error."""
   import torch  # pylint: disable=g-import-not-at-top
   x = data.to_float(images_uint8)
-  jax_logits = np.asarray(jax.jit(lambda v, x: apply_fn(v, x, train=False))(variables, x))
+  with jax.default_matmul_precision('float32'):
+    jax_logits = np.asarray(jax.jit(lambda v, x: apply_fn(v, x, train=False))(variables, x))
   device = next(torch_model.parameters()).device
-  with torch.no_grad():
-    torch_logits = torch_model(torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2)).to(device))
+  tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+  torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+  try:
+    with torch.no_grad():
+      torch_logits = torch_model(torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2)).to(device))
+  finally:
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
   torch_logits = torch_logits.cpu().numpy()
   return float(np.abs(torch_logits - jax_logits).max() / max(np.abs(jax_logits).max(), 1e-12))
 
