@@ -27,11 +27,15 @@ def header_lines() -> list[str]:
           f'command: python {script} {" ".join(sys.argv[1:])}']
 
 
+def write_table(lines: list[str], out: str) -> None:
+  """Writes the lines to the Markdown file ``out``."""
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  with open(out, 'w') as f:
+    f.write('\n'.join(lines) + '\n')
+
+
 def emit_table(lines: list[str], out: str = '') -> None:
   """Prints the lines; with ``out``, also writes them to that Markdown file."""
-  table = '\n'.join(lines)
-  print(table)
+  print('\n'.join(lines))
   if out:
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, 'w') as f:
-      f.write(table + '\n')
+    write_table(lines, out)

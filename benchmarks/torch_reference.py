@@ -5,7 +5,8 @@ weight decay, a 10-step attack with the model in eval mode, the loss with the mo
 mode), written with the same pass count as ltd_jax: the clean probabilities of the TRADES
 attack are computed once per batch. (The official TRADES code recomputes ``model(x_natural)``
 in each attack iteration, 37 passes instead of 27, so it is slower than this reference.)
-Only the benchmark imports this module.
+``compile=True`` runs every network through ``torch.compile``. Only the benchmarks import this
+module.
 """
 
 from __future__ import annotations
@@ -44,22 +45,28 @@ class TorchStep:
   def __init__(self, method: str, model_name: str, num_classes: int, *, lr=0.1, momentum=0.9,
                weight_decay=2e-4, eps=8 / 255, alpha=2 / 255, steps=10, beta=6.0,
                awp_gamma=0.005, awp_proxy_lr=0.01, teacher_model: str | None = None,
-               device='cpu', channels_last=False):
+               device='cpu', channels_last=False, compile=False):
     self.method, self.num_classes = method, num_classes
     self.eps, self.alpha, self.steps, self.beta = eps, alpha, steps, beta
     self.awp_gamma, self.awp_proxy_lr = awp_gamma, awp_proxy_lr
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    self.model = torch_models.build_torch_model(model_name, num_classes).to(device, memory_format=fmt)
-    self.model.train()
-    self.opt = torch.optim.SGD(self.model.parameters(), lr=lr, momentum=momentum,
+    # compile: torch.compile of every network (student, AWP proxy, teacher), so that each
+    # forward and backward of the step (attack, loss, proxy) runs as an Inductor graph; the
+    # step's Python (the attack loop, autograd.grad, the optimizer) stays as in eager mode.
+    wrap = torch.compile if compile else (lambda module: module)
+    raw = torch_models.build_torch_model(model_name, num_classes).to(device, memory_format=fmt)
+    raw.train()
+    self.opt = torch.optim.SGD(raw.parameters(), lr=lr, momentum=momentum,
                                weight_decay=weight_decay)
     self.teacher = None
     if method in ('rslad', 'absld', 'ltd'):
-      self.teacher = torch_models.build_torch_model(teacher_model or model_name, num_classes)
-      self.teacher = self.teacher.to(device, memory_format=fmt).eval()
+      teacher = torch_models.build_torch_model(teacher_model or model_name, num_classes)
+      self.teacher = wrap(teacher.to(device, memory_format=fmt).eval())
     if method == 'awp':
-      self.proxy = copy.deepcopy(self.model)
-      self.proxy_opt = torch.optim.SGD(self.proxy.parameters(), lr=awp_proxy_lr)
+      proxy = copy.deepcopy(raw)
+      self.proxy_opt = torch.optim.SGD(proxy.parameters(), lr=awp_proxy_lr)
+      self.proxy = wrap(proxy)
+    self.model = wrap(raw)
     self.tau_adv = torch.ones(num_classes, device=device)
     self.tau_clean = torch.ones(num_classes, device=device)
 

@@ -9,10 +9,11 @@ donated, the training set on the devices, the batch sharded over every device) a
     loop body once), the minimal pass count of the method in forward-pass units and the ratio
     of the two (1.00: no wasted forward or backward pass);
   * achieved TFLOP/s and its share of the matrix-multiply peak measured on this machine;
-  * peak memory: the device's peak bytes in use where it reports them (GPU/TPU), else XLA's
-    compiled estimate (arguments + outputs + temporaries);
-  * the same step in plain PyTorch eager (``benchmarks/torch_reference.py``), measured in the
-    same run, and the JAX / PyTorch images/s ratio.
+  * memory: XLA's compiled estimate of the step (arguments + outputs + temporaries) and the
+    device's peak bytes in use where it reports them (GPU/TPU; peak since the process started);
+  * the same step in PyTorch (``benchmarks/torch_reference.py``), eager and / or with
+    ``torch.compile`` (``--torch=eager,compile``), measured in the same run: images/s, the first
+    (compiling) step's seconds and the JAX / PyTorch images/s ratio.
 
 Pass counts (forward = 1, backward to the input only = 1, backward to the weights = 2, K
 attack steps, T = teacher forward / student forward): natural 3, pgd_at 2K+3, trades 2K+7
@@ -134,15 +135,18 @@ def bench_jax(args, method: str, mesh) -> dict:
       'gflop_per_image': step_flops / args.batch / 1e9,
       'min_passes': passes, 'flop_ratio': step_flops / (passes * student_fwd * args.batch),
       'tflops': step_flops / step_s / 1e12,
-      'peak_mib': (stats['peak_bytes_in_use'] if 'peak_bytes_in_use' in stats else xla_bytes)
-                  / 2**20 if (stats or xla_bytes) else float('nan'),
-      'peak_kind': 'device' if 'peak_bytes_in_use' in stats else 'XLA est.',
+      'xla_mib': xla_bytes / 2**20 if xla_bytes else float('nan'),
+      # The device's peak since the process started (JAX cannot reset it): an upper bound for
+      # every method after the first in one run.
+      'device_peak_mib': stats['peak_bytes_in_use'] / 2**20 if 'peak_bytes_in_use' in stats
+                         else float('nan'),
       'loss': float(metrics['loss']),
   }
 
 
-def bench_torch(args, method: str) -> float | None:
-  """Median images/s of the PyTorch eager reference step, or None without torch."""
+def bench_torch(args, method: str, compile: bool = False) -> dict | None:
+  """The PyTorch reference step (eager, or ``torch.compile`` of its networks): median images/s
+  of the timed steps and the first (warm-up, compiling) step's seconds; None without torch."""
   try:
     import torch  # pylint: disable=g-import-not-at-top
     from benchmarks import torch_reference  # pylint: disable=g-import-not-at-top
@@ -152,20 +156,56 @@ def bench_torch(args, method: str) -> float | None:
   torch.manual_seed(0)
   step = torch_reference.TorchStep(method, args.model, 10, steps=args.attack_steps,
                                    teacher_model=args.teacher_model, device=device,
-                                   channels_last=device == 'cuda')
+                                   channels_last=device == 'cuda', compile=compile)
   autocast = args.dtype == 'bfloat16'
   x = torch.rand(args.batch, 3, args.image, args.image, device=device)
   y = torch.arange(args.batch, device=device) % 10
   sync = torch.cuda.synchronize if device == 'cuda' else (lambda: None)
+  if device == 'cuda':
+    torch.cuda.reset_peak_memory_stats()
   times = []
-  for i in range(args.steps + 1):
+  for _ in range(args.steps + 1):
     t0 = time.perf_counter()
     with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
       step(x, y)
     sync()
-    if i:
-      times.append(time.perf_counter() - t0)
-  return args.batch / statistics.median(times)
+    times.append(time.perf_counter() - t0)
+  peak = torch.cuda.max_memory_allocated() / 2**20 if device == 'cuda' else float('nan')
+  return {'images_per_s': args.batch / statistics.median(times[1:]), 'first_step_s': times[0],
+          'peak_mib': peak}
+
+
+def table_lines(args, rows, peak, torch_modes) -> list[str]:
+  """The Markdown table of ``rows`` (one per method) under the machine header."""
+  peak_key = jnp.bfloat16 if args.dtype == 'bfloat16' else jnp.float32
+  lines = common.header_lines() + [
+      f'model: {args.model} (teacher {args.teacher_model or args.model}), global batch '
+      f'{args.batch}, {args.image}x{args.image}, attack steps {args.attack_steps}, dtype '
+      f'{args.dtype}, attack loop {"lax.fori_loop" if args.loop_attack else "unrolled"}, '
+      f'median of {args.steps} timed steps',
+      f'matmul peak (measured, one device): float32 {peak[jnp.float32] / 1e12:.2f} TFLOP/s, '
+      f'bfloat16 {peak[jnp.bfloat16] / 1e12:.2f} TFLOP/s',
+      '',
+  ]
+  head = ('| method | compile s | step ms | images/s | GFLOP/image | min passes | FLOPs / minimal '
+          '| TFLOP/s | % of matmul peak | XLA MiB | device peak MiB |')
+  for mode in torch_modes:
+    name = 'PyTorch' if mode == 'eager' else 'torch.compile'
+    head += f' {name} images/s | {name} first step s | {name} peak MiB | JAX / {name} |'
+  lines += [head, '|---|' + '---:|' * (10 + 4 * len(torch_modes))]
+  for r in rows:
+    pct = 100 * r['tflops'] * 1e12 / peak[peak_key] / jax.device_count()
+    line = (f'| {r["method"]} | {r["compile_s"]:.1f} | {r["step_ms"]:.1f} | '
+            f'{r["images_per_s"]:.1f} | {r["gflop_per_image"]:.2f} | {r["min_passes"]:.1f} '
+            f'| {r["flop_ratio"]:.2f} | {r["tflops"]:.3f} | {pct:.0f} '
+            f'| {r["xla_mib"]:.0f} | {r["device_peak_mib"]:.0f} |')
+    for mode in torch_modes:
+      t = r.get(f'torch_{mode}')
+      line += (' - | - | - | - |' if t is None else
+               f' {t["images_per_s"]:.1f} | {t["first_step_s"]:.1f} | {t["peak_mib"]:.0f} | '
+               f'{r["images_per_s"] / t["images_per_s"]:.2f} |')
+    lines.append(line)
+  return lines
 
 
 def main():
@@ -180,45 +220,32 @@ def main():
   p.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
   p.add_argument('--loop_attack', action='store_true',
                  help='time the attack as a lax.fori_loop (config.attack.unroll=False)')
-  p.add_argument('--no_torch', action='store_true', help='skip the PyTorch reference')
-  p.add_argument('--out', default='', help='also write the table to this Markdown file')
+  p.add_argument('--torch', default='eager',
+                 help='PyTorch references to time beside JAX: eager, compile (torch.compile), '
+                      'both as eager,compile, or none')
+  p.add_argument('--no_torch', action='store_true', help='same as --torch=none')
+  p.add_argument('--out', default='', help='also write the table to this Markdown file '
+                 '(rewritten after every method, so a run cut short keeps its rows)')
   args = p.parse_args()
+  torch_modes = [] if args.no_torch or args.torch == 'none' else args.torch.split(',')
 
   mesh = parallel.make_mesh()
   parallel.check_batch_size(args.batch, mesh, 'batch')
   on_cpu = jax.devices()[0].platform == 'cpu'
   peak = {d: matmul_peak(d, 2048 if on_cpu else 8192) for d in (jnp.float32, jnp.bfloat16)}
-  peak_key = jnp.bfloat16 if args.dtype == 'bfloat16' else jnp.float32
   rows = []
   for name in args.methods.split(','):
     row = bench_jax(args, name, mesh)
-    row['torch_images_per_s'] = None if args.no_torch else bench_torch(args, name)
+    for mode in torch_modes:
+      row[f'torch_{mode}'] = bench_torch(args, name, compile=mode == 'compile')
     rows.append(row)
-    print(f'{name}: {row["images_per_s"]:.1f} images/s (torch {row["torch_images_per_s"]})',
+    torch_note = ', '.join(f'torch {m} {row[f"torch_{m}"]["images_per_s"]:.1f}'
+                           for m in torch_modes if row[f'torch_{m}'] is not None)
+    print(f'{name}: {row["images_per_s"]:.1f} images/s ({torch_note or "no torch"})',
           file=sys.stderr, flush=True)
-
-  lines = common.header_lines() + [
-      f'model: {args.model} (teacher {args.teacher_model or args.model}), global batch '
-      f'{args.batch}, {args.image}x{args.image}, attack steps {args.attack_steps}, dtype '
-      f'{args.dtype}, attack loop {"lax.fori_loop" if args.loop_attack else "unrolled"}, '
-      f'median of {args.steps} timed steps',
-      f'matmul peak (measured, one device): float32 {peak[jnp.float32] / 1e12:.2f} TFLOP/s, '
-      f'bfloat16 {peak[jnp.bfloat16] / 1e12:.2f} TFLOP/s',
-      '',
-      '| method | compile s | step ms | images/s | GFLOP/image | min passes | FLOPs / minimal '
-      '| TFLOP/s | % of matmul peak | peak MiB | PyTorch images/s | JAX / PyTorch |',
-      '|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|',
-  ]
-  for r in rows:
-    t = r['torch_images_per_s']
-    pct = 100 * r['tflops'] * 1e12 / peak[peak_key] / jax.device_count()
-    torch_cells = ('- | -' if t is None else f'{t:.1f} | {r["images_per_s"] / t:.2f}')
-    lines.append(
-        f'| {r["method"]} | {r["compile_s"]:.1f} | {r["step_ms"]:.0f} | {r["images_per_s"]:.1f} '
-        f'| {r["gflop_per_image"]:.2f} | {r["min_passes"]:.1f} | {r["flop_ratio"]:.2f} '
-        f'| {r["tflops"]:.3f} | {pct:.0f} | {r["peak_mib"]:.0f} ({r["peak_kind"]}) '
-        f'| {torch_cells} |')
-  common.emit_table(lines, args.out)
+    if args.out:
+      common.write_table(table_lines(args, rows, peak, torch_modes), args.out)
+  common.emit_table(table_lines(args, rows, peak, torch_modes), args.out)
 
 
 if __name__ == '__main__':

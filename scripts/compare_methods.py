@@ -38,6 +38,33 @@ def parse_run(spec: str):
   return name, path, overrides, config  # overrides: comma-separated key=value
 
 
+def seed_table(results: dict[str, list[dict]], seeds, attacks=ATTACKS) -> list[str]:
+  """Markdown lines: per method, mean +- std over seeds (ddof 1) of each attack's avg, worst
+  class and NSD, from ``results[method]``, one ``results.json`` per seed."""
+  lines = [f'Seeds {list(seeds)}; test split; each cell mean +- std over seeds (percent; NSD '
+           'unitless).', '',
+           '| method | ' + ' | '.join(f'{a} avg | {a} worst | {a} NSD' for a in attacks) + ' |',
+           '|---|' + '---:|' * (3 * len(attacks))]
+  for name, per_seed in results.items():
+    cells = []
+    for a in attacks:
+      for key, scale in (('avg', 100), ('worst', 100), ('nsd', 1)):
+        v = np.array([r['attacks'][a][key] for r in per_seed if a in r['attacks']]) * scale
+        if not len(v):
+          cells.append('-')
+          continue
+        std = v.std(ddof=1) if len(v) > 1 else 0
+        cells.append(f'{v.mean():.2f} +- {std:.2f}' if scale == 100 else
+                     f'{v.mean():.3f} +- {std:.3f}')
+    lines.append(f'| {name} | ' + ' | '.join(cells) + ' |')
+  lines += ['', 'Per seed (PGD-20 avg / worst):', '']
+  for name, per_seed in results.items():
+    vals = ', '.join(f"{100 * r['attacks']['pgd20']['avg']:.2f} / "
+                     f"{100 * r['attacks']['pgd20']['worst']:.2f}" for r in per_seed)
+    lines.append(f'- {name}: {vals}')
+  return lines
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument('--run', action='append', required=True)
@@ -67,22 +94,7 @@ def main():
       with open(os.path.join(workdir, 'results.json')) as f:
         results[name].append(json.load(f))
 
-  lines = [f'Seeds {seeds}; test split; each cell mean +- std over seeds (percent; NSD unitless).', '',
-           '| method | ' + ' | '.join(f'{a} avg | {a} worst | {a} NSD' for a in ATTACKS) + ' |',
-           '|---|' + '---:|' * (3 * len(ATTACKS))]
-  for name, per_seed in results.items():
-    cells = []
-    for a in ATTACKS:
-      for key, scale in (('avg', 100), ('worst', 100), ('nsd', 1)):
-        v = np.array([r['attacks'][a][key] for r in per_seed]) * scale
-        cells.append(f'{v.mean():.2f} +- {v.std(ddof=1) if len(v) > 1 else 0:.2f}' if scale == 100
-                     else f'{v.mean():.3f} +- {v.std(ddof=1) if len(v) > 1 else 0:.3f}')
-    lines.append(f'| {name} | ' + ' | '.join(cells) + ' |')
-  lines += ['', 'Per seed (PGD-20 avg / worst):', '']
-  for name, per_seed in results.items():
-    vals = ', '.join(f"{100 * r['attacks']['pgd20']['avg']:.2f} / {100 * r['attacks']['pgd20']['worst']:.2f}"
-                     for r in per_seed)
-    lines.append(f'- {name}: {vals}')
+  lines = seed_table(results, seeds)
   cmd = 'python scripts/compare_methods.py ' + ' '.join(sys.argv[1:])
   text = '\n'.join(lines) + f'\n\nCommand: `{cmd}`\n'
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
