@@ -32,8 +32,11 @@ def conv(features: int, kernel: int, stride: int = 1, groups: int = 1, name: str
 
 
 def batch_norm(train: bool, name: str, dtype: Dtype = jnp.float32) -> nn.BatchNorm:
+  """PyTorch's BatchNorm2d: momentum 0.1, eps 1e-5, and the batch variance in two passes,
+  mean((x - mean(x))^2), as PyTorch computes it (Flax's default one-pass E[x^2] - E[x]^2 loses
+  float32 precision when |mean| >> std)."""
   return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype,
-                      name=name)
+                      use_fast_variance=False, name=name)
 
 
 def pooled_logits(x, num_classes: int, name: str, dtype: Dtype):

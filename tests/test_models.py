@@ -96,3 +96,17 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
   assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(params))
   out = model.apply({'params': params, 'batch_stats': batch_stats}, jnp.ones((2, 8, 8, 1)))
   assert out.dtype == jnp.float32
+
+
+def test_batch_variance_is_two_pass_as_in_pytorch():
+  """Features with |mean| >> std (300 +- 0.01): the one-pass E[x^2] - E[x]^2 of float32 loses
+  every digit of the variance; the two-pass variance keeps it, as PyTorch's BatchNorm2d does."""
+  x = (300.0 + 0.01 * np.random.default_rng(0).standard_normal((16, 4, 4, 3))).astype(np.float32)
+  bn = models.batch_norm(True, 'bn')
+  variables = bn.init(jax.random.PRNGKey(0), x)
+  y, updates = bn.apply(variables, x, mutable=['batch_stats'])
+  var64 = x.astype(np.float64).reshape(-1, 3).var(axis=0)  # biased: Flax keeps it (see interchange)
+  running = np.asarray(updates['batch_stats']['var'])
+  np.testing.assert_allclose((running - 0.9) / 0.1, var64, rtol=2e-3)
+  np.testing.assert_allclose(np.asarray(y).reshape(-1, 3).std(axis=0),
+                             np.sqrt(var64 / (var64 + 1e-5)), rtol=2e-3)
