@@ -7,7 +7,7 @@ cross-entropy (its error risk R_k); at the epoch's end, separately for adv and c
     tau_k <- clip(tau_k - beta_t * (R_k - mean(R)) / max_j |R_j - mean(R)|, tau_min, tau_max)
 
 so classes harder than average get lower temperatures (sharper soft labels). beta_t is beta
-times lr_decay for every learning-rate milestone passed.
+times lr_decay for every learning-rate milestone reached (``absld_beta``).
 """
 
 from __future__ import annotations
@@ -42,9 +42,11 @@ def absld_update_temperatures(tau: jax.Array, risk_sum: jax.Array, risk_count: j
 
 
 def absld_beta(epochs_completed, base_beta: float, lr_boundaries_epochs, decay: float):
-  """beta_t for the epoch just completed: ``base_beta`` times ``decay`` for every lr milestone
-  that epoch trained under (the same factor as its learning rate)."""
-  passed = sum(jnp.asarray(epochs_completed - 1 >= b, jnp.float32) for b in lr_boundaries_epochs)
+  """beta_t of the update that ends epoch ``epochs_completed`` (1-indexed): ``base_beta`` times
+  ``decay`` for every lr milestone reached, that epoch's included. As in the released ABSLD
+  script, which decays the lr and beta together at the end of epochs 215, 260 and 285, before
+  that epoch's temperature update: the update ending epoch 215 already uses beta / 10."""
+  passed = sum(jnp.asarray(epochs_completed >= b, jnp.float32) for b in lr_boundaries_epochs)
   return base_beta * jnp.power(decay, passed)
 
 
