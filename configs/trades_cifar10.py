@@ -1,7 +1,8 @@
 """TRADES (Zhang et al. 2019) on CIFAR-10 with WRN-34-10, as in the reference train_trades_cifar10.py.
 
 SGD lr 0.1, momentum 0.9, wd 2e-4, batch 128, 76 epochs with lr / 10 from (1-indexed) epoch 75;
-training attack: 10 steps of 0.007, eps 0.031, init x + 0.001 N(0, 1); beta = 6.
+training attack: 10 steps of 0.007, eps 0.031, init x + 0.001 N(0, 1); beta = 6. Evaluated at
+eps 8/255, as every model of a cross-method table (eval.eps).
 """
 
 from ltd_jax import config_lib
@@ -11,6 +12,7 @@ def get_config():
   c = config_lib.default_config()
   c.method = 'trades'
   c.eps = 0.031
+  c.eval.eps = 8 / 255
   c.data.name = 'cifar10'
   c.model.name = 'wrn-34-10'
   c.num_epochs = 76

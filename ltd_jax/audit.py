@@ -30,6 +30,7 @@ import ml_collections
 import numpy as np
 
 from ltd_jax import attacks
+from ltd_jax import config_lib
 from ltd_jax import evaluate
 from ltd_jax import parallel
 from ltd_jax import reports
@@ -53,7 +54,7 @@ def _pgd_restarts(logits_fn, x, y, rng, *, restarts, **kw):
 
 def audit_attacks(config: ml_collections.ConfigDict) -> dict[str, dict]:
   """``{name: {'eps', 'fn': (logits_fn, x, y, rng) -> x_adv, 'what'}}`` of every audit attack."""
-  a, eps = config.audit, config.eps
+  a, eps = config.audit, config_lib.eval_eps(config)
   ev = config.eval
   out = {'clean': {'eps': 0.0, 'what': 'no attack', 'fn': lambda f, x, y, r: x}}
   for m in a.eps_multiples:
@@ -130,7 +131,7 @@ def audit_model(apply_fn, variables, images: np.ndarray, labels: np.ndarray, num
       'verdict': ('gradient masking suspected: ' + '; '.join(failed)) if failed else
                  'passed: no sign of gradient masking',
       'passed': not failed, 'checks': checks, 'num_examples': int(len(labels)),
-      'eps': float(config.eps), 'tolerance': float(config.audit.tolerance),
+      'eps': config_lib.eval_eps(config), 'tolerance': float(config.audit.tolerance),
       'attacks': {n: {**results[n], 'eps': specs[n]['eps'], 'what': specs[n]['what']}
                   for n in specs},
   }

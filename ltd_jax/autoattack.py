@@ -2,7 +2,7 @@
 
 The selected checkpoint is exported (``WORKDIR/export``), loaded strictly into the PyTorch
 definition, checked against the JAX logits, and attacked by ``pyautoattack`` (Croce & Hein,
-2020; ``version='standard'``: APGD-CE, APGD-T, FAB-T, Square) at ``config.eps`` under L-inf.
+2020; ``version='standard'``: APGD-CE, APGD-T, FAB-T, Square) at ``eval.eps`` (else ``eps``), L-inf.
 Per-class AA accuracy, average, worst-class, worst-10% and NSD join the JAX attacks in
 ``results.json`` / ``results.md`` as the row ``autoattack``.
 
@@ -22,6 +22,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from ltd_jax import config_lib
 from ltd_jax import data
 from ltd_jax import evaluate
 from ltd_jax import export
@@ -156,12 +157,13 @@ def autoattack_checkpoint(config: ml_collections.ConfigDict, workdir: str,
     raise CheckpointError(f'the exported PyTorch model disagrees with the JAX model (relative '
                           f'logit error {parity:.2e} > {PARITY_RTOL:g}): the export of '
                           f'{config.model.name} is wrong; AutoAttack was not run')
+  eps = config_lib.eval_eps(config)
   correct, x_adv, info = run_autoattack(
-      torch_model, images, labels, eps=float(config.eps), version=config.autoattack.version,
+      torch_model, images, labels, eps=eps, version=config.autoattack.version,
       batch_size=config.autoattack.batch_size, device=device, seed=config.seed)
-  if info['max_perturbation'] > config.eps + 1e-6:
+  if info['max_perturbation'] > eps + 1e-6:
     raise CheckpointError(f'AutoAttack returned a perturbation of {info["max_perturbation"]:.6f} '
-                          f'> eps = {config.eps:.6f}; its result is not valid')
+                          f'> eps = {eps:.6f}; its result is not valid')
   jax_logits = jax.jit(lambda v, x: state.apply_fn(v, x, train=False))
   jax_pred = np.concatenate([np.argmax(np.asarray(jax_logits(state.variables, x_adv[i:i + 256])), -1)
                              for i in range(0, len(labels), 256)])

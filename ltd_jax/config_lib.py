@@ -24,7 +24,7 @@ def default_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.method = 'trades'
-  c.eps = 8 / 255  # L-inf threat model for training attacks and evaluation.
+  c.eps = 8 / 255  # L-inf threat model of the training attacks (and of evaluation, unless eval.eps).
   c.dtype = 'float32'
 
   c.data = ml_collections.ConfigDict()
@@ -132,6 +132,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.eval.final = EVAL_ATTACKS
   c.eval.selection = 'robust'  # robust: max avg PGD-20; fair: max avg + worst PGD-20; last.
   c.eval.selection_split = 'test'  # test | val (needs data.val_size > 0).
+  # L-inf eps of every evaluation attack (FGSM, PGD-20, CW, AutoAttack, the audit's reference);
+  # None: the training eps. Cross-method tables evaluate every model at one eps (8/255 on CIFAR).
+  c.eval.eps = ml_collections.config_dict.placeholder(float)
   c.eval.alpha = 2 / 255
   c.eval.pgd_steps = 20
   c.eval.cw_steps = 30
@@ -168,6 +171,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.log_every_steps = 20
   c.progress_bar = True
   return c
+
+
+def eval_eps(config) -> float:
+  """The eps of evaluation attacks: ``eval.eps``, else the training ``eps``."""
+  return float(config.eps if config.eval.eps is None else config.eval.eps)
 
 
 def load_config_file(path: str) -> ml_collections.ConfigDict:
@@ -232,6 +240,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(config.eps >= 0, f'eps must be >= 0, got {config.eps}')
   _require(config.eps <= 1, f'eps={config.eps} exceeds 1, but pixels lie in [0, 1]: did you mean '
                             f'{config.eps:g}/255 (--config.eps={config.eps / 255:.6f})?')
+  e = config.eval.eps
+  _require(e is None or 0 <= e <= 1, f'eval.eps={e} is not in [0, 1]: pixels lie in [0, 1]; did '
+                                     f'you mean {e:g}/255 (--config.eval.eps={(e or 0) / 255:.6f})?')
   _require(config.attack.alpha > 0, f'attack.alpha must be > 0, got {config.attack.alpha}')
   _require(config.attack.steps >= 0, f'attack.steps must be >= 0, got {config.attack.steps}')
   _require(config.attack.init in ('normal', 'uniform', 'none'),

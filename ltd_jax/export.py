@@ -14,6 +14,7 @@ import re
 
 import ml_collections
 
+from ltd_jax import config_lib
 from ltd_jax import interchange
 from ltd_jax import reports
 from ltd_jax import train
@@ -72,7 +73,8 @@ def write_export(out_dir: str, state, config: ml_collections.ConfigDict, num_cla
   info = {
       'model': model.to_dict(), 'num_classes': num_classes, 'image_shape': list(image_shape),
       'input': 'NCHW float32 in [0, 1], no normalisation', 'data': config.data.name,
-      'eps': float(config.eps), 'checkpoint': checkpoint, 'step': step,
+      'eps': float(config.eps), 'eval_eps': config_lib.eval_eps(config), 'checkpoint': checkpoint,
+      'step': step,
       'num_parameters': int(sum(v.size for k, v in state_dict.items()
                                 if not k.endswith(('running_mean', 'running_var',
                                                    'num_batches_tracked')))),

@@ -139,7 +139,9 @@ def results_markdown(results: dict, class_names=()) -> str:
   lines = [f"# Results: {results.get('title', '')}".rstrip(), '',
            f"Checkpoint: {results.get('checkpoint', '?')} ({where}), "
            f"split: {results.get('split', 'test')} ({n} images), "
-           f"eps = {results.get('eps', float('nan')):.5f}", '',
+           f"eps = {results.get('eps', float('nan')):.5f}"
+           + (f" (trained at {results['train_eps']:.5f})"
+              if results.get('train_eps', results.get('eps')) != results.get('eps') else ''), '',
            '| attack | images | avg % | worst-class % | worst-10% % | NSD |',
            '|---|---:|---:|---:|---:|---:|']
   for name in names:

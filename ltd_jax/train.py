@@ -222,7 +222,8 @@ def final_evaluation(config, workdir: str, state: TrainState, ds: data.Dataset,
   images, labels = ds.split('test')
   subset = evaluate.stratified_subset(labels, config.eval.final_subset_size, config.seed)
   images, labels = images[subset], labels[subset]
-  eval_step = evaluate.make_eval_step(state.apply_fn, config.eval.final, eps=config.eps,
+  eps = config_lib.eval_eps(config)
+  eval_step = evaluate.make_eval_step(state.apply_fn, config.eval.final, eps=eps,
                                       eval_config=config.eval)
   rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 2)
   mesh = parallel.make_mesh()
@@ -231,7 +232,8 @@ def final_evaluation(config, workdir: str, state: TrainState, ds: data.Dataset,
   results = {
       'title': run_title(config), 'checkpoint': which,
       'step': None if imported else int(state.step), 'split': 'test',
-      'num_examples': int(len(labels)), 'eps': float(config.eps), 'selection': selection,
+      'num_examples': int(len(labels)), 'eps': eps, 'train_eps': float(config.eps),
+      'selection': selection,
       'selection_split': config.eval.selection_split, 'trained_steps': trained_steps,
       'attacks': attacks, 'class_names': list(ds.class_names),
   }
@@ -330,7 +332,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   sel_images, sel_labels = ds.split(config.eval.selection_split)
   subset = evaluate.stratified_subset(sel_labels, config.eval.subset_size, config.seed)
   periodic_eval = evaluate.make_eval_step(state.apply_fn, config.eval.during_training,
-                                          eps=config.eps, eval_config=config.eval)
+                                          eps=config_lib.eval_eps(config),
+                                          eval_config=config.eval)
   eval_rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1)
 
   n = ds.num_train

@@ -63,6 +63,7 @@ CASES = [
     ('unknown mode', [DIGITS, '--mode=attack'], 'flag --mode=attack: value should be one of'),
     ('negative eps', [DIGITS, '--config.eps=-0.1'], 'eps must be >= 0'),
     ('eps in pixel units', [DIGITS, '--config.eps=8'], 'did you mean 8/255'),
+    ('evaluation eps in pixel units', [DIGITS, '--config.eval.eps=8'], 'eval.eps=8.0 is not in [0, 1]'),
     ('tau_min > tau_max', [DIGITS, '--config.absld.tau_min=3', '--config.absld.tau_max=2'],
      'absld.tau_min (3.0) must be > 0 and <= absld.tau_max (2.0)'),
     ('tau_init outside the bounds', [DIGITS, '--config.absld.tau_init=9'],

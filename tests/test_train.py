@@ -239,3 +239,15 @@ def test_non_finite_loss_stops_before_any_checkpoint(tiny_config, tmp_path, monk
   with pytest.raises(TrainingError, match=r'non-finite loss at step 1: .*last good: none'):
     train.train_and_evaluate(tiny_config, str(tmp_path))
   assert not os.listdir(tmp_path / 'checkpoints')
+
+
+def test_evaluation_uses_eval_eps_not_the_training_eps(tiny_config, tmp_path):
+  """Trained at eps 0.2 and evaluated at eval.eps = 0: every attack leaves the clean images, so
+  FGSM / PGD-20 / CW accuracy equals clean accuracy; both eps are recorded."""
+  tiny_config.max_steps, tiny_config.eval.eps = 2, 0.0
+  train.train_and_evaluate(tiny_config, str(tmp_path))
+  results = json.load(open(tmp_path / 'results.json'))
+  assert results['eps'] == 0.0 and results['train_eps'] == pytest.approx(0.2)
+  for attack in ('fgsm', 'pgd20', 'cw'):
+    assert results['attacks'][attack]['per_class'] == results['attacks']['clean']['per_class']
+  assert 'trained at 0.20000' in open(tmp_path / 'results.md').read()
