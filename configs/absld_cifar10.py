@@ -3,7 +3,8 @@
 RSLAD's recipe (300 epochs, lr 0.1 / 10 at 215, 260, 285, wd 2e-4, batch 128) plus per-class
 adversarial and clean teacher temperatures, initialised at 1, updated every epoch by Eq. 10 with
 beta 0.1 (decayed with the lr) and bounded to [0.5, 5]; checkpoint selection 'fair'
-(avg + worst PGD-20), as in the paper.
+(avg + worst PGD-20) on the whole test set on RSLAD's schedule (every 10 epochs, every epoch
+from 215), as the released script does.
 """
 
 from configs import rslad_cifar10

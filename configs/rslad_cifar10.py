@@ -4,6 +4,9 @@ SGD lr 0.1, momentum 0.9, wd 2e-4, batch 128, 300 epochs, lr / 10 at 215, 260, 2
 10 x 2/255 on KL(teacher || student) from x + 0.001 N(0, 1); loss 5/6 KL(t(x) || f(x_adv)) +
 1/6 KL(t(x) || f(x)), elementwise mean, teacher temperature 1. The teacher stage trains
 configs/trades_cifar10.py in WORKDIR/teacher unless --config.teacher.source=workdir points at one.
+Checkpoint selection as the ABSLD paper selects its baselines and the released ABSLD script
+selects: 'fair' (avg + worst-class PGD-20) on the whole test set, every 10 epochs before epoch
+215 and every epoch from 215.
 """
 
 from ltd_jax import config_lib
@@ -29,5 +32,9 @@ def get_config():
   c.rslad.reduction = 'elementwise_mean'
   c.teacher.source = 'train'
   c.teacher.config = 'configs/trades_cifar10.py'
-  c.eval.selection = 'robust'
+  c.eval.selection = 'fair'
+  c.eval.subset_size = 0
+  c.eval.every_epochs = 10
+  c.eval.late_from_epoch = 215
+  c.eval.late_every_epochs = 1
   return c

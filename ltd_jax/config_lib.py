@@ -125,6 +125,10 @@ def default_config() -> ml_collections.ConfigDict:
 
   c.eval = ml_collections.ConfigDict()
   c.eval.every_epochs = 1
+  # From this epoch on (1-indexed, 0: never), evaluate every eval.late_every_epochs instead: the
+  # released ABSLD script evaluates every 10 epochs before epoch 215 and every epoch after.
+  c.eval.late_from_epoch = 0
+  c.eval.late_every_epochs = 1
   c.eval.subset_size = 1000  # Periodic evaluation uses this many images of the selection split.
   c.eval.final_subset_size = 0  # Final evaluation: a stratified subset of the test set (0: all).
   c.eval.batch_size = 256
@@ -241,8 +245,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(config.eps <= 1, f'eps={config.eps} exceeds 1, but pixels lie in [0, 1]: did you mean '
                             f'{config.eps:g}/255 (--config.eps={config.eps / 255:.6f})?')
   e = config.eval.eps
-  _require(e is None or 0 <= e <= 1, f'eval.eps={e} is not in [0, 1]: pixels lie in [0, 1]; did '
-                                     f'you mean {e:g}/255 (--config.eval.eps={(e or 0) / 255:.6f})?')
+  if e is not None:
+    _require(0 <= e <= 1, f'eval.eps={e} is not in [0, 1]: pixels lie in [0, 1]; did you mean '
+                          f'{e:g}/255 (--config.eval.eps={e / 255:.6f})?')
   _require(config.attack.alpha > 0, f'attack.alpha must be > 0, got {config.attack.alpha}')
   _require(config.attack.steps >= 0, f'attack.steps must be >= 0, got {config.attack.steps}')
   _require(config.attack.init in ('normal', 'uniform', 'none'),
@@ -281,6 +286,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(config.eval.selection_split != 'val' or config.data.val_size > 0,
            'eval.selection_split=val needs a validation split: set --config.data.val_size=N')
   _require(config.eval.every_epochs > 0, f'eval.every_epochs must be > 0')
+  _require(config.eval.late_every_epochs > 0 and config.eval.late_from_epoch >= 0,
+           'eval.late_every_epochs must be > 0 and eval.late_from_epoch >= 0')
   _require(config.ltd.base in ('trades', 'awp'), f'ltd.base must be trades or awp, got {config.ltd.base!r}')
   _require(config.ltd.teacher_temperature > 0 and config.ltd.student_temperature > 0,
            'ltd temperatures must be > 0')

@@ -119,12 +119,22 @@ def evaluate(eval_step, variables, images: np.ndarray, labels: np.ndarray, num_c
   return results
 
 
+def is_evaluation_epoch(epoch: int, eval_config) -> bool:
+  """Whether the periodic evaluation runs after (1-indexed) ``epoch``: every
+  ``eval.every_epochs``, and from ``eval.late_from_epoch`` on every ``eval.late_every_epochs``
+  (the released ABSLD script: ``epoch % 10 == 0 and epoch < 215 or epoch >= 215``)."""
+  late = eval_config.late_from_epoch and epoch >= eval_config.late_from_epoch
+  return epoch % (eval_config.late_every_epochs if late else eval_config.every_epochs) == 0
+
+
 def selection_score(results: dict, selection: str) -> float:
-  """``robust``: avg PGD-20; ``fair``: avg + worst PGD-20 (ABSLD, CFA)."""
+  """``robust``: avg PGD-20; ``fair``: avg + worst PGD-20 (ABSLD, CFA), with the worst 10% of
+  classes in place of the worst class for 100 classes or more (the ABSLD paper, CIFAR-100)."""
   if selection == 'robust':
     return results['pgd20']['avg']
   if selection == 'fair':
-    return results['pgd20']['avg'] + results['pgd20']['worst']
+    worst = 'worst10' if len(results['pgd20'].get('per_class', ())) >= 100 else 'worst'
+    return results['pgd20']['avg'] + results['pgd20'][worst]
   raise ValueError(f'unknown selection {selection!r}')
 
 

@@ -403,7 +403,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             writer.write('temperatures', step, epoch=epoch, **risks,
                          tau_adv=np.asarray(state.tau_adv).tolist(),
                          tau_clean=np.asarray(state.tau_clean).tolist())
-          if epoch % config.eval.every_epochs == 0 or step == total_steps:
+          if evaluate.is_evaluation_epoch(epoch, config.eval) or step == total_steps:
             ev = evaluate.evaluate(periodic_eval, state.variables, sel_images[subset],
                                    sel_labels[subset], ds.num_classes, config.eval.batch_size,
                                    jax.random.fold_in(eval_rng, epoch), mesh=mesh)

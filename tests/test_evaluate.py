@@ -82,3 +82,31 @@ def test_unrolled_evaluation_attacks_equal_the_looped_ones():
   for name in ('clean', 'pgd20', 'cw'):
     np.testing.assert_array_equal(out[False][name], out[True][name])
   assert out[True]['pgd20'].sum() < out[True]['clean'].sum()  # the attacks did something
+
+
+def test_evaluation_schedule_of_the_paper_configs_is_the_released_scripts():
+  """resnet18_absld_cifar10.py evaluates after epoch e when (e % 10 == 0 and e < 215) or
+  e >= 215; absld_cifar10.py and rslad_cifar10.py (selected the same way) do the same, on the
+  whole test set, selecting 'fair'."""
+  from ltd_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from tests.conftest import ROOT  # pylint: disable=g-import-not-at-top
+  released = [e for e in range(1, 301) if (e % 10 == 0 and e < 215) or e >= 215]
+  for name in ('absld_cifar10', 'rslad_cifar10', 'absld_cifar100'):
+    c = config_lib.load_config_file(f'{ROOT}/configs/{name}.py')
+    assert [e for e in range(1, 301) if evaluate.is_evaluation_epoch(e, c.eval)] == released
+    assert (c.eval.selection, c.eval.subset_size, c.eval.selection_split) == ('fair', 0, 'test')
+  default = config_lib.default_config().eval
+  default.every_epochs = 3
+  assert [e for e in range(1, 10) if evaluate.is_evaluation_epoch(e, default)] == [3, 6, 9]
+
+
+def test_fair_selection_takes_the_worst_tenth_at_100_classes():
+  def results(per_class):
+    class_acc = np.asarray(per_class)
+    return {'pgd20': {'per_class': per_class, **evaluate.summarize(class_acc)}}
+  ten = results([0.5] * 9 + [0.1])
+  assert evaluate.selection_score(ten, 'fair') == pytest.approx(0.46 + 0.1)
+  hundred = results([0.5] * 90 + [0.1] * 5 + [0.3] * 5)
+  # worst 10% = mean of the 10 lowest = (5 x 0.1 + 5 x 0.3) / 10 = 0.2; worst class 0.1
+  assert evaluate.selection_score(hundred, 'fair') == pytest.approx(0.47 + 0.2)
+  assert evaluate.selection_score(hundred, 'robust') == pytest.approx(0.47)
