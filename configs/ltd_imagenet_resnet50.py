@@ -12,6 +12,7 @@ from configs import natural_imagenet_resnet50
 def get_config():
   c = natural_imagenet_resnet50.get_config()
   c.method = 'ltd'
+  c.reference_bn_passes = True  # running statistics as the TRADES code's forwards
   c.ltd.base = 'trades'
   c.ltd.teacher_temperature = 5.0
   c.ltd.student_temperature = 1.0

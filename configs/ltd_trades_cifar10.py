@@ -31,4 +31,5 @@ def get_config():
   c.teacher.source = 'train'
   c.teacher.config = 'configs/natural_cifar10.py'
   c.eval.selection = 'robust'
+  c.reference_bn_passes = True  # running statistics as the TRADES code's clean, adv, clean
   return c

@@ -27,4 +27,5 @@ def get_config():
   c.attack.init = 'normal'
   c.trades.beta = 6.0
   c.eval.selection = 'robust'
+  c.reference_bn_passes = True  # running statistics as trades.py's clean, adv, clean forwards
   return c

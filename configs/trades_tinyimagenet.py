@@ -8,6 +8,7 @@ from ltd_jax import config_lib
 def get_config():
   c = config_lib.default_config()
   c.method = 'trades'
+  c.reference_bn_passes = True  # running statistics as trades.py's clean, adv, clean forwards
   c.eps = 8 / 255
   c.data.name = 'tiny_imagenet'
   c.model.name = 'preactresnet34'

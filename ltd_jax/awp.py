@@ -41,5 +41,12 @@ def weight_perturbation(loss_of_params: Callable, params, *, proxy_lr: float, ga
   return jax.tree_util.tree_map(lambda d: gamma * d, relative_perturbation(params, proxy))
 
 
+def is_active(step, warmup_epochs: int, steps_per_epoch: int):
+  """Whether AWP perturbs the weights at (0-indexed) ``step``: from the 1-indexed epoch
+  ``warmup_epochs`` on, as the AWP code's ``if epoch >= args.awp_warmup`` with epochs counted
+  from 1 (0 and 1: from the first step)."""
+  return step >= max(warmup_epochs - 1, 0) * steps_per_epoch
+
+
 def add(params, delta):
   return jax.tree_util.tree_map(jnp.add, params, delta)

@@ -83,8 +83,13 @@ def default_config() -> ml_collections.ConfigDict:
 
   c.awp = ml_collections.ConfigDict()  # TRADES-AWP weight perturbation (method awp, ltd.base=awp)
   c.awp.gamma = 0.005
-  c.awp.warmup_epochs = 10
-  c.awp.proxy_lr = 0.01
+  c.awp.warmup_epochs = 10  # AWP from this 1-indexed epoch on (the AWP code's epoch >= awp_warmup)
+  # One SGD ascent step of the proxy (no momentum, no weight decay); d is normalised per layer,
+  # so this size does not change d. The AWP code uses its lr, 0.1.
+  c.awp.proxy_lr = 0.1
+  # The proxy's loss: 'trades' (CE + beta KL with hard labels, the AWP code's calc_awp, also for
+  # LTD-AWP) or 'method' (the method's own loss, e.g. LTD's soft-label loss).
+  c.awp.proxy_loss = 'trades'
 
   c.ltd = ml_collections.ConfigDict()
   c.ltd.base = 'trades'  # trades | awp
@@ -171,6 +176,12 @@ def default_config() -> ml_collections.ConfigDict:
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.keep = 3
   c.checkpoint.every_steps = 0  # 0: at the end of every epoch only.
+
+  # Replay the reference code's extra train-mode forwards (statistics only, no gradient, one
+  # forward pass) so that BatchNorm's running statistics are the reference's: TRADES runs clean,
+  # adv, clean; TRADES-AWP adv, clean, clean (methods.Method.reference_bn_passes). The gradient is
+  # the same either way; evaluation-mode numbers are not.
+  c.reference_bn_passes = False
 
   c.log_every_steps = 20
   c.progress_bar = True
@@ -289,6 +300,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(config.eval.late_every_epochs > 0 and config.eval.late_from_epoch >= 0,
            'eval.late_every_epochs must be > 0 and eval.late_from_epoch >= 0')
   _require(config.ltd.base in ('trades', 'awp'), f'ltd.base must be trades or awp, got {config.ltd.base!r}')
+  _require(config.awp.proxy_loss in ('trades', 'method'),
+           f'awp.proxy_loss must be trades or method, got {config.awp.proxy_loss!r}')
   _require(config.ltd.teacher_temperature > 0 and config.ltd.student_temperature > 0,
            'ltd temperatures must be > 0')
   _require(config.rslad.reduction in ('sum', 'batchmean', 'elementwise_mean'),

@@ -60,12 +60,19 @@ class Method(NamedTuple):
   ``loss(forward, inputs, x_adv, config) -> (scalar, aux)``; ``needs_teacher`` asks the train
   step for the teacher's logits, ``uses_awp(config)`` wraps the update in AWP's weight
   perturbation, and ``epoch_end(state, epochs_completed, config)`` updates state once per
-  epoch (ABSLD's temperatures)."""
+  epoch (ABSLD's temperatures); ``awp_proxy_loss`` and ``reference_bn_passes`` as commented."""
   adversary: Callable[..., jax.Array | None]
   loss: Callable[..., tuple[jax.Array, Aux]]
   needs_teacher: bool = False
   uses_awp: Callable[[Any], bool] = _never
   epoch_end: Callable[..., Any] | None = None
+  # The loss of AWP's proxy ascent step, ``(forward, inputs, x_adv, config) -> (loss, aux)``
+  # (None: ``loss``).
+  awp_proxy_loss: Callable[..., tuple[jax.Array, Aux]] | None = None
+  # Statistics-only train-mode forwards ('x' or 'x_adv') that, appended to the loss's own, give
+  # the running BatchNorm statistics the reference code's forwards give (config
+  # ``reference_bn_passes``): TRADES clean, adv, clean; TRADES-AWP adv, clean, clean.
+  reference_bn_passes: tuple[str, ...] = ()
 
 
 def _pgd(objective, inputs: MethodInputs, config, init: str | None = None):
@@ -116,10 +123,20 @@ def trades_adversary(eval_logits_fn, inputs: MethodInputs, config):
   return _pgd(attacks.kl_objective(eval_logits_fn, clean_probs), inputs, config)
 
 
-def trades_loss(forward: TrainForward, inputs: MethodInputs, x_adv, config):
-  """CE(f(x), y) + beta * KL_batchmean(f(x) || f(x_adv)); the clean side is not stop-gradient'ed."""
+def _clean_and_adv_logits(forward: TrainForward, inputs: MethodInputs, x_adv, adv_first: bool):
+  """Train-mode logits on x and x_adv, in the order of the reference code: the TRADES code runs
+  the clean forward first, the TRADES-AWP code the adversarial one (BatchNorm's running
+  statistics depend on the order; the gradient does not)."""
+  if adv_first:
+    logits_adv = forward(x_adv)
+    return forward(inputs.x), logits_adv
   logits_clean = forward(inputs.x)
-  logits_adv = forward(x_adv)
+  return logits_clean, forward(x_adv)
+
+
+def trades_loss(forward: TrainForward, inputs: MethodInputs, x_adv, config, adv_first=False):
+  """CE(f(x), y) + beta * KL_batchmean(f(x) || f(x_adv)); the clean side is not stop-gradient'ed."""
+  logits_clean, logits_adv = _clean_and_adv_logits(forward, inputs, x_adv, adv_first)
   natural = losses.cross_entropy(logits_clean, inputs.y)
   robust = losses.kl_from_logits(logits_clean, logits_adv, 'batchmean')
   aux = _aux(inputs.y, logits_clean, logits_adv)
@@ -130,15 +147,29 @@ def trades_loss(forward: TrainForward, inputs: MethodInputs, x_adv, config):
 def ltd_loss(forward: TrainForward, inputs: MethodInputs, x_adv, config):
   """TRADES with the teacher's soft labels in the natural term (LTD, Chen et al.):
   -sum_c softmax(t(x) / T_t)_c log softmax(f(x) / T_s)_c + beta * KL_batchmean(f(x) || f(x_adv)).
-  T_s is a training constant only; evaluation never divides the student's logits."""
-  logits_clean = forward(inputs.x)
-  logits_adv = forward(x_adv)
+  T_s is a training constant only; evaluation never divides the student's logits. On AWP
+  (``ltd.base``) the forwards follow the TRADES-AWP code's order (adversarial first)."""
+  logits_clean, logits_adv = _clean_and_adv_logits(forward, inputs, x_adv,
+                                                   adv_first=config.ltd.base == 'awp')
   soft_labels = losses.softmax_t(inputs.teacher_logits, config.ltd.teacher_temperature)
   natural = losses.soft_cross_entropy(logits_clean / config.ltd.student_temperature, soft_labels)
   robust = losses.kl_from_logits(logits_clean, logits_adv, 'batchmean')
   aux = _aux(inputs.y, logits_clean, logits_adv)
   aux.update(loss_natural=natural, loss_robust=robust)
   return natural + config.trades.beta * robust, aux
+
+
+def awp_loss(forward: TrainForward, inputs: MethodInputs, x_adv, config):
+  """The TRADES loss with the TRADES-AWP code's forward order (adversarial first)."""
+  return trades_loss(forward, inputs, x_adv, config, adv_first=True)
+
+
+def ltd_awp_proxy_loss(forward: TrainForward, inputs: MethodInputs, x_adv, config):
+  """AWP's proxy loss for LTD: the TRADES loss with hard labels, as the AWP code's calc_awp
+  computes it (``awp.proxy_loss='trades'``), or LTD's own loss (``'method'``)."""
+  if config.awp.proxy_loss == 'method':
+    return ltd_loss(forward, inputs, x_adv, config)
+  return trades_loss(forward, inputs, x_adv, config)
 
 
 def soft_label_natural_loss(forward: TrainForward, inputs: MethodInputs, x_adv, config):
@@ -201,10 +232,12 @@ def absld_epoch_end(state, epochs_completed, config):
 METHODS: dict[str, Method] = {
     'natural': Method(no_adversary, natural_loss),
     'pgd_at': Method(pgd_at_adversary, pgd_at_loss),
-    'trades': Method(trades_adversary, trades_loss),
-    'awp': Method(trades_adversary, trades_loss, uses_awp=lambda config: True),
+    'trades': Method(trades_adversary, trades_loss, reference_bn_passes=('x',)),
+    'awp': Method(trades_adversary, awp_loss, uses_awp=lambda config: True,
+                  reference_bn_passes=('x',)),
     'ltd': Method(trades_adversary, ltd_loss, needs_teacher=True,
-                  uses_awp=lambda config: config.ltd.base == 'awp'),
+                  uses_awp=lambda config: config.ltd.base == 'awp',
+                  awp_proxy_loss=ltd_awp_proxy_loss, reference_bn_passes=('x',)),
     'rslad': Method(_distillation_adversary(False), _distillation_loss(False), needs_teacher=True),
     'absld': Method(_distillation_adversary(True), _distillation_loss(True), needs_teacher=True,
                     epoch_end=absld_epoch_end),

@@ -65,17 +65,30 @@ def train_step(state: TrainState, images: jax.Array, labels: jax.Array, teacher_
     return loss, (aux, forward.batch_stats)
 
   if method.uses_awp(config):
-    warm = state.step >= config.awp.warmup_epochs * steps_per_epoch
+    warm = awp.is_active(state.step, config.awp.warmup_epochs, steps_per_epoch)
+    proxy_loss = method.awp_proxy_loss or method.loss
+
+    def proxy_loss_fn(params):
+      forward = methods.TrainForward(state.apply_fn, params, state.batch_stats)
+      return proxy_loss(forward, inputs, x_adv, config)[0]
+
     # Computed every step and zeroed during the warm-up rather than skipped with lax.cond:
     # XLA:CPU ran the convolutions inside a conditional ~9x slower (benchmarks/README.md), and
     # the warm-up is a few epochs of hundreds.
-    delta = awp.weight_perturbation(lambda p: loss_fn(p)[0], state.params,
+    delta = awp.weight_perturbation(proxy_loss_fn, state.params,
                                     proxy_lr=config.awp.proxy_lr, gamma=config.awp.gamma)
     delta = jax.tree_util.tree_map(lambda d: jnp.where(warm, d, 0.0), delta)
     at = awp.add(state.params, delta)
   else:
     at = state.params
   (loss, (aux, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(at)
+  if config.reference_bn_passes and method.reference_bn_passes:
+    # Statistics-only forwards (no gradient) so that the running statistics are the reference
+    # code's, which runs more train-mode forwards than the loss needs.
+    replay = methods.TrainForward(state.apply_fn, jax.lax.stop_gradient(at), batch_stats)
+    for name in method.reference_bn_passes:
+      replay(x if name == 'x' else x_adv)
+    batch_stats = jax.lax.stop_gradient(replay.batch_stats)
   updates, opt_state = state.tx.update(grads, state.opt_state, at)
   params = optax.apply_updates(state.params, updates)  # AWP: the perturbation is restored exactly
 

@@ -184,6 +184,15 @@ def test_awp_perturbation_is_a_proxy_ascent_step():
   np.testing.assert_allclose(delta['k'], want, rtol=1e-5)
 
 
+def test_awp_starts_in_the_epoch_the_awp_code_starts_it():
+  """train_trades_cifar.py: ``for epoch in range(1, epochs + 1): ... if epoch >= awp_warmup``."""
+  spe = 7
+  for warmup in (0, 1, 2, 10):
+    released = [epoch >= warmup for epoch in range(1, 13) for _ in range(spe)]
+    ours = [bool(awp.is_active(step, warmup, spe)) for step in range(12 * spe)]
+    assert ours == released, warmup
+
+
 def _awp_setup(tiny_config, **awp_kw):
   tiny_config.method = 'awp'
   for k, v in awp_kw.items():
@@ -197,16 +206,18 @@ def _awp_setup(tiny_config, **awp_kw):
   return st, step
 
 
-def test_awp_gamma_zero_and_warmup_equal_trades_including_batch_stats(tiny_config):
+def test_awp_gamma_zero_and_warmup_equal_trades(tiny_config):
+  """Same parameters and optimizer state; the running statistics differ by design (AWP's code
+  runs the adversarial forward first: test_reference_parity checks both orders)."""
   st, step = _awp_setup(tiny_config, gamma=0.0, warmup_epochs=0)
   trades_cfg = ml_collections.ConfigDict(tiny_config.to_dict())
   trades_cfg.method = 'trades'
   ref, _ = step('trades', trades_cfg)(st)
   got, _ = step('awp', tiny_config)(st)  # proxy runs, but gamma = 0
-  for a, b in zip(jax.tree_util.tree_leaves((ref.params, ref.batch_stats)),
-                  jax.tree_util.tree_leaves((got.params, got.batch_stats))):
+  for a, b in zip(jax.tree_util.tree_leaves((ref.params, ref.opt_state)),
+                  jax.tree_util.tree_leaves((got.params, got.opt_state))):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
-  tiny_config.awp.gamma, tiny_config.awp.warmup_epochs = 0.5, 1  # step 0 < 5: still warming up
+  tiny_config.awp.gamma, tiny_config.awp.warmup_epochs = 0.5, 2  # step 0, epoch 1 < 2: warming up
   warm, _ = step('awp', tiny_config)(st)
   for a, b in zip(jax.tree_util.tree_leaves(ref.params), jax.tree_util.tree_leaves(warm.params)):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
