@@ -104,6 +104,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.rslad.alpha = 5 / 6
   c.rslad.reduction = 'elementwise_mean'  # sum | batchmean | elementwise_mean
   c.rslad.loss_scale = 1.0  # RSLAD multiplies by 10 on CIFAR-100
+  # The RSLAD / ABSLD code's KL takes log(p + 1e-5) of the teacher's p: set 1e-5 to log its loss
+  # values; the gradient is the same (the term is constant in the student).
+  c.rslad.target_log_eps = 0.0
 
   c.absld = ml_collections.ConfigDict()
   c.absld.tau_init = 1.0

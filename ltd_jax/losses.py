@@ -43,9 +43,16 @@ def soft_cross_entropy(logits: jax.Array, targets: jax.Array, reduction: str = '
   return reduce_per_sample(per_sample, reduction, logits.shape[-1])
 
 
-def kl_divergence(target_probs: jax.Array, logits: jax.Array, reduction: str = 'batchmean'):
-  """KL(p || softmax(z)) = sum_c p_c (log p_c - log_softmax(z)_c), with 0 log 0 = 0."""
-  log_p = jnp.where(target_probs > 0, jnp.log(jnp.where(target_probs > 0, target_probs, 1.0)), 0.)
+def kl_divergence(target_probs: jax.Array, logits: jax.Array, reduction: str = 'batchmean',
+                  log_eps: float = 0.0):
+  """KL(p || softmax(z)) = sum_c p_c (log p_c - log_softmax(z)_c), with 0 log 0 = 0.
+
+  ``log_eps`` > 0 takes log(p_c + log_eps) for log p_c, as the RSLAD / ABSLD code's
+  ``kl_loss`` (1e-5): a term constant in z, so only the loss's value changes, not its gradient."""
+  if log_eps:
+    log_p = jnp.log(target_probs + log_eps)
+  else:
+    log_p = jnp.where(target_probs > 0, jnp.log(jnp.where(target_probs > 0, target_probs, 1.0)), 0.)
   per_sample = jnp.sum(target_probs * (log_p - jax.nn.log_softmax(logits, axis=-1)), axis=-1)
   return reduce_per_sample(per_sample, reduction, logits.shape[-1])
 

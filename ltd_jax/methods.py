@@ -209,8 +209,8 @@ def _distillation_loss(per_class: bool):
     logits_adv = forward(x_adv)
     logits_clean = forward(inputs.x)
     r = config.rslad
-    robust = losses.kl_divergence(adv_target, logits_adv, r.reduction)
-    natural = losses.kl_divergence(clean_target, logits_clean, r.reduction)
+    robust = losses.kl_divergence(adv_target, logits_adv, r.reduction, r.target_log_eps)
+    natural = losses.kl_divergence(clean_target, logits_clean, r.reduction, r.target_log_eps)
     aux = _aux(inputs.y, logits_clean, logits_adv)
     aux.update(loss_natural=natural, loss_robust=robust)
     return r.loss_scale * (r.alpha * robust + (1.0 - r.alpha) * natural), aux

@@ -1,0 +1,363 @@
+"""One full train step of every method against the released PyTorch code, transcribed here.
+
+The transcriptions follow the reference scripts line by line in what they compute (forward
+order and train / eval modes, losses and reductions, the AWP proxy, the SGD update, ABSLD's
+per-class risks and temperature rule): TRADES ``trades.py`` (yaodongyu/TRADES), TRADES-AWP
+``train_trades_cifar.py`` and its ``TradesAWP`` (csdongxian/AWP), RSLAD
+``resnet18_rslad_cifar10.py`` (zibojia/RSLAD), ABSLD ``resnet18_absld_cifar10.py`` and
+``absld_loss.py`` (zhaoshiji123/ABSLD); LTD from its paper (TRADES / TRADES-AWP with the
+teacher's soft labels at T = 5 in the natural term); natural and PGD-AT in the same style.
+
+Both sides start from the same weights (the JAX model exported through the interchange) and the
+same batch; the PyTorch attack starts from the JAX attack's start, and its result is checked
+against the JAX adversarial images, which both losses then use. Asserted: the loss within 1e-4
+relative; every parameter's update within 3x float32 PyTorch's own error against float64
+PyTorch; BatchNorm running statistics (PyTorch keeps the unbiased batch variance, n/(n-1));
+ABSLD's per-class risk sums and updated temperatures.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip('torch')
+F = torch.nn.functional
+
+from ltd_jax import attacks  # pylint: disable=g-import-not-at-top,wrong-import-position
+from ltd_jax import config_lib  # pylint: disable=wrong-import-position
+from ltd_jax import interchange  # pylint: disable=wrong-import-position
+from ltd_jax import methods  # pylint: disable=wrong-import-position
+from ltd_jax import models  # pylint: disable=wrong-import-position
+from ltd_jax import state as state_lib  # pylint: disable=wrong-import-position
+from ltd_jax import torch_models  # pylint: disable=wrong-import-position
+from ltd_jax import train  # pylint: disable=wrong-import-position
+
+B, HW, C, WIDTH, K = 20, 8, 10, 4, 3  # two images per class; 3-step attacks
+TAU_ADV = np.linspace(0.6, 2.0, C).astype(np.float32)  # distinct per class, and adv != clean
+TAU_CLEAN = np.linspace(1.7, 0.8, C).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- the references
+def kl_loss(a, b):
+  """RSLAD / ABSLD code: elementwise -a b + log(b + 1e-5) b."""
+  return -a * b + torch.log(b + 1e-5) * b
+
+
+def pgd(model, x, x_start, objective, eps, alpha, steps):
+  """The reference attacks' loop (model already in eval mode), from ``x_start``."""
+  x_adv = x_start.clone()
+  for _ in range(steps):
+    x_adv.requires_grad_()
+    with torch.enable_grad():
+      loss = objective(model(x_adv))
+    grad = torch.autograd.grad(loss, [x_adv])[0]
+    x_adv = x_adv.detach() + alpha * torch.sign(grad.detach())
+    x_adv = torch.min(torch.max(x_adv, x - eps), x + eps)
+    x_adv = torch.clamp(x_adv, 0.0, 1.0)
+  return x_adv
+
+
+def trades_kl_objective(model, x):
+  """trades.py / perturb_input: KL(softmax(f(x)) || f(x_adv)), reduction sum (eval mode)."""
+  with torch.no_grad():
+    clean = F.softmax(model(x), dim=1)
+  return lambda logits: F.kl_div(F.log_softmax(logits, dim=1), clean, reduction='sum')
+
+
+class Reference:
+  """One method's reference step on a PyTorch model (float32 or float64)."""
+
+  def __init__(self, method, config, state_dict, teacher_sd, dtype):
+    self.method, self.c, self.dtype = method, config, dtype
+    self.model = self._load(state_dict)
+    self.teacher = self._load(teacher_sd).eval() if teacher_sd is not None else None
+    o = config.optim
+    self.opt = torch.optim.SGD(self.model.parameters(), lr=o.lr, momentum=o.momentum,
+                               weight_decay=o.weight_decay, nesterov=o.nesterov)
+    self.tau_adv = torch.tensor(TAU_ADV, dtype=dtype)
+    self.tau_nat = torch.tensor(TAU_CLEAN, dtype=dtype)
+
+  def _load(self, sd):
+    model = torch_models.build_torch_model('small_cnn', C, 3, width=WIDTH)
+    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in sd.items()}, strict=True)
+    return model.to(self.dtype)
+
+  def attack(self, x, y, x_start):
+    """The adversarial images the reference attack finds from ``x_start`` (eval mode)."""
+    m, c, model = self.method, self.c, self.model
+    model.eval()
+    if m == 'pgd_at':
+      objective = lambda logits: F.cross_entropy(logits, y, reduction='sum')
+    elif m in ('trades', 'awp', 'ltd'):
+      objective = trades_kl_objective(model, x)
+    else:  # rslad / absld: KL(teacher target || f(x_adv)), sum
+      target = F.softmax(self._teacher_targets(x, y)[0], dim=1)
+      objective = lambda logits: torch.sum(F.kl_div(F.log_softmax(logits, dim=1), target,
+                                                    reduction='none'))
+    x_adv = pgd(model, x, x_start, objective, c.eps, c.attack.alpha, c.attack.steps)
+    model.train()
+    return x_adv
+
+  def _teacher_targets(self, x, y):
+    """ABSLD's per-sample scaled teacher logits (adv, nat) as resnet18_absld_cifar10.py builds
+    them; with released aliasing both names are one tensor, divided in place twice."""
+    with torch.no_grad():
+      t = self.teacher(x).detach()
+    if self.method == 'rslad':
+      return t, t
+    if self.c.absld.released_code_aliasing:
+      t_adv = t.detach()
+      t_nat = t_adv  # .detach() of the same tensor shares storage
+      for i in range(y.shape[0]):
+        t_adv[i] = t_adv[i] / self.tau_adv[y[i]]
+        t_nat[i] = t_nat[i] / self.tau_nat[y[i]]
+      return t_adv, t_nat
+    return t / self.tau_adv[y][:, None], t / self.tau_nat[y][:, None]
+
+  def _ltd_natural(self, logits, x):
+    with torch.no_grad():
+      soft = F.softmax(self.teacher(x) / self.c.ltd.teacher_temperature, dim=1)
+    return -(soft * F.log_softmax(logits / self.c.ltd.student_temperature, dim=1)).sum(1).mean()
+
+  def _awp_diff(self, x_adv, x, y):
+    """TradesAWP.calc_awp: one proxy step on -(CE + beta KL_batchmean), then
+    ||w|| / (||diff|| + 1e-20) diff for every weight of ndim > 1."""
+    proxy = copy.deepcopy(self.model)
+    proxy.load_state_dict(self.model.state_dict())
+    proxy.train()
+    proxy_opt = torch.optim.SGD(proxy.parameters(), lr=self.c.awp.proxy_lr)
+    loss_natural = F.cross_entropy(proxy(x), y)
+    loss_robust = F.kl_div(F.log_softmax(proxy(x_adv), dim=1), F.softmax(proxy(x), dim=1),
+                           reduction='batchmean')
+    loss = -1.0 * (loss_natural + self.c.trades.beta * loss_robust)
+    proxy_opt.zero_grad()
+    loss.backward()
+    proxy_opt.step()
+    diff = {}
+    model_sd, proxy_sd = self.model.state_dict(), proxy.state_dict()
+    for (old_k, old_w), (_, new_w) in zip(model_sd.items(), proxy_sd.items()):
+      if len(old_w.size()) <= 1:
+        continue
+      if 'weight' in old_k:
+        d = new_w - old_w
+        diff[old_k] = old_w.norm() / (d.norm() + 1e-20) * d
+    return diff
+
+  def _add(self, diff, coeff):
+    with torch.no_grad():
+      for name, param in self.model.named_parameters():
+        if name in diff:
+          param.add_(coeff * diff[name])
+
+  def step(self, x, y, x_adv):
+    """The update on (x, y) with the attack's result ``x_adv``; returns the loss and, for
+    ABSLD, the per-class risk sums (adv, nat)."""
+    m, c, model = self.method, self.c, self.model
+    model.train()
+    risks, diff = None, None
+    awp_base = m == 'awp' or (m == 'ltd' and c.ltd.base == 'awp')
+    if awp_base:  # train_trades_cifar.py
+      diff = self._awp_diff(x_adv, x, y)
+      self._add(diff, c.awp.gamma)
+      self.opt.zero_grad()
+      logits_adv = model(x_adv)
+      loss_robust = F.kl_div(F.log_softmax(logits_adv, dim=1), F.softmax(model(x), dim=1),
+                             reduction='batchmean')
+      logits = model(x)
+      natural = (F.cross_entropy(logits, y) if m == 'awp' else self._ltd_natural(logits, x))
+      loss = natural + c.trades.beta * loss_robust
+    elif m in ('trades', 'ltd'):  # trades.py
+      self.opt.zero_grad()
+      logits = model(x)
+      natural = F.cross_entropy(logits, y) if m == 'trades' else self._ltd_natural(logits, x)
+      loss_robust = F.kl_div(F.log_softmax(model(x_adv), dim=1), F.softmax(model(x), dim=1),
+                             reduction='sum') / x.shape[0]
+      loss = natural + c.trades.beta * loss_robust
+    elif m in ('rslad', 'absld'):  # resnet18_rslad_cifar10.py / resnet18_absld_cifar10.py
+      t_adv, t_nat = self._teacher_targets(x, y)
+      self.opt.zero_grad()
+      adv_logits = model(x_adv)  # the last line of rslad_inner_loss / absld_inner_loss
+      nat_logits = model(x)
+      with torch.no_grad():
+        ce = torch.nn.CrossEntropyLoss(reduction='none')
+        risk_adv = torch.zeros(C, dtype=self.dtype).index_add_(0, y, ce(adv_logits, y))
+        risk_nat = torch.zeros(C, dtype=self.dtype).index_add_(0, y, ce(nat_logits, y))
+        risks = (risk_adv, risk_nat)
+      log = (torch.log if m == 'absld' else lambda p: p)  # absld: log(softmax); rslad: log_softmax
+      sm = (F.softmax if m == 'absld' else F.log_softmax)
+      loss1 = kl_loss(log(sm(adv_logits, dim=1)), F.softmax(t_adv, dim=1)).mean()
+      loss2 = kl_loss(log(sm(nat_logits, dim=1)), F.softmax(t_nat, dim=1)).mean()
+      loss = 5.0 / 6.0 * loss1 + 1.0 / 6.0 * loss2
+    elif m == 'pgd_at':
+      self.opt.zero_grad()
+      loss = F.cross_entropy(model(x_adv), y)
+    else:  # natural
+      self.opt.zero_grad()
+      loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    self.opt.step()
+    if diff is not None:
+      self._add(diff, -c.awp.gamma)
+    return float(loss), risks
+
+  def update_temperatures(self, risks, beta):
+    """The released script's epoch end: gap over the risk sums, max-abs normalised, clipped."""
+    out = []
+    for tau, total in zip((self.tau_adv, self.tau_nat), risks):
+      gap = total - torch.mean(total)
+      out.append(torch.clamp(tau - beta * gap / torch.max(torch.abs(gap)), self.c.absld.tau_min,
+                             self.c.absld.tau_max))
+    return out
+
+
+# ----------------------------------------------------------------------------- the comparison
+VARIANTS = {
+    'natural': {},
+    'pgd_at': {'attack.init': 'uniform'},
+    'trades': {'reference_bn_passes': True},
+    'awp': {'reference_bn_passes': True},
+    'ltd_trades': {'method': 'ltd', 'reference_bn_passes': True, 'optim.nesterov': True},
+    'ltd_awp': {'method': 'ltd', 'ltd.base': 'awp', 'reference_bn_passes': True,
+                'optim.nesterov': True},
+    'rslad': {},
+    'absld': {},
+    'absld_released': {'method': 'absld', 'absld.released_code_aliasing': True},
+}
+
+
+def make_config(variant):
+  c = config_lib.default_config()
+  c.method = variant
+  c.model.name, c.model.width = 'small_cnn', WIDTH
+  c.eps, c.attack.alpha, c.attack.steps, c.attack.init = 8 / 255, 2 / 255, K, 'normal'
+  c.optim.lr, c.optim.momentum, c.optim.weight_decay = 0.1, 0.9, 5e-4
+  c.awp.gamma, c.awp.warmup_epochs = 0.01, 0
+  c.rslad.target_log_eps = 1e-5  # the reference's kl_loss, for the loss value
+  c.absld.tau_min, c.absld.tau_max = 0.5, 5.0
+  for key, value in VARIANTS[variant].items():
+    *parents, leaf = key.split('.')
+    node = c
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+def batch():
+  """Class-dependent images (a per-class colour plus noise): the batch is not noise only.
+  (BatchNorm's two-pass variance is tested in test_models: uint8 images this small cannot give
+  features whose |mean| / std is large enough for a one-pass variance to show here.)"""
+  rng = np.random.default_rng(0)
+  base = rng.integers(40, 216, size=(C, 1, 1, 3))
+  labels = np.repeat(np.arange(C), B // C).astype(np.int32)
+  images = np.clip(base[labels] + rng.integers(-40, 41, size=(B, HW, HW, 3)), 0, 255)
+  return images.astype(np.uint8), labels
+
+
+def torch_layout(params, batch_stats):
+  return interchange.to_torch_state_dict(params, batch_stats)
+
+
+def bn_layers(sd):
+  return sorted({k.rsplit('.', 1)[0] for k in sd if k.endswith('running_mean')})
+
+
+@pytest.mark.parametrize('variant', list(VARIANTS))
+def test_train_step_equals_the_reference_pytorch_step(variant):
+  config = make_config(variant)
+  method = methods.get_method(config.method)
+  model = models.create_model('small_cnn', C, width=WIDTH)
+  state = state_lib.create_train_state(config, model, (HW, HW, 3), C, steps_per_epoch=5)
+  state = state.replace(tau_adv=jnp.asarray(TAU_ADV), tau_clean=jnp.asarray(TAU_CLEAN))
+  images, labels = batch()
+  teacher_vars = teacher_sd = None
+  if method.needs_teacher:
+    t_params, t_stats = models.init_variables(model, jax.random.PRNGKey(7), (HW, HW, 3))
+    t_stats = jax.tree_util.tree_map(lambda v: v * 0.5 + 0.1, t_stats)  # not the init values
+    teacher_vars = {'params': t_params, 'batch_stats': t_stats}
+    teacher_sd = torch_layout(t_params, t_stats)
+  sd0 = torch_layout(state.params, state.batch_stats)
+
+  # JAX: the trainer's own step, and its adversarial images (the same pure function of state).
+  step = jax.jit(lambda s, t: train.train_step(
+      s, images, labels, t, method=method, config=config, augment_kind='none', num_classes=C,
+      steps_per_epoch=5, teacher_apply_fn=model.apply if teacher_vars else None))
+  new, metrics = step(state, teacher_vars)
+  x = jnp.asarray(images, jnp.float32) / 255.0
+  _, attack_rng = jax.random.split(jax.random.fold_in(state.rng, state.step))
+  x_start = attacks.INITS[config.attack.init](attack_rng, x, config.eps)
+  teacher_logits = model.apply(teacher_vars, x, train=False) if teacher_vars else None
+  inputs = methods.MethodInputs(x, jnp.asarray(labels), attack_rng, state.tau_adv,
+                                state.tau_clean, teacher_logits)
+  x_adv = method.adversary(train.attack_logits_fn(state), inputs, config)
+
+  to_t = lambda a, dt: torch.from_numpy(np.asarray(a)).permute(0, 3, 1, 2).to(dt)
+  y_t = torch.from_numpy(labels).long()
+  results = {}
+  for dt in (torch.float32, torch.float64):
+    ref = Reference(config.method, config, sd0, teacher_sd, dt)
+    if x_adv is not None:
+      torch_adv = ref.attack(to_t(x, dt), y_t, to_t(x_start, dt))
+      same = np.isclose(torch_adv.permute(0, 2, 3, 1).numpy(), np.asarray(x_adv), atol=1e-5)
+      assert same.mean() > 0.995, f'{dt}: the attacks agree on {same.mean():.2%} of the pixels'
+    loss, risks = ref.step(to_t(x, dt), y_t, None if x_adv is None else to_t(x_adv, dt))
+    sd = {k: v.detach().numpy().astype(np.float64) for k, v in ref.model.state_dict().items()}
+    results[dt] = (loss, risks, sd, ref)
+
+  loss64, risks64, sd64, ref64 = results[torch.float64]
+  assert float(metrics['loss']) == pytest.approx(loss64, rel=1e-4)
+  sd_jax = torch_layout(new.params, new.batch_stats)
+  for key in sd0:
+    if key.endswith(('running_mean', 'running_var', 'num_batches_tracked')):
+      continue
+    d64 = sd64[key] - sd0[key]
+    err = lambda sd: np.linalg.norm((sd[key] - sd0[key]) - d64) / np.linalg.norm(d64)
+    err32 = err(results[torch.float32][2])
+    assert err(sd_jax) <= 3 * err32 + 1e-6, (key, err(sd_jax), err32)
+
+  # BatchNorm: k train-mode forwards from running var 1; PyTorch folds in n/(n-1) x the batch var.
+  k = {'natural': 1, 'pgd_at': 1, 'rslad': 2, 'absld': 2}.get(config.method, 3)
+  for layer in bn_layers(sd0):
+    np.testing.assert_allclose(sd_jax[f'{layer}.running_mean'], sd64[f'{layer}.running_mean'],
+                               rtol=1e-4, atol=1e-6)
+    side = {'bn1': HW, 'bn2': HW // 2, 'bn3': HW // 4}[layer]
+    n = B * side * side
+    decayed = 0.9 ** k
+    np.testing.assert_allclose(sd64[f'{layer}.running_var'] - decayed,
+                               (sd_jax[f'{layer}.running_var'] - decayed) * n / (n - 1),
+                               rtol=1e-4, atol=1e-7)
+
+  if config.method == 'absld':
+    np.testing.assert_allclose(new.risk_adv_sum, risks64[0].numpy(), rtol=1e-5)
+    np.testing.assert_allclose(new.risk_clean_sum, risks64[1].numpy(), rtol=1e-5)
+    np.testing.assert_array_equal(new.risk_adv_count, np.full(C, B // C))
+    ended = train.end_of_epoch(new, 1, method=method, config=config)
+    want_adv, want_nat = ref64.update_temperatures(risks64, beta=config.absld.beta)
+    np.testing.assert_allclose(ended.tau_adv, want_adv.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(ended.tau_clean, want_nat.numpy(), rtol=1e-5)
+
+
+def test_without_the_replayed_passes_the_running_statistics_are_not_the_references():
+  """The switch matters: TRADES without ``reference_bn_passes`` keeps two forwards' statistics
+  (the parity test above passes only with it)."""
+  config = make_config('trades')
+  model = models.create_model('small_cnn', C, width=WIDTH)
+  state = state_lib.create_train_state(config, model, (HW, HW, 3), C, steps_per_epoch=5)
+  images, labels = batch()
+  out = {}
+  for replay in (False, True):
+    config.reference_bn_passes = replay
+    new, _ = train.train_step(state, images, labels, method=methods.get_method('trades'),
+                              config=config, augment_kind='none', num_classes=C,
+                              steps_per_epoch=5)
+    out[replay] = new
+  for a, b in zip(jax.tree_util.tree_leaves(out[False].params),
+                  jax.tree_util.tree_leaves(out[True].params)):
+    np.testing.assert_array_equal(a, b)  # statistics only: no change to the update
+  mean = lambda s: np.asarray(s.batch_stats['bn1']['mean'])
+  assert not np.allclose(mean(out[False]), mean(out[True]), rtol=1e-3)
