@@ -60,10 +60,16 @@ def _sha256(path: str) -> str:
 
 def write_export(out_dir: str, state, config: ml_collections.ConfigDict, num_classes: int,
                  image_shape, checkpoint: str, step: int | None) -> dict:
-  """Writes the state_dict of ``state`` to ``out_dir``; returns the ``model.json`` record."""
+  """Writes the state_dict of ``state`` to ``out_dir``; returns the ``model.json`` record.
+
+  ``num_batches_tracked`` is the step of a trained checkpoint, or for a re-exported PyTorch
+  file (``checkpoint`` its path, ``step`` None) the count that file carries."""
   os.makedirs(out_dir, exist_ok=True)
+  tracked = step
+  if step is None and train.is_torch_file(checkpoint) and os.path.exists(checkpoint):
+    tracked = interchange.batches_tracked(interchange.load_torch_file(checkpoint))
   state_dict = interchange.to_torch_state_dict(state.params, state.batch_stats,
-                                               num_batches_tracked=step or 0)
+                                               num_batches_tracked=tracked or 0)
   files = {'safetensors': os.path.join(out_dir, 'model.safetensors')}
   interchange.save_safetensors(files['safetensors'], state_dict)
   if importlib.util.find_spec('torch') is not None:

@@ -226,8 +226,17 @@ def _first_line(e: Exception) -> str:
 
 
 def save_safetensors(path: str, state_dict: dict[str, np.ndarray]) -> None:
-  safetensors.numpy.save_file({k: np.ascontiguousarray(v) for k, v in state_dict.items()}, path,
+  # np.require keeps 0-d arrays 0-d (np.ascontiguousarray would make num_batches_tracked [1]).
+  safetensors.numpy.save_file({k: np.require(v, requirements='C') for k, v in state_dict.items()},
+                              path,
                               metadata={'format': 'pt'})
+
+
+def batches_tracked(state_dict: dict) -> int | None:
+  """The ``num_batches_tracked`` of a PyTorch state_dict (its largest), or None without one."""
+  counts = [int(np.asarray(v).reshape(-1)[0]) for k, v in state_dict.items()
+            if k.endswith('num_batches_tracked') and np.asarray(v).size]
+  return max(counts) if counts else None
 
 
 def save_torch(path: str, state_dict: dict[str, np.ndarray]) -> None:

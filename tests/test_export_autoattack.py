@@ -10,6 +10,7 @@ import pytest
 
 from ltd_jax import config_lib
 from ltd_jax import data
+from ltd_jax import export
 from ltd_jax import interchange
 from ltd_jax import teacher as teacher_lib
 from ltd_jax import train
@@ -71,6 +72,27 @@ def test_export_writes_strictly_loadable_state_dicts(trained):
     with torch.no_grad():
       out = tm(torch.from_numpy(np.asarray(images).transpose(0, 3, 1, 2).copy())).numpy()
     assert np.abs(out - jax_logits).max() <= 1e-4 * np.abs(jax_logits).max()
+
+
+def test_num_batches_tracked_is_a_0d_count_that_survives_reexport(trained, tmp_path):
+  """PyTorch's BatchNorm2d keeps num_batches_tracked as a 0-d int64 tensor; the exports hold the
+  trained step there, and re-exporting an imported file keeps its count."""
+  from safetensors.torch import load_file  # pylint: disable=g-import-not-at-top
+  export_dir = os.path.join(trained, 'export')
+  step = json.load(open(os.path.join(export_dir, 'model.json')))['step']
+  want = torch.nn.BatchNorm2d(2).state_dict()['num_batches_tracked']
+  for sd in (load_file(os.path.join(export_dir, 'model.safetensors')),
+             torch.load(os.path.join(export_dir, 'model.pt'), weights_only=True)):
+    tracked = sd['bn1.num_batches_tracked']
+    assert tracked.shape == want.shape == () and tracked.dtype == want.dtype == torch.int64
+    assert int(tracked) == step
+  sd = torch.load(os.path.join(export_dir, 'model.pt'), weights_only=True)
+  sd = {k: torch.tensor(123) if k.endswith('num_batches_tracked') else v for k, v in sd.items()}
+  torch.save(sd, tmp_path / 'counted.pt')
+  info = export.export_checkpoint(_config_from_cli(), str(tmp_path / 'again'),
+                                  str(tmp_path / 'counted.pt'))
+  again = load_file(os.path.join(tmp_path, 'again', 'export', 'model.safetensors'))
+  assert info['step'] is None and int(again['bn2.num_batches_tracked']) == 123
 
 
 def test_imported_checkpoint_reproduces_the_results(trained, tmp_path):
