@@ -154,6 +154,8 @@ def bench_torch(args, method: str, compile: bool = False) -> dict | None:
     return None
   device = 'cuda' if torch.cuda.is_available() else 'cpu'
   torch.manual_seed(0)
+  if compile:
+    torch._dynamo.reset()  # pylint: disable=protected-access  (each method compiles afresh)
   step = torch_reference.TorchStep(method, args.model, 10, steps=args.attack_steps,
                                    teacher_model=args.teacher_model, device=device,
                                    channels_last=device == 'cuda', compile=compile)
@@ -235,16 +237,16 @@ def main():
   peak = {d: matmul_peak(d, 2048 if on_cpu else 8192) for d in (jnp.float32, jnp.bfloat16)}
   rows = []
   for name in args.methods.split(','):
-    row = bench_jax(args, name, mesh)
-    for mode in torch_modes:
-      row[f'torch_{mode}'] = bench_torch(args, name, compile=mode == 'compile')
-    rows.append(row)
-    torch_note = ', '.join(f'torch {m} {row[f"torch_{m}"]["images_per_s"]:.1f}'
-                           for m in torch_modes if row[f'torch_{m}'] is not None)
-    print(f'{name}: {row["images_per_s"]:.1f} images/s ({torch_note or "no torch"})',
+    rows.append(bench_jax(args, name, mesh))
+    for mode in [None] + torch_modes:  # the table is rewritten after every measurement
+      if mode is not None:
+        rows[-1][f'torch_{mode}'] = bench_torch(args, name, compile=mode == 'compile')
+      if args.out:
+        common.write_table(table_lines(args, rows, peak, torch_modes), args.out)
+    torch_note = ', '.join(f'torch {m} {rows[-1][f"torch_{m}"]["images_per_s"]:.1f}'
+                           for m in torch_modes if rows[-1][f'torch_{m}'] is not None)
+    print(f'{name}: {rows[-1]["images_per_s"]:.1f} images/s ({torch_note or "no torch"})',
           file=sys.stderr, flush=True)
-    if args.out:
-      common.write_table(table_lines(args, rows, peak, torch_modes), args.out)
   common.emit_table(table_lines(args, rows, peak, torch_modes), args.out)
 
 
