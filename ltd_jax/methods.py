@@ -155,7 +155,9 @@ def ltd_loss(forward: TrainForward, inputs: MethodInputs, x_adv, config):
   natural = losses.soft_cross_entropy(logits_clean / config.ltd.student_temperature, soft_labels)
   robust = losses.kl_from_logits(logits_clean, logits_adv, 'batchmean')
   aux = _aux(inputs.y, logits_clean, logits_adv)
-  aux.update(loss_natural=natural, loss_robust=robust)
+  # H(p_T), constant in the student: natural - H is the KL form of the natural term.
+  entropy = jnp.mean(-jnp.sum(soft_labels * jnp.log(jnp.maximum(soft_labels, 1e-30)), axis=-1))
+  aux.update(loss_natural=natural, loss_robust=robust, teacher_entropy=entropy)
   return natural + config.trades.beta * robust, aux
 
 

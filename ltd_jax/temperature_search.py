@@ -4,7 +4,10 @@
    with the teacher's soft labels at T (method ``soft_label_natural``). T_max is the lowest T
    whose substitute's natural accuracy falls below ``ltd.search_accuracy_threshold``.
 2. For each candidate T < T_max, train LTD with T_t = T; the chosen T minimises the LTD
-   objective (the training loss over the last epoch). PGD-20 accuracy is reported beside it.
+   objective in its KL form over the last epoch of training: the loss less the soft labels'
+   entropy H(p_T), KL(p_T || f(x)) + beta KL(f(x) || f(x_adv)). The cross-entropy form carries
+   H(p_T), which grows with T whatever the student does, and would favour the lowest T. PGD-20
+   accuracy is reported beside it.
 
 Every candidate is an ordinary run in ``WORKDIR/search/...`` and resumes like one. The table
 goes to ``temperature_search.json`` and ``.md``.
@@ -39,10 +42,12 @@ def _candidate_config(config, method: str, temperature: float, teacher_dir: str,
   return c
 
 
-def _last_epoch_loss(workdir: str) -> float:
+def _last_epoch_objective(workdir: str) -> float:
+  """Mean over the last epoch's train records of the LTD loss in KL form (loss - H(p_T))."""
   records = [r for r in reports.read_metrics(workdir) if r['kind'] == 'train']
   last_epoch = int(np.ceil(records[-1]['epoch'])) - 1
-  return float(np.mean([r['loss'] for r in records if r['epoch'] > last_epoch]))
+  return float(np.mean([r['loss'] - r.get('teacher_entropy', 0.0) for r in records
+                        if r['epoch'] > last_epoch]))
 
 
 def _results(workdir: str) -> dict:
@@ -70,7 +75,8 @@ def ltd_temperature_search(config: ml_collections.ConfigDict, workdir: str, run)
     wd = os.path.join(workdir, 'search', f'ltd_T{t:g}')
     run(_candidate_config(config, 'ltd', t, teacher.workdir, epochs), wd)
     res = _results(wd)
-    rows.append({'T': t, 'step': 2, 'ltd_loss': _last_epoch_loss(wd), 'clean': res['clean']['avg'],
+    rows.append({'T': t, 'step': 2, 'ltd_loss': _last_epoch_objective(wd),
+                 'clean': res['clean']['avg'],
                  'pgd20': res['pgd20']['avg'], 'pgd20_worst': res['pgd20']['worst']})
   step2 = [r for r in rows if r['step'] == 2]
   best = min(step2, key=lambda r: r['ltd_loss'])['T'] if step2 else None
@@ -89,8 +95,10 @@ def search_markdown(table: dict) -> str:
   lines = ['# LTD temperature search', '',
            f"Step 1 threshold: natural accuracy < {100 * table['threshold']:.1f}% -> "
            f"T_max = {table['t_max'] if table['t_max'] is not None else 'none (all candidates kept)'}; "
-           f"step 2 choice (min LTD loss): T = {table['best_T']}; {table['epochs']} epochs per model.", '',
-           '| T | step | substitute natural acc % | LTD loss | clean % | PGD-20 % | PGD-20 worst % |',
+           f"step 2 choice (min LTD objective, KL form: loss - H(p_T)): T = {table['best_T']}; "
+           f"{table['epochs']} epochs per model.", '',
+           '| T | step | substitute natural acc % | LTD objective (KL form) | clean % | PGD-20 % '
+           '| PGD-20 worst % |',
            '|---:|---:|---:|---:|---:|---:|---:|']
   for r in table['rows']:
     loss = f"{r['ltd_loss']:.4f}" if 'ltd_loss' in r else ''

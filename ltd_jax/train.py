@@ -41,6 +41,10 @@ from ltd_jax.errors import CheckpointError, ConfigError, Preempted, TrainingErro
 from ltd_jax.state import TrainState, build_model, create_train_state, learning_rate_schedule
 
 
+# Loss terms a method's loss may report beside the loss (averaged into every train record).
+LOSS_TERMS = ('loss_natural', 'loss_robust', 'teacher_entropy')
+
+
 def train_step(state: TrainState, images: jax.Array, labels: jax.Array, teacher_variables=None,
                teacher_logits=None, *, method: methods.Method, config, augment_kind: str,
                num_classes: int, steps_per_epoch: int, teacher_apply_fn=None):
@@ -103,7 +107,7 @@ def train_step(state: TrainState, images: jax.Array, labels: jax.Array, teacher_
       new[f'risk_{kind}_count'] = getattr(state, f'risk_{kind}_count') + counts
       predictions = jnp.argmax(aux[f'logits_{kind}'], axis=-1)
       metrics[f'correct_{kind}'] = jnp.sum(predictions == labels).astype(jnp.float32)
-  for key in ('loss_natural', 'loss_robust'):
+  for key in LOSS_TERMS:
     if key in aux:
       metrics[key] = aux[key]
   return state.replace(**new), metrics
@@ -161,7 +165,7 @@ class _MetricBuffer:
     count = sum(m['count'] for m in fetched)
     out = {'loss': float(np.mean([m['loss'] for m in fetched])),
            'images_per_sec': count / max(elapsed, 1e-9)}
-    for key in ('loss_natural', 'loss_robust'):
+    for key in LOSS_TERMS:
       if key in fetched[0]:
         out[key] = float(np.mean([m[key] for m in fetched]))
     for kind in ('clean', 'adv'):
@@ -370,7 +374,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       writer.write('train', step, epoch=step / steps_per_epoch, lr=float(lr_schedule(step - 1)),
                    **out)
       if bar is not None:
-        bar.set_postfix({k: f'{v:.3g}' for k, v in out.items() if k != 'loss_natural'})
+        bar.set_postfix({k: f'{v:.3g}' for k, v in out.items()
+                         if k not in ('loss_natural', 'teacher_entropy')})
 
   stop = preemption.StopRequest(sync_every=config.log_every_steps)
   try:

@@ -113,3 +113,45 @@ def test_temperature_search_two_steps(ltd_config, tmp_path):
   assert table['best_T'] == min(step2, key=lambda r: r['ltd_loss'])['T']
   md = open(tmp_path / 'temperature_search.md').read()
   assert '| T | step |' in md and os.path.exists(tmp_path / 'search' / 'substitute_T1')
+
+
+def test_temperature_search_picks_by_the_kl_form_of_the_objective(tiny_config, tmp_path,
+                                                                 monkeypatch):
+  """A scripted run function: substitutes whose natural accuracy falls below the threshold from
+  T = 8 (T_max = 8), and LTD runs whose raw loss favours T = 1 only through the soft labels'
+  entropy; the KL-form objective (loss - H) favours T = 3."""
+  from ltd_jax import temperature_search  # pylint: disable=g-import-not-at-top
+  from ltd_jax import reports  # pylint: disable=g-import-not-at-top
+  substitute_acc = {1.0: 0.9, 3.0: 0.85, 5.0: 0.7, 8.0: 0.3, 10.0: 0.2}
+  entropy = {1.0: 0.2, 3.0: 0.9, 5.0: 1.5}  # grows with T
+  kl_objective = {1.0: 0.60, 3.0: 0.40, 5.0: 0.55}
+  calls = []
+
+  def run(config, workdir):
+    calls.append((config.method, config.ltd.teacher_temperature))
+    os.makedirs(workdir, exist_ok=True)
+    t = config.ltd.teacher_temperature
+    if config.method == 'soft_label_natural':
+      attacks = {'clean': {'avg': substitute_acc[t], 'worst': 0.0}}
+    else:
+      attacks = {'clean': {'avg': 0.8, 'worst': 0.5}, 'pgd20': {'avg': 0.4, 'worst': 0.1}}
+      writer = reports.MetricWriter(workdir)
+      for step, epoch in ((1, 0.5), (2, 1.0), (3, 1.5), (4, 2.0)):
+        late = epoch > 1  # only the last epoch counts: the first is made worse on purpose
+        writer.write('train', step, epoch=epoch, teacher_entropy=entropy[t],
+                     loss=kl_objective[t] + entropy[t] + (0 if late else 5))
+    reports.write_json(os.path.join(workdir, 'results.json'), {'attacks': attacks})
+
+  tiny_config.method = 'ltd'
+  tiny_config.teacher.source, tiny_config.teacher.path = 'workdir', str(tmp_path / 'teacher')
+  tiny_config.ltd.search_temperatures = (10.0, 1.0, 3.0, 5.0, 8.0)
+  tiny_config.ltd.search_accuracy_threshold = 0.5
+  teacher_stub = type('T', (), {'workdir': str(tmp_path / 'teacher')})()
+  monkeypatch.setattr(temperature_search.teacher_lib, 'prepare_teacher',
+                      lambda *a, **k: teacher_stub)
+  table = temperature_search.ltd_temperature_search(tiny_config, str(tmp_path), run)
+  assert table['t_max'] == 8.0 and table['best_T'] == 3.0
+  assert calls == [('soft_label_natural', t) for t in (1.0, 3.0, 5.0, 8.0)] + [
+      ('ltd', t) for t in (1.0, 3.0, 5.0)]
+  objective = {r['T']: r['ltd_loss'] for r in table['rows'] if r['step'] == 2}
+  assert objective == pytest.approx(kl_objective)
