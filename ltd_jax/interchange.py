@@ -26,11 +26,15 @@ _STAT_NAMES = {'mean': 'running_mean', 'var': 'running_var'}
 
 
 def torch_module_name(flax_path) -> str:
-  """('block1', 'layer_0', 'bn1') -> 'block1.layer.0.bn1'."""
+  """('block1', 'layer_0', 'bn1') -> 'block1.layer.0.bn1': a trailing '_N' is an index, except
+  after a double underscore, which stands for one underscore ('batchnorm__0' -> 'batchnorm_0')."""
   parts = []
   for name in flax_path:
     m = _INDEXED.match(name)
-    parts += [m.group(1), m.group(2)] if m and m.group(1) else [name]
+    if '__' in name:
+      parts.append(name.replace('__', '_'))
+    else:
+      parts += [m.group(1), m.group(2)] if m and m.group(1) else [name]
   return '.'.join(parts)
 
 

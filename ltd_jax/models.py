@@ -273,23 +273,107 @@ class SmallCNN(nn.Module):
     return pooled_logits(x, self.num_classes, 'fc', self.dtype)
 
 
+# Input normalisation of DeepMind's WideResNets in RobustBench (dm_wide_resnet.py), by class count.
+DM_NORMALIZATION = {10: ((0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)),
+                    100: ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))}
+
+
+class DMWideBlock(nn.Module):
+  """DeepMind's WRN block (Gowal et al. 2020; RobustBench ``dm_wide_resnet._Block``): pre-activation;
+  when the width changes, the 1x1 shortcut and the first conv both take act(bn0(x)); the 3x3
+  conv of stride 2 pads (0, 1) as TensorFlow's 'SAME'. Names ``batchnorm__0`` etc. export to
+  ``batchnorm_0``."""
+  in_planes: int
+  out_planes: int
+  stride: int
+  activation: Callable = nn.silu
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    has_shortcut = self.in_planes != self.out_planes
+    out = self.activation(batch_norm(train, 'batchnorm__0', self.dtype)(x))
+    if has_shortcut:
+      x = out
+    pad = ((1, 1), (1, 1)) if self.stride == 1 else ((0, 1), (0, 1))
+    out = nn.Conv(self.out_planes, (3, 3), strides=(self.stride, self.stride), padding=pad,
+                  use_bias=False, kernel_init=conv_init, dtype=self.dtype, name='conv__0')(out)
+    out = self.activation(batch_norm(train, 'batchnorm__1', self.dtype)(out))
+    out = conv(self.out_planes, 3, 1, name='conv__1', dtype=self.dtype)(out)
+    if has_shortcut:
+      x = nn.Conv(self.out_planes, (1, 1), strides=(self.stride, self.stride), padding='VALID',
+                  use_bias=False, kernel_init=conv_init, dtype=self.dtype, name='shortcut')(x)
+    return x + out
+
+
+class DMWideGroup(nn.Module):
+  """``_BlockGroup``: ``n`` blocks, its PyTorch child ``block`` (an nn.Sequential)."""
+  n: int
+  in_planes: int
+  out_planes: int
+  stride: int
+  activation: Callable = nn.silu
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    for i in range(self.n):
+      x = DMWideBlock(self.in_planes if i == 0 else self.out_planes, self.out_planes,
+                      self.stride if i == 0 else 1, self.activation, self.dtype,
+                      name=f'block_{i}')(x, train)
+    return x
+
+
+class DMWideResNet(nn.Module):
+  """DeepMind's WRN-depth-width (RobustBench ``DMWideResNet``; Gowal et al. 2020 use SiLU
+  ("Swish")): normalises its [0, 1] input with the dataset's mean and std inside, then
+  init_conv, three groups ``layer.G.block.I``, act(bn), global average pooling, ``logits``."""
+  depth: int = 70
+  width: int = 16
+  num_classes: int = 10
+  activation: Callable = nn.silu
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    if (self.depth - 4) % 6:
+      raise ValueError(f'DMWideResNet depth must be 6n+4, got {self.depth}')
+    if self.num_classes not in DM_NORMALIZATION:
+      raise ValueError(f'dm-wrn models normalise with CIFAR-10 or CIFAR-100 statistics: '
+                       f'num_classes must be 10 or 100, got {self.num_classes}')
+    mean, std = DM_NORMALIZATION[self.num_classes]
+    x = (x.astype(jnp.float32) - jnp.asarray(mean)) / jnp.asarray(std)
+    n = (self.depth - 4) // 6
+    widths = [16, 16 * self.width, 32 * self.width, 64 * self.width]
+    x = conv(widths[0], 3, name='init_conv', dtype=self.dtype)(x.astype(self.dtype))
+    for g, stride in enumerate((1, 2, 2)):
+      x = DMWideGroup(n, widths[g], widths[g + 1], stride, self.activation, self.dtype,
+                      name=f'layer_{g}')(x, train)
+    x = self.activation(batch_norm(train, 'batchnorm', self.dtype)(x))
+    return pooled_logits(x, self.num_classes, 'logits', self.dtype)
+
+
 _WRN = re.compile(r'^wrn-(\d+)-(\d+)$')
-ARCHITECTURES = ('wrn-D-W', 'resnet18', 'preactresnet18', 'preactresnet18-bn', 'mobilenetv2',
-                 'preactresnet34', 'small_cnn', 'resnet50', 'wrn-50-2')
+_DM_WRN = re.compile(r'^dm-wrn-(\d+)-(\d+)$')
+ARCHITECTURES = ('wrn-D-W', 'dm-wrn-D-W', 'resnet18', 'preactresnet18', 'preactresnet18-bn',
+                 'mobilenetv2', 'preactresnet34', 'small_cnn', 'resnet50', 'wrn-50-2')
 
 
 def create_model(name: str, num_classes: int, dtype: Dtype = jnp.float32,
                  base_width: int = 64, width: int = 32) -> nn.Module:
-  """Builds an architecture by name: ``wrn-34-10``, ``resnet18``, ``preactresnet18[-bn]``, ``preactresnet34``,
+  """Builds an architecture by name: ``wrn-34-10``, ``dm-wrn-70-16`` (DeepMind's SiLU WRN with
+  input normalisation, Gowal et al.), ``resnet18``, ``preactresnet18[-bn]``, ``preactresnet34``,
   ``mobilenetv2``, ``small_cnn``, or the ImageNet ``resnet50`` / ``wrn-50-2``. ``base_width``
   shrinks the CIFAR ResNets for tests."""
   if name in ('resnet50', 'wrn-50-2'):
     return ImageNetResNet(width_factor=2 if name == 'wrn-50-2' else 1, num_classes=num_classes,
                           dtype=dtype)
-  if m := _WRN.match(name):
+  if m := _WRN.match(name) or _DM_WRN.match(name):
     depth, widen = int(m.group(1)), int(m.group(2))
     if (depth - 4) % 6 or depth < 10:
       raise ValueError(f'model {name!r}: WideResNet depth must be 6n+4 >= 10 (e.g. wrn-34-10)')
+    if name.startswith('dm-'):
+      return DMWideResNet(depth, widen, num_classes, nn.silu, dtype)
     return WideResNet(depth, widen, num_classes, dtype)
   if name == 'resnet18':
     return ResNet(ResNetBasicBlock, base_width=base_width, num_classes=num_classes, dtype=dtype)

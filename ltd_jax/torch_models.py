@@ -84,6 +84,75 @@ class WideResNet(nn.Module):
     return self.fc(_pool(self.relu(self.bn1(o))))
 
 
+# DeepMind's WRN input normalisation by class count (RobustBench dm_wide_resnet.py).
+DM_NORMALIZATION = {10: ((0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)),
+                    100: ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))}
+
+
+class DMWideBlock(nn.Module):
+  """DeepMind's pre-activation WRN block: where the width changes, the 1x1 shortcut and conv_0
+  take act(batchnorm_0(x)); conv_0 of stride 2 pads right and bottom only ('SAME')."""
+
+  def __init__(self, in_planes: int, out_planes: int, stride: int):
+    super().__init__()
+    self.batchnorm_0 = nn.BatchNorm2d(in_planes)
+    self.relu_0 = nn.SiLU()
+    self.conv_0 = nn.Conv2d(in_planes, out_planes, 3, stride=stride, padding=0, bias=False)
+    self.batchnorm_1 = nn.BatchNorm2d(out_planes)
+    self.relu_1 = nn.SiLU()
+    self.conv_1 = _conv(out_planes, out_planes, 3)
+    self.has_shortcut = in_planes != out_planes
+    self.shortcut = (nn.Conv2d(in_planes, out_planes, 1, stride=stride, bias=False)
+                     if self.has_shortcut else None)
+    self.pad = (1, 1, 1, 1) if stride == 1 else (0, 1, 0, 1)
+
+  def forward(self, x):
+    out = self.relu_0(self.batchnorm_0(x))
+    if self.has_shortcut:
+      x = out
+    out = self.conv_1(self.relu_1(self.batchnorm_1(self.conv_0(F.pad(out, self.pad)))))
+    return (self.shortcut(x) if self.has_shortcut else x) + out
+
+
+class DMWideGroup(nn.Module):
+  def __init__(self, n: int, in_planes: int, out_planes: int, stride: int):
+    super().__init__()
+    self.block = nn.Sequential(*[
+        DMWideBlock(in_planes if i == 0 else out_planes, out_planes, stride if i == 0 else 1)
+        for i in range(n)])
+
+  def forward(self, x):
+    return self.block(x)
+
+
+class DMWideResNet(nn.Module):
+  """DeepMind's WRN with SiLU (Gowal et al. 2020), keys as RobustBench's ``DMWideResNet``
+  (init_conv, layer.G.block.I.{batchnorm_0, conv_0, batchnorm_1, conv_1, shortcut}, batchnorm,
+  logits); normalises its input with the CIFAR-10 or CIFAR-100 statistics (not in the
+  state_dict)."""
+
+  def __init__(self, depth: int = 70, width: int = 16, num_classes: int = 10,
+               in_channels: int = 3):
+    super().__init__()
+    if (depth - 4) % 6:
+      raise ValueError(f'DMWideResNet depth must be 6n+4, got {depth}')
+    mean, std = DM_NORMALIZATION[num_classes]
+    self.register_buffer('mean', torch.tensor(mean).view(in_channels, 1, 1), persistent=False)
+    self.register_buffer('std', torch.tensor(std).view(in_channels, 1, 1), persistent=False)
+    n = (depth - 4) // 6
+    widths = [16, 16 * width, 32 * width, 64 * width]
+    self.init_conv = _conv(in_channels, widths[0], 3)
+    self.layer = nn.Sequential(*[DMWideGroup(n, widths[g], widths[g + 1], stride)
+                                 for g, stride in enumerate((1, 2, 2))])
+    self.batchnorm = nn.BatchNorm2d(widths[3])
+    self.relu = nn.SiLU()
+    self.logits = nn.Linear(widths[3], num_classes)
+
+  def forward(self, x):
+    out = self.layer(self.init_conv((x - self.mean) / self.std))
+    return self.logits(_pool(self.relu(self.batchnorm(out))))
+
+
 class BasicBlock(nn.Module):
   """Post-activation ResNet block (kuangliu); ``shortcut`` = Sequential(conv 1x1, BN) or empty."""
 
@@ -282,6 +351,7 @@ class ImageNetResNet(nn.Module):
 
 
 _WRN = re.compile(r'^wrn-(\d+)-(\d+)$')
+_DM_WRN = re.compile(r'^dm-wrn-(\d+)-(\d+)$')
 
 
 def build_torch_model(name: str, num_classes: int, in_channels: int = 3, base_width: int = 64,
@@ -291,6 +361,8 @@ def build_torch_model(name: str, num_classes: int, in_channels: int = 3, base_wi
     model = ImageNetResNet(2 if name == 'wrn-50-2' else 1, num_classes, in_channels)
   elif m := _WRN.match(name):
     model = WideResNet(int(m.group(1)), int(m.group(2)), num_classes, in_channels)
+  elif m := _DM_WRN.match(name):
+    model = DMWideResNet(int(m.group(1)), int(m.group(2)), num_classes, in_channels)
   elif name == 'resnet18':
     model = ResNet18(num_classes, base_width, in_channels)
   elif name in ('preactresnet18', 'preactresnet18-bn'):

@@ -64,6 +64,7 @@ ARCHS = [
     ('preactresnet18-bn', dict(base_width=8), (32, 32, 3)),
     ('mobilenetv2', {}, (32, 32, 3)),
     ('wrn-10-2', {}, (32, 32, 3)),
+    ('dm-wrn-16-2', {}, (32, 32, 3)),
     ('preactresnet34', dict(base_width=8), (32, 32, 3)),
     ('resnet50', {}, (64, 64, 3)),
     ('wrn-50-2', {}, (32, 32, 3)),
@@ -78,7 +79,8 @@ def test_pytorch_logits_equal_jax_logits(name, kw, shape):
   state_dict = interchange.to_torch_state_dict(params, batch_stats, num_batches_tracked=7)
   assert {k: v.shape for k, v in state_dict.items()} == \
       interchange.torch_state_dict_shapes(params, batch_stats)
-  assert state_dict['fc.bias' if 'fc.bias' in state_dict else 'linear.bias'].dtype == np.float32
+  head = next(k for k in ('fc.bias', 'linear.bias', 'logits.bias') if k in state_dict)
+  assert state_dict[head].dtype == np.float32
   tm = load_strict(torch_models.build_torch_model(name, 10, shape[-1], **kw), state_dict)
   assert not tm.training
   out = torch_logits(tm, x)
@@ -92,6 +94,50 @@ def test_pytorch_logits_equal_jax_logits(name, kw, shape):
     np.testing.assert_array_equal(a, b)
   assert jax.tree_util.tree_structure((params, batch_stats)) == \
       jax.tree_util.tree_structure((p2, b2))
+
+
+def test_dm_wrn_70_16_imports_a_robustbench_layout_checkpoint():
+  """Gowal et al.'s WRN-70-16 (RobustBench ``Gowal2020Uncovering_70_16_extra``, the ABSLD
+  CIFAR-100 teacher): the keys RobustBench's DMWideResNet writes, the full model's layout built
+  without memory (meta device), and a randomly initialised twin of it imported into JAX, with
+  its CIFAR-100 input normalisation, giving the same logits."""
+  with torch.device('meta'):
+    full = torch_models.build_torch_model('dm-wrn-70-16', 100).state_dict()
+  want = {k: tuple(v.shape) for k, v in full.items()}
+  # RobustBench's names: 11 blocks per group, the shortcut in each group's first block only.
+  for key, shape in (('init_conv.weight', (16, 3, 3, 3)),
+                     ('layer.0.block.0.shortcut.weight', (256, 16, 1, 1)),
+                     ('layer.2.block.10.batchnorm_1.running_var', (1024,)),
+                     ('layer.1.block.0.conv_0.weight', (512, 256, 3, 3)),
+                     ('batchnorm.num_batches_tracked', ()), ('logits.weight', (100, 1024))):
+    assert want[key] == shape, key
+  assert 'layer.0.block.1.shortcut.weight' not in want and 'mean' not in want
+  shapes = jax.eval_shape(lambda r: models.init_variables(models.create_model('dm-wrn-70-16', 100),
+                                                          r, (32, 32, 3)), jax.random.PRNGKey(0))
+  assert interchange.torch_state_dict_shapes(*shapes) == want
+  # A small twin, randomly initialised in PyTorch (BN statistics moved off their defaults), read
+  # the other way: the JAX model of the imported weights computes the PyTorch logits.
+  torch.manual_seed(0)
+  twin = torch_models.build_torch_model('dm-wrn-16-2', 100)
+  with torch.no_grad():
+    for m in twin.modules():
+      if isinstance(m, torch.nn.BatchNorm2d):
+        m.running_mean.uniform_(-0.2, 0.2)
+        m.running_var.uniform_(0.5, 1.5)
+        m.weight.uniform_(0.5, 1.5)
+  model = models.create_model('dm-wrn-16-2', 100)
+  params, stats = models.init_variables(model, jax.random.PRNGKey(1), (32, 32, 3))
+  sd = {k: v.numpy() for k, v in twin.state_dict().items()}
+  params, stats = interchange.from_torch_state_dict(sd, params, stats, model_name='dm-wrn-16-2')
+  x = np.random.default_rng(2).uniform(size=(4, 32, 32, 3)).astype(np.float32)
+  jax_out = np.asarray(model.apply({'params': params, 'batch_stats': stats}, x))
+  out = torch_logits(twin, x)
+  assert np.abs(out - jax_out).max() / np.abs(jax_out).max() < 1e-4
+  # The normalisation is CIFAR-100's: CIFAR-10's statistics give other logits.
+  assert np.abs(np.asarray(models.DMWideResNet(16, 2, 10).apply(
+      {'params': {**params, 'logits': {'kernel': params['logits']['kernel'][:, :10],
+                                       'bias': params['logits']['bias'][:10]}},
+       'batch_stats': stats}, x)) - jax_out[:, :10]).max() > 1e-3
 
 
 def test_full_size_wrn_34_10_parity_and_spec_layout():
