@@ -115,6 +115,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.absld.tau_max = 5.0
   c.absld.gap_rtol = 1e-6  # skip the update when max|gap| <= gap_rtol * max|risk|
   c.absld.released_code_aliasing = False
+  # Per-class risk of Eq. 10: 'mean' cross-entropy (unbalanced data safe) or 'sum' (the released
+  # script; equal updates when the classes are balanced).
+  c.absld.risk = 'mean'
 
   c.teacher = ml_collections.ConfigDict()
   c.teacher.source = 'none'  # none | train | workdir | torch
@@ -303,6 +306,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(config.eval.late_every_epochs > 0 and config.eval.late_from_epoch >= 0,
            'eval.late_every_epochs must be > 0 and eval.late_from_epoch >= 0')
   _require(config.ltd.base in ('trades', 'awp'), f'ltd.base must be trades or awp, got {config.ltd.base!r}')
+  _require(config.absld.risk in ('mean', 'sum'), f'absld.risk must be mean or sum, got '
+                                                f'{config.absld.risk!r}')
   _require(config.awp.proxy_loss in ('trades', 'method'),
            f'awp.proxy_loss must be trades or method, got {config.awp.proxy_loss!r}')
   _require(config.ltd.teacher_temperature > 0 and config.ltd.student_temperature > 0,

@@ -225,7 +225,7 @@ def absld_epoch_end(state, epochs_completed, config):
   beta_t = temperatures.absld_beta(epochs_completed, a.beta, config.optim.lr_boundaries_epochs,
                                    config.optim.lr_decay)
   update = lambda tau, s, c: temperatures.absld_update_temperatures(
-      tau, s, c, beta_t, a.tau_min, a.tau_max, a.gap_rtol)
+      tau, s, c, beta_t, a.tau_min, a.tau_max, a.gap_rtol, a.risk)
   return state.replace(tau_adv=update(state.tau_adv, state.risk_adv_sum, state.risk_adv_count),
                        tau_clean=update(state.tau_clean, state.risk_clean_sum,
                                         state.risk_clean_count))

@@ -24,12 +24,16 @@ def per_class_risk(risk_sum: jax.Array, risk_count: jax.Array) -> tuple[jax.Arra
 
 def absld_update_temperatures(tau: jax.Array, risk_sum: jax.Array, risk_count: jax.Array,
                               beta_t, tau_min: float, tau_max: float,
-                              rtol: float = 1e-6) -> jax.Array:
+                              rtol: float = 1e-6, risk: str = 'mean') -> jax.Array:
   """Eq. 10 on the classes seen this epoch; unseen classes keep their temperature.
 
-  The update is skipped when max|gap| is zero or rounding error relative to the risks
+  ``risk``: each class's mean cross-entropy (``mean``, METHODS.md: right for unbalanced data) or
+  its sum (``sum``, the released script; the same update when every class has as many
+  samples). The update is skipped when max|gap| is zero or rounding error relative to the risks
   (equal risks give gaps of ~1e-17 whose max-abs scaling would be +-1).
   """
+  if risk == 'sum':
+    risk_sum, risk_count = risk_sum, jnp.where(risk_count > 0, 1.0, 0.0)
   risk, seen = per_class_risk(risk_sum, risk_count)
   mean = jnp.sum(jnp.where(seen, risk, 0.0)) / jnp.maximum(jnp.sum(seen), 1)
   gap = jnp.where(seen, risk - mean, 0.0)

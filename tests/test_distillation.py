@@ -41,6 +41,20 @@ def test_temperature_update_equals_eq10():
   assert abs(got[extreme] - tau[extreme]) == pytest.approx(0.1, abs=1e-5)  # moves by beta
 
 
+def test_temperature_update_on_risk_sums_is_the_released_scripts():
+  """absld.risk='sum': the gap of the per-class sums, as resnet18_absld_cifar10.py computes it;
+  on unbalanced classes it differs from the update on means."""
+  rng = np.random.default_rng(1)
+  tau = rng.uniform(0.8, 1.5, 10)
+  sums = rng.uniform(5.0, 90.0, 10)
+  counts = rng.integers(5, 50, 10).astype(float)
+  args = (jnp.asarray(tau, jnp.float32), jnp.asarray(sums, jnp.float32),
+          jnp.asarray(counts, jnp.float32), 0.1, 0.5, 5.0)
+  on_sums = temperatures.absld_update_temperatures(*args, risk='sum')
+  np.testing.assert_allclose(on_sums, np_eq10(tau, sums, 0.1, 0.5, 5.0), rtol=1e-5)
+  assert not np.allclose(on_sums, temperatures.absld_update_temperatures(*args), rtol=1e-3)
+
+
 def test_temperature_bounds_and_unseen_classes():
   tau = jnp.array([0.55, 4.95, 1.0, 1.0])
   sums = jnp.array([9.0, 0.0, 1.0, 0.0])
