@@ -22,8 +22,9 @@ def test_config_loads_and_validates(path):
 
 
 @pytest.mark.parametrize('name,model,epochs', [
-    ('trades_cifar10', 'wrn-34-10', 76),
-    # The same WRN-34-10 step with a simpler loss: slow, for the suite's time on 2 cores.
+    # Slow, for the suite's time on 2 cores: the WRN-34-10 TRADES-family step runs by default in
+    # test_paper_configs (ltd_awp_cifar10), and the parity suite checks the TRADES step itself.
+    pytest.param('trades_cifar10', 'wrn-34-10', 76, marks=pytest.mark.slow),
     pytest.param('pgd_at_cifar10', 'wrn-34-10', 200, marks=pytest.mark.slow),
     pytest.param('natural_cifar10', 'wrn-34-10', 200, marks=pytest.mark.slow),
     pytest.param('trades_cifar100', 'wrn-34-10', 76, marks=pytest.mark.slow),
