@@ -38,10 +38,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, 'scripts'))
 
-# Fast tests that need no CPU-only PyTorch (stage 1); the dry run takes the first file only.
+# Fast tests that need no CPU-only PyTorch (stage 1), the reference parity suite last (JAX on the
+# GPU against PyTorch on the CPU); the dry run takes the first file only.
 STAGE1_TESTS = ('tests/test_losses.py', 'tests/test_attacks.py', 'tests/test_evaluate.py',
                 'tests/test_distillation.py', 'tests/test_mixed_precision.py',
-                'tests/test_models.py')
+                'tests/test_models.py', 'tests/test_reference_parity.py')
 # JAX takes this share of the GPU per process when PyTorch shares the card (stage 2, AutoAttack);
 # the parallel student runs of stage 3 split STUDENT_MEM_SHARE between them.
 MEM_FRACTION_WITH_TORCH = '0.45'
@@ -286,7 +287,7 @@ def main():
                  help='folder holding cifar-10-batches-py (default: data/cifar-10-subset, '
                       'else ../shared/data/cifar-10-subset)')
   p.add_argument('--work', default='', help='work directories of stage 3 (default: a temp folder)')
-  p.add_argument('--budget1', type=float, default=50.0)
+  p.add_argument('--budget1', type=float, default=60.0)
   p.add_argument('--budget2', type=float, default=170.0)
   p.add_argument('--budget3', type=float, default=240.0)
   p.add_argument('--teacher_epochs', type=int, default=10)
