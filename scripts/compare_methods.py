@@ -38,6 +38,22 @@ def parse_run(spec: str):
   return name, path, overrides, config  # overrides: comma-separated key=value
 
 
+def environment_line() -> str:
+  """The CPU or accelerator, core count and library versions the table was measured with."""
+  import platform  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  cpu = platform.processor() or 'CPU'
+  try:
+    with open('/proc/cpuinfo') as f:
+      cpu = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
+  except (OSError, StopIteration):
+    pass
+  dev = jax.devices()[0]
+  where = f'{jax.device_count()} x {dev.device_kind}' if dev.platform != 'cpu' else 'CPU only'
+  return (f'{cpu}, {os.cpu_count()} cores ({where}); jax {jax.__version__}, Python '
+          f'{platform.python_version()}')
+
+
 def seed_table(results: dict[str, list[dict]], seeds, attacks=ATTACKS) -> list[str]:
   """Markdown lines: per method, mean +- std over seeds (ddof 1) of each attack's avg, worst
   class and NSD, from ``results[method]``, one ``results.json`` per seed."""
@@ -72,6 +88,8 @@ def main():
   p.add_argument('--workdir', default='workdirs/compare')
   p.add_argument('--out', required=True)
   p.add_argument('--set', action='append', default=[], help='key=value applied to every run')
+  p.add_argument('--autoattack', action='store_true',
+                 help='also run the official AutoAttack on every run (needs the torch extra)')
   args = p.parse_args()
   seeds = [int(s) for s in args.seeds.split(',')]
   runs = [r + (',' if ':' in r else ':') + ','.join(args.set) for r in args.run]
@@ -91,10 +109,14 @@ def main():
         else:
           teachers[key] = os.path.join(workdir, 'teacher')
       train.train_and_evaluate(config, workdir)
+      if args.autoattack:
+        from ltd_jax import autoattack  # pylint: disable=g-import-not-at-top
+        autoattack.autoattack_checkpoint(config, workdir)
       with open(os.path.join(workdir, 'results.json')) as f:
         results[name].append(json.load(f))
 
-  lines = seed_table(results, seeds)
+  lines = seed_table(results, seeds, ATTACKS + (('autoattack',) if args.autoattack else ()))
+  lines += ['', f'Machine: {environment_line()}']
   cmd = 'python scripts/compare_methods.py ' + ' '.join(sys.argv[1:])
   text = '\n'.join(lines) + f'\n\nCommand: `{cmd}`\n'
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

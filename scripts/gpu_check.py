@@ -289,7 +289,7 @@ def main():
   p.add_argument('--work', default='', help='work directories of stage 3 (default: a temp folder)')
   p.add_argument('--budget1', type=float, default=60.0)
   p.add_argument('--budget2', type=float, default=170.0)
-  p.add_argument('--budget3', type=float, default=240.0)
+  p.add_argument('--budget3', type=float, default=225.0)
   p.add_argument('--teacher_epochs', type=int, default=10)
   p.add_argument('--student_epochs', type=int, default=12)
   p.add_argument('--seeds', default='0,1,2')
