@@ -93,23 +93,28 @@ def _absld_config(aliasing=False):
   return c
 
 
+W_LINEAR = np.random.default_rng(5).normal(size=(3, 4)).astype(np.float32)
+
+
+def linear_forward(x):
+  """A student whose logits depend on its input (x @ W): a loss that feeds it the wrong images
+  gets other logits."""
+  return jnp.asarray(x) @ W_LINEAR
+
+
 @pytest.fixture
 def batch():
+  """Teacher logits, distinct clean and adversarial inputs with the student's logits on each,
+  labels and distinct per-class temperatures."""
   rng = np.random.default_rng(1)
   teacher = (rng.normal(size=(6, 4)) * 2).astype(np.float32)
-  adv, clean = rng.normal(size=(2, 6, 4)).astype(np.float32)
+  x_clean = rng.normal(size=(6, 3)).astype(np.float32)
+  x_adv = x_clean + rng.normal(size=(6, 3)).astype(np.float32)
   y = np.array([0, 1, 2, 3, 0, 2])
   tau_adv = np.array([0.5, 1.0, 2.0, 4.0], np.float32)
   tau_clean = np.array([3.0, 0.7, 1.0, 1.5], np.float32)
-  return teacher, adv, clean, y, tau_adv, tau_clean
-
-
-class _FakeForward:
-  def __init__(self, outputs):
-    self.outputs = list(outputs)
-
-  def __call__(self, x):
-    return self.outputs.pop(0)
+  return (teacher, (x_adv, x_adv @ W_LINEAR), (x_clean, x_clean @ W_LINEAR), y, tau_adv,
+          tau_clean)
 
 
 def _np_kl(p, logits):
@@ -131,10 +136,10 @@ def test_absld_targets_use_each_samples_class_temperature(batch, aliasing):
 
 @pytest.mark.parametrize('name', ['rslad', 'absld'])
 def test_distillation_loss_matches_numpy(batch, name):
-  teacher, adv, clean, y, tau_adv, tau_clean = batch
+  teacher, (x_adv, adv), (x, clean), y, tau_adv, tau_clean = batch
   config = _absld_config()
-  inputs = methods.MethodInputs(None, y, None, tau_adv, tau_clean, teacher)
-  loss, aux = methods.get_method(name).loss(_FakeForward([adv, clean]), inputs, None, config)
+  inputs = methods.MethodInputs(x, y, None, tau_adv, tau_clean, teacher)
+  loss, aux = methods.get_method(name).loss(linear_forward, inputs, x_adv, config)
   if name == 'rslad':
     p_adv = p_clean = np_softmax(teacher)
   else:
@@ -144,28 +149,35 @@ def test_distillation_loss_matches_numpy(batch, name):
   natural = _np_kl(p_clean, clean).mean() / 4
   np.testing.assert_allclose(loss, 5 / 6 * robust + 1 / 6 * natural, rtol=1e-5)
   np.testing.assert_allclose(aux['ce_adv'], -np.log(np_softmax(adv))[np.arange(6), y], rtol=1e-5)
+  np.testing.assert_allclose(aux['ce_clean'], -np.log(np_softmax(clean))[np.arange(6), y],
+                             rtol=1e-5)
 
 
-def test_distillation_adversary_maximises_kl_to_the_temperature_target(batch):
+def test_distillation_adversary_step_is_the_sign_of_the_kl_gradient(batch):
+  """One step from x (no random start): x + alpha sign(d/dx sum KL(p_adv || softmax(x W)))
+  with p_adv = softmax(t / tau_adv[y]), whose gradient is (softmax(x W) - p_adv) W^T; clipped to
+  the eps-ball and [0, 1]. The clean temperature would give another target and another step."""
   teacher, _, _, y, tau_adv, tau_clean = batch
   config = _absld_config()
-  config.eps, config.attack.steps, config.attack.alpha = 0.1, 5, 0.03
-  w = jnp.asarray(np.random.default_rng(2).normal(size=(12, 4)), jnp.float32)
-  f = lambda x: x.reshape(x.shape[0], -1) @ w
-  x = jnp.asarray(np.random.default_rng(3).uniform(size=(6, 2, 2, 3)), jnp.float32)
-  inputs = methods.MethodInputs(x, y, jax.random.PRNGKey(0), tau_adv, tau_clean, teacher)
-  x_adv = methods.get_method('absld').adversary(f, inputs, config)
-  p_adv = np_softmax(teacher / tau_adv[y][:, None])
-  assert _np_kl(p_adv, np.asarray(f(x_adv))).sum() > _np_kl(p_adv, np.asarray(f(x))).sum()
-  assert float(jnp.abs(x_adv - x).max()) <= 0.1 + 1e-6
+  config.eps, config.attack.steps, config.attack.alpha, config.attack.init = 0.05, 1, 0.03, 'none'
+  x = np.random.default_rng(3).uniform(0.1, 0.9, size=(6, 3)).astype(np.float32)
+  inputs = methods.MethodInputs(jnp.asarray(x), y, jax.random.PRNGKey(0), tau_adv, tau_clean,
+                                teacher)
+  x_adv = np.asarray(methods.get_method('absld').adversary(linear_forward, inputs, config))
+  expected = {}
+  for name, tau in (('adv', tau_adv), ('clean', tau_clean)):
+    grad = (np_softmax(x @ W_LINEAR) - np_softmax(teacher / tau[y][:, None])) @ W_LINEAR.T
+    expected[name] = np.clip(x + 0.03 * np.sign(grad), 0.0, 1.0)
+  np.testing.assert_allclose(x_adv, expected['adv'], atol=1e-6)
+  assert not np.allclose(expected['adv'], expected['clean'])
 
 
 def test_ltd_loss_matches_numpy(batch):
-  teacher, adv, clean, y, _, _ = batch
+  teacher, (x_adv, adv), (x, clean), y, _, _ = batch
   config = config_lib.default_config()
   config.ltd.teacher_temperature, config.ltd.student_temperature = 5.0, 2.0
-  inputs = methods.MethodInputs(None, y, None, None, None, teacher)
-  loss, aux = methods.ltd_loss(_FakeForward([clean, adv]), inputs, None, config)
+  inputs = methods.MethodInputs(x, y, None, None, None, teacher)
+  loss, aux = methods.ltd_loss(linear_forward, inputs, x_adv, config)
   soft = np_softmax(teacher, 5.0)
   natural = -(soft * np.log(np_softmax(clean, 2.0))).sum(-1).mean()
   robust = _np_kl(np_softmax(clean), adv).mean()

@@ -1,5 +1,6 @@
 """Losses against a direct NumPy transcription of the formulas in METHODS.md."""
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -70,23 +71,21 @@ def test_unknown_reduction_raises(logits):
     losses.cross_entropy(logits[0], np.zeros(6, int), 'mean')
 
 
-class _FakeForward:
-  """Stands in for TrainForward: returns fixed logits for clean then adversarial input."""
-
-  def __init__(self, outputs):
-    self.outputs = list(outputs)
-
-  def __call__(self, x):
-    return self.outputs.pop(0)
-
-
-def test_trades_loss_matches_numpy(logits):
+def test_trades_loss_matches_numpy():
+  """Through a student whose logits depend on its input (x @ W) and distinct x, x_adv: feeding
+  the clean image to the adversarial forward (or the reverse) gives another loss."""
   import ml_collections
-  clean, adv = logits
+  rng = np.random.default_rng(7)
+  w = rng.normal(size=(3, 5)).astype(np.float32)
+  x = rng.normal(size=(6, 3)).astype(np.float32)
+  x_adv = x + rng.normal(size=(6, 3)).astype(np.float32)
+  clean, adv = x @ w, x_adv @ w
   y = np.array([0, 1, 2, 3, 4, 0])
   cfg = ml_collections.ConfigDict({'trades': {'beta': 6.0}})
-  inputs = methods.MethodInputs(np.zeros((6, 1)), y, None, None, None)
-  loss, aux = methods.trades_loss(_FakeForward([clean, adv]), inputs, np.zeros((6, 1)), cfg)
+  inputs = methods.MethodInputs(x, y, None, None, None)
+  forward = lambda images: jnp.asarray(images) @ w
+  loss, aux = methods.trades_loss(forward, inputs, x_adv, cfg)
+  assert methods.awp_loss(forward, inputs, x_adv, cfg)[0] == pytest.approx(float(loss), rel=1e-6)
   ls_c, ls_a = np_log_softmax(clean.astype(np.float64)), np_log_softmax(adv.astype(np.float64))
   ce = -ls_c[np.arange(6), y].mean()
   kl = (np.exp(ls_c) * (ls_c - ls_a)).sum(-1).mean()
