@@ -151,11 +151,17 @@ def test_bad_input_gives_one_line_and_a_non_zero_exit(name, args, needle, tmp_pa
   args = [a.format(**values) for a in args]
   if not any(a.startswith('--workdir') for a in args):
     args.append(f'--workdir={tmp_path / "work"}')
+  before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob('*') if p.is_file()}
   capfd.readouterr()
   code = run_in_process(*args)
   out, err = capfd.readouterr()
   lines = [l for l in err.splitlines() if l.strip()]
-  assert code != 0, (out, err)
+  assert code == 2, (out, err)  # the README's promise: exit 2, before any training step
+  after = {p: p.stat().st_mtime_ns for p in tmp_path.rglob('*') if p.is_file()}
+  assert all(after.get(p) == t for p, t in before.items()), 'an existing file was changed'
+  written = [p for p in after if p not in before]
+  assert not [p for p in written if p.name != 'config.json' and p.name != 'environment.json'
+              and 'jax_cache' not in str(p)], written
   assert len(lines) == 1, err
   assert lines[0].startswith('error: ') and needle in lines[0], lines[0]
   assert not list(tmp_path.rglob('*.pwned')) and not (tmp_path / 'evil' / 'pwned').exists()
