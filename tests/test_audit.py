@@ -113,3 +113,36 @@ def test_trades_model_passes_the_audit_from_the_command_line(tmp_path):
   for needle in ('| pgd20 |', '## Gradient-masking audit', '![Training curves]',
                  '## Environment', 'git commit', '"method": "trades"'):
     assert needle in report, needle
+
+
+def test_each_masking_check_fails_on_made_up_accuracies_that_show_its_sign():
+  """The verdict logic alone: a healthy set of accuracies passes all six checks, and each
+  check, and only it, fails when the accuracies show its sign of masking (tolerance 2 points)."""
+  from ltd_jax import audit as audit_lib  # pylint: disable=g-import-not-at-top
+  from ltd_jax import config_lib  # pylint: disable=g-import-not-at-top
+  config = config_lib.default_config()
+  config.eps = 0.1
+  specs = audit_lib.audit_attacks(config)
+  healthy = {'clean': 0.90, 'pgd20@0.25eps': 0.80, 'pgd20@0.5eps': 0.70, 'pgd20@1eps': 0.50,
+             'pgd20@2eps': 0.20, 'pgd20@4eps': 0.05, 'fgsm': 0.60, 'pgd_strong': 0.49,
+             'square': 0.55, 'pgd_large_eps': 0.0}
+  assert set(healthy) == set(specs)
+  names = [c['check'] for c in audit_lib.gradient_masking_checks(healthy, specs, config)]
+  assert all(c['passed'] for c in audit_lib.gradient_masking_checks(healthy, specs, config))
+  signs = {  # check index -> accuracies that show it (each just past the 2-point tolerance)
+      0: {'pgd20@2eps': 0.53},                      # accuracy rises with eps
+      1: {'pgd_large_eps': 0.06},                   # not about 0 at a large eps
+      2: {'pgd_strong': 0.521},                     # restarts raise accuracy
+      3: {'fgsm': 0.479},                           # FGSM beats PGD
+      4: {'square': 0.469},                         # the black box beats the white box
+      5: {'fgsm': 0.91},                            # an attack above clean
+  }
+  for index, change in signs.items():
+    checks = audit_lib.gradient_masking_checks({**healthy, **change}, specs, config)
+    failed = [c['check'] for c in checks if not c['passed']]
+    assert failed == [names[index]], (change, failed)
+  # Within the tolerance it is sampling noise, not masking (except the last check).
+  for change in ({'pgd20@2eps': 0.51}, {'pgd_strong': 0.519}, {'fgsm': 0.481},
+                 {'square': 0.471}):
+    assert all(c['passed'] for c in audit_lib.gradient_masking_checks({**healthy, **change},
+                                                                      specs, config)), change
