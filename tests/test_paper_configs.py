@@ -60,3 +60,81 @@ def test_paper_distillation_config_runs_a_step(name, method, model, epochs, stan
   assert int(state.step) == 1
   record = [json.loads(l) for l in open(tmp_path / 'metrics.jsonl') if '"train"' in l][0]
   assert record['loss'] == record['loss'] and record['loss'] > 0
+
+
+_ABSLD = {  # ABSLD paper (section 5.1, appendix A.3) and the released resnet18_absld_cifar10.py
+    'method': 'absld', 'model.name': 'resnet18', 'data.name': 'cifar10', 'eps': 8 / 255,
+    'num_epochs': 300, 'batch_size': 128, 'optim.lr': 0.1, 'optim.momentum': 0.9,
+    'optim.nesterov': False, 'optim.weight_decay': 2e-4,
+    'optim.lr_boundaries_epochs': (215, 260, 285), 'optim.lr_decay': 0.1,
+    'optim.warmup_epochs': 0.0, 'attack.alpha': 2 / 255, 'attack.steps': 10,
+    'attack.init': 'normal', 'attack.bn_mode': 'eval', 'rslad.alpha': 5 / 6,
+    'rslad.reduction': 'elementwise_mean', 'rslad.loss_scale': 1.0, 'absld.tau_init': 1.0,
+    'absld.beta': 0.1, 'absld.tau_min': 0.5, 'absld.tau_max': 5.0,
+    'absld.released_code_aliasing': False, 'eval.selection': 'fair', 'eval.subset_size': 0,
+    'eval.selection_split': 'test', 'eval.every_epochs': 10, 'eval.late_from_epoch': 215,
+    'eval.late_every_epochs': 1, 'eval.pgd_steps': 20, 'eval.alpha': 2 / 255,
+    'eval.cw_steps': 30, 'eval.cw_kappa': 50.0, 'eval.eps': None,
+    'teacher.config': 'configs/trades_cifar10.py', 'reference_bn_passes': False,
+}
+_LTD = {  # LTD paper (section 5, appendix A.1) on the AWP code's TRADES recipe
+    'method': 'ltd', 'ltd.base': 'trades', 'model.name': 'wrn-34-10', 'data.name': 'cifar10',
+    'eps': 8 / 255, 'num_epochs': 120, 'batch_size': 128, 'optim.lr': 0.1, 'optim.momentum': 0.9,
+    'optim.nesterov': True, 'optim.weight_decay': 5e-4, 'optim.lr_boundaries_epochs': (80, 100),
+    'optim.lr_decay': 0.1, 'trades.beta': 6.0, 'ltd.teacher_temperature': 5.0,
+    'ltd.student_temperature': 1.0, 'attack.steps': 8, 'attack.alpha': 2 / 255,
+    'attack.init': 'normal', 'eval.selection': 'robust', 'reference_bn_passes': True,
+    'teacher.config': 'configs/natural_cifar10.py',
+}
+_LTD_AWP = {**_LTD, 'ltd.base': 'awp', 'awp.gamma': 0.005, 'awp.warmup_epochs': 10,
+            'awp.proxy_lr': 0.1, 'awp.proxy_loss': 'trades'}
+PUBLISHED = {
+    'absld_cifar10': _ABSLD,
+    'absld_cifar10_mobilenetv2': {**_ABSLD, 'model.name': 'mobilenetv2'},
+    'absld_cifar100': {**_ABSLD, 'data.name': 'cifar100', 'absld.tau_min': 0.8,
+                       'absld.tau_max': 3.0, 'rslad.loss_scale': 10.0,
+                       'teacher.config': 'configs/trades_cifar100.py'},
+    'absld_tinyimagenet': {'method': 'absld', 'data.name': 'tiny_imagenet',
+                           'model.name': 'preactresnet18', 'num_epochs': 100,
+                           'absld.tau_min': 0.9, 'absld.tau_max': 1.1,
+                           'teacher.config': 'configs/trades_tinyimagenet.py'},
+    'rslad_cifar10': {k: v for k, v in {**_ABSLD, 'method': 'rslad'}.items()
+                      if not k.startswith('absld.')},
+    'trades_cifar10': {  # train_trades_cifar10.py, evaluated at 8/255 as every table's model
+        'method': 'trades', 'model.name': 'wrn-34-10', 'eps': 0.031, 'eval.eps': 8 / 255,
+        'attack.alpha': 0.007, 'attack.steps': 10, 'attack.init': 'normal', 'trades.beta': 6.0,
+        'num_epochs': 76, 'batch_size': 128, 'optim.lr': 0.1, 'optim.momentum': 0.9,
+        'optim.nesterov': False, 'optim.weight_decay': 2e-4,
+        'optim.lr_boundaries_epochs': (74, 89, 99), 'eval.selection': 'robust',
+        'reference_bn_passes': True},
+    'pgd_at_cifar10': {  # Rice et al.'s PGD-AT recipe
+        'method': 'pgd_at', 'model.name': 'wrn-34-10', 'eps': 8 / 255, 'num_epochs': 200,
+        'optim.lr': 0.1, 'optim.weight_decay': 5e-4, 'optim.lr_boundaries_epochs': (100, 150),
+        'attack.alpha': 2 / 255, 'attack.steps': 10, 'attack.init': 'uniform',
+        'eval.selection': 'robust'},
+    'ltd_trades_cifar10': _LTD,
+    'ltd_awp_cifar10': _LTD_AWP,
+    'ltd_awp_cifar10_wrn34_20': {**_LTD_AWP, 'model.name': 'wrn-34-20'},
+    'ltd_awp_cifar100': {**_LTD_AWP, 'data.name': 'cifar100',
+                         'teacher.config': 'configs/natural_cifar100.py'},
+    'ltd_imagenet_resnet50': {  # LTD appendix A.1: ImageNet
+        'method': 'ltd', 'model.name': 'resnet50', 'data.name': 'imagenet', 'eps': 4 / 255,
+        'num_epochs': 90, 'batch_size': 320, 'optim.lr': 0.1, 'optim.momentum': 0.9,
+        'optim.nesterov': True, 'optim.weight_decay': 1e-4, 'optim.lr_boundaries_epochs': (50,),
+        'attack.steps': 6, 'ltd.teacher_temperature': 5.0, 'trades.beta': 6.0,
+        'eval.final_subset_size': 5000, 'reference_bn_passes': True,
+        'teacher.config': 'configs/natural_imagenet_resnet50.py'},
+}
+
+
+@pytest.mark.parametrize('name', sorted(PUBLISHED))
+def test_paper_config_holds_every_published_setting(name):
+  config = config_lib.load_config_file(os.path.join(ROOT, 'configs', f'{name}.py'))
+  for key, want in PUBLISHED[name].items():
+    got = config
+    for part in key.split('.'):
+      got = got[part]
+    if isinstance(want, float):
+      assert got == pytest.approx(want, rel=1e-9), key
+    else:
+      assert (tuple(got) if isinstance(got, (list, tuple)) else got) == want, key
