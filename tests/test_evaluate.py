@@ -10,14 +10,19 @@ from ltd_jax import evaluate
 
 
 def test_summary_matches_hand_computation():
-  acc = np.array([0.9, 0.5, 0.7, 0.3])
-  s = evaluate.summarize(acc, correct_total=0.61)
-  assert s['avg'] == pytest.approx(0.61)
-  assert s['class_mean'] == pytest.approx(0.6)
-  assert s['worst'] == pytest.approx(0.3)
-  assert s['worst10'] == pytest.approx(0.3)  # ceil(0.4) = 1 class
-  std = np.sqrt(((0.3 ** 2) + (0.1 ** 2) + (0.1 ** 2) + (0.3 ** 2)) / 4)
-  assert s['nsd'] == pytest.approx(std / 0.6)
+  """Ten predictions over four unbalanced classes: the average over images (6/10) is not the
+  mean of the class accuracies (3/4, 1/2, 2/3, 0)."""
+  labels = np.array([0, 0, 0, 0, 1, 1, 2, 2, 2, 3])
+  correct = np.array([1, 1, 1, 0, 1, 0, 1, 1, 0, 0], bool)
+  class_acc = evaluate.per_class_accuracy(correct, labels, 4)
+  np.testing.assert_allclose(class_acc, [0.75, 0.5, 2 / 3, 0.0])
+  s = evaluate.summarize(class_acc, correct.mean())
+  mean = (0.75 + 0.5 + 2 / 3 + 0.0) / 4
+  assert s['avg'] == pytest.approx(0.6)
+  assert s['class_mean'] == pytest.approx(mean)
+  assert s['worst'] == 0.0 and s['worst10'] == 0.0  # ceil(10% of 4) = 1 class
+  std = np.sqrt(((0.75 - mean) ** 2 + (0.5 - mean) ** 2 + (2 / 3 - mean) ** 2 + mean ** 2) / 4)
+  assert s['nsd'] == pytest.approx(std / mean)
 
 
 def test_worst_ten_percent_of_a_hundred_classes():

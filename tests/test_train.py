@@ -17,8 +17,10 @@ from ltd_jax import train
 from ltd_jax.errors import CheckpointError, TrainingError
 
 
-def test_sgd_matches_pytorch_recursion():
-  """PyTorch SGD: g += wd * w; buf = m * buf + g; step = g + m * buf (Nesterov) or buf."""
+def test_sgd_matches_pytorch_sgd():
+  """torch.optim.SGD (momentum, coupled weight decay, Nesterov) with the lr / 10 after one
+  epoch of two steps, against the optax chain, step by step."""
+  torch = pytest.importorskip('torch')
   for nesterov in (False, True):
     optim = ml_collections.ConfigDict({'lr': 0.1, 'momentum': 0.9, 'nesterov': nesterov,
                                        'weight_decay': 5e-4, 'lr_boundaries_epochs': (1,),
@@ -26,16 +28,16 @@ def test_sgd_matches_pytorch_recursion():
     tx = state_lib.make_optimizer(optim, steps_per_epoch=2)
     w = jnp.array([1.0, -2.0])
     opt_state = tx.init(w)
-    w_np, buf = np.array([1.0, -2.0]), np.zeros(2)
+    w_t = torch.tensor([1.0, -2.0], dtype=torch.float64, requires_grad=True)
+    sgd = torch.optim.SGD([w_t], lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=nesterov)
     for step in range(4):
       grad = jnp.array([0.3, 0.7]) * (step + 1)
       updates, opt_state = tx.update(grad, opt_state, w)
       w = w + updates
-      g = np.asarray(grad, np.float64) + 5e-4 * w_np
-      buf = 0.9 * buf + g
-      lr = 0.1 if step < 2 else 0.01
-      w_np = w_np - lr * (g + 0.9 * buf if nesterov else buf)
-      np.testing.assert_allclose(w, w_np, rtol=1e-5)
+      sgd.param_groups[0]['lr'] = 0.1 if step < 2 else 0.01
+      w_t.grad = torch.tensor(np.asarray(grad, np.float64))
+      sgd.step()
+      np.testing.assert_allclose(w, w_t.detach().numpy(), rtol=1e-6)
 
 
 def test_learning_rate_schedule_boundaries():
