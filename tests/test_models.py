@@ -107,6 +107,9 @@ def test_batch_variance_is_two_pass_as_in_pytorch():
   y, updates = bn.apply(variables, x, mutable=['batch_stats'])
   var64 = x.astype(np.float64).reshape(-1, 3).var(axis=0)  # biased: Flax keeps it (see interchange)
   running = np.asarray(updates['batch_stats']['var'])
+  # PyTorch's momentum 0.1 from var 1 and mean 0 (Flax's default 0.99 would fail both).
   np.testing.assert_allclose((running - 0.9) / 0.1, var64, rtol=2e-3)
+  np.testing.assert_allclose(np.asarray(updates['batch_stats']['mean']),
+                             0.1 * x.astype(np.float64).reshape(-1, 3).mean(axis=0), rtol=1e-6)
   np.testing.assert_allclose(np.asarray(y).reshape(-1, 3).std(axis=0),
                              np.sqrt(var64 / (var64 + 1e-5)), rtol=2e-3)
