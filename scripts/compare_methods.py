@@ -39,19 +39,11 @@ def parse_run(spec: str):
 
 
 def environment_line() -> str:
-  """The CPU or accelerator, core count and library versions the table was measured with."""
+  """The machine (benchmarks/common.py's name for it) and the versions the table was measured with."""
   import platform  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
-  cpu = platform.processor() or 'CPU'
-  try:
-    with open('/proc/cpuinfo') as f:
-      cpu = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
-  except (OSError, StopIteration):
-    pass
-  dev = jax.devices()[0]
-  where = f'{jax.device_count()} x {dev.device_kind}' if dev.platform != 'cpu' else 'CPU only'
-  return (f'{cpu}, {os.cpu_count()} cores ({where}); jax {jax.__version__}, Python '
-          f'{platform.python_version()}')
+  from benchmarks import common  # pylint: disable=g-import-not-at-top
+  return f'{common.machine_name()}; jax {jax.__version__}, Python {platform.python_version()}'
 
 
 def seed_table(results: dict[str, list[dict]], seeds, attacks=ATTACKS) -> list[str]:
