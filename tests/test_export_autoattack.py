@@ -59,6 +59,10 @@ def test_export_writes_strictly_loadable_state_dicts(trained):
   assert info['model']['name'] == 'small_cnn' and info['image_shape'] == [8, 8, 1]
   assert info['checkpoint'] == 'best' and info['step'] > 0
   assert set(info['files']) == {'safetensors', 'pt'}
+  import hashlib  # pylint: disable=g-import-not-at-top
+  for entry in info['files'].values():  # the README's promise: SHA-256 of both files
+    with open(os.path.join(export_dir, entry['path']), 'rb') as f:
+      assert entry['sha256'] == hashlib.sha256(f.read()).hexdigest()
   config = _config_from_cli()
   ds, state, store = train.restore_for_evaluation(config, trained, 'auto')
   best, _ = train.select_checkpoint(config, state, store, 'best')

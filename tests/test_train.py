@@ -253,3 +253,16 @@ def test_evaluation_uses_eval_eps_not_the_training_eps(tiny_config, tmp_path):
   for attack in ('fgsm', 'pgd20', 'cw'):
     assert results['attacks'][attack]['per_class'] == results['attacks']['clean']['per_class']
   assert 'trained at 0.20000' in open(tmp_path / 'results.md').read()
+
+
+def test_host_data_trains_as_the_device_resident_data(tiny_config, tmp_path):
+  """data.on_device=False (each batch sent from the host) gives the parameters that
+  data.on_device=True (the training set on the device, indices sent) gives."""
+  tiny_config.max_steps = 3
+  states = {}
+  for on_device in (True, False):
+    tiny_config.data.on_device = on_device
+    states[on_device] = train.train_and_evaluate(tiny_config, str(tmp_path / str(on_device)))
+  for a, b in zip(jax.tree_util.tree_leaves(states[True].params),
+                  jax.tree_util.tree_leaves(states[False].params)):
+    np.testing.assert_array_equal(a, b)
