@@ -265,6 +265,51 @@ def test_awp_restores_the_weights_exactly_and_changes_the_gradient(tiny_config):
   assert any(not np.allclose(a, b) for a, b in zip(momentum_awp, momentum_trades))
 
 
+def test_awp_update_is_the_gradient_at_w_plus_delta_applied_to_w(tiny_config):
+  """The AWP code: perturb w by delta = gamma ||w|| / ||w_p - w|| (w_p - w) per kernel, with
+  w_p = w + proxy_lr grad L(w); optimizer.step() at w + delta (momentum and weight decay see the
+  perturbed weights); restore (subtract delta). With a parameter-independent adversary
+  (attack.steps = 0) the update must equal that of a gamma = 0 step taken from w + delta,
+  less delta, with delta computed here from the gradient at w."""
+  tiny_config.attack.steps = 0
+  tiny_config.optim.momentum, tiny_config.optim.weight_decay = 0.9, 5e-3
+  proxy_lr, gamma = 0.01, 0.5
+  st, step = _awp_setup(tiny_config, gamma=gamma, warmup_epochs=0, proxy_lr=proxy_lr)
+  # The gradient of the proxy loss at w: one plain SGD step of lr 1 from w with gamma = 0.
+  plain = ml_collections.ConfigDict(tiny_config.to_dict())
+  plain.awp.gamma, plain.optim.lr, plain.optim.momentum, plain.optim.weight_decay = 0.0, 1.0, 0.0, 0.0
+  plain.optim.lr_boundaries_epochs = ()
+  sgd = st.replace(tx=state_lib.make_optimizer(plain.optim, 5))
+  sgd = sgd.replace(opt_state=sgd.tx.init(sgd.params))
+  stepped, _ = step('awp', plain)(sgd)
+  grad = jax.tree_util.tree_map(lambda a, b: np.float64(a) - np.float64(b), st.params, stepped.params)
+
+  def delta_of(w, g):
+    if w.ndim <= 1:
+      return np.zeros_like(np.float64(w))
+    diff = proxy_lr * g
+    return gamma * np.linalg.norm(np.float64(w)) / np.linalg.norm(diff) * diff
+  delta = jax.tree_util.tree_map(delta_of, st.params, grad)
+  assert all(np.any(d != 0) for d in jax.tree_util.tree_leaves(delta) if d.ndim > 1)
+
+  got, _ = step('awp', tiny_config)(st)
+  no_awp = ml_collections.ConfigDict(tiny_config.to_dict())
+  no_awp.awp.gamma = 0.0
+  at = st.replace(params=jax.tree_util.tree_map(lambda w, d: (np.float64(w) + d).astype(np.float32),
+                                                st.params, delta))
+  ref, _ = step('awp', no_awp)(at)
+  for a, b, d in zip(jax.tree_util.tree_leaves(got.params), jax.tree_util.tree_leaves(ref.params),
+                     jax.tree_util.tree_leaves(delta)):
+    np.testing.assert_allclose(a, np.float64(b) - d, rtol=1e-4, atol=1e-5)
+  for a, b in zip(jax.tree_util.tree_leaves((got.opt_state, got.batch_stats)),
+                  jax.tree_util.tree_leaves((ref.opt_state, ref.batch_stats))):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  # A perturbation that did not reach the gradient (or was not restored) is told apart.
+  unperturbed, _ = step('awp', no_awp)(st)
+  assert not all(np.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in zip(
+      jax.tree_util.tree_leaves(got.opt_state), jax.tree_util.tree_leaves(unperturbed.opt_state)))
+
+
 def test_absld_training_updates_logs_and_checkpoints_temperatures(tiny_config, tmp_path):
   import json
   teacher_dir = tmp_path / 'teacher'
