@@ -1,5 +1,7 @@
 """LTD, RSLAD, ABSLD and AWP against NumPy transcriptions of METHODS.md section 2 and ABSLD Eq. 10."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -13,6 +15,8 @@ from ltd_jax import methods
 from ltd_jax import state as state_lib
 from ltd_jax import temperatures
 from ltd_jax import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def np_softmax(z, t=1.0):
@@ -347,3 +351,30 @@ def test_absld_training_updates_logs_and_checkpoints_temperatures(tiny_config, t
   import os
   assert os.path.getsize(tmp_path / 'student' / 'temperatures.png') > 10_000
   assert os.path.getsize(tmp_path / 'student' / 'per_class_accuracy.png') > 10_000
+
+
+def test_temperature_update_after_a_milestone_on_8_devices_with_unbalanced_classes(tmp_path):
+  """Epoch 2 of ABSLD (lr milestone after epoch 1: beta decayed) sharded over 8 devices, on
+  classes from 40 samples down to 2 and one absent: the per-class risks are recomputed
+  unsharded from the student's logits and Eq. 10 in NumPy (tests/absld_epoch_worker.py)."""
+  import json
+  import subprocess
+  import sys
+  out = tmp_path / 'absld.json'
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu')
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, 'tests', 'absld_epoch_worker.py'),
+                         str(out)], env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  r = json.load(open(out))
+  assert r['devices'] == 8
+  for kind in ('adv', 'clean'):
+    k = r[kind]
+    np.testing.assert_array_equal(k['library_count'], r['counts'])
+    np.testing.assert_allclose(k['library_sum'], k['expected_sum'], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(k['tau_after'], k['expected'], rtol=1e-4, atol=1e-5)
+    assert k['tau_after'][7] == k['tau_before'][7]  # class 7 unseen: kept
+    changed = np.abs(np.subtract(k['expected'], k['tau_before'])) > 1e-3
+    assert changed.sum() >= 6  # most classes move, by different amounts
+    for wrong in ('undecayed', 'by_sums'):  # the test tells these apart
+      assert np.abs(np.subtract(k[wrong], k['expected'])).max() > 1e-2, wrong
+  assert np.abs(np.subtract(r['adv']['tau_after'], r['clean']['tau_after'])).max() > 0.1
