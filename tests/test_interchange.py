@@ -17,11 +17,11 @@ torch = pytest.importorskip('torch')
 torch_models = pytest.importorskip('ltd_jax.torch_models')
 
 
-def random_variables(name, shape, seed=0, **kw):
+def random_variables(name, shape, seed=0, num_classes=10, **kw):
   """He-scaled random weights and non-trivial BN statistics: each layer's statistics of a
   calibration batch, then shifted and rescaled, so that eval mode differs from train mode while
   the logits still depend on the input. (numpy draws: Flax's jitted init is slow to compile.)"""
-  model = models.create_model(name, 10, **kw)
+  model = models.create_model(name, num_classes, **kw)
   shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
                                              np.zeros((1, *shape), np.float32), train=False))
   rng = np.random.default_rng(seed)
@@ -275,14 +275,14 @@ def test_truncated_missing_and_non_dict_files(tiny_state_dict, tmp_path):
 
 
 def _robustbench_module(name):
-  """RobustBench's own architecture file, loaded without its package (whose import needs
-  torchvision and more); skipped where robustbench is not installed."""
+  """RobustBench's own architecture file (robustbench is in requirements-dev.txt, so these run
+  in CI), loaded on its own rather than through the package's model zoo."""
   import importlib.metadata  # pylint: disable=g-import-not-at-top
   import importlib.util  # pylint: disable=g-import-not-at-top
   try:
     dist = importlib.metadata.distribution('robustbench')
   except importlib.metadata.PackageNotFoundError:
-    pytest.skip('robustbench is not installed (pip install --no-deps robustbench)')
+    pytest.skip('robustbench is not installed (pip install -r requirements-dev.txt)')
   path = dist.locate_file(f'robustbench/model_zoo/architectures/{name}.py')
   spec = importlib.util.spec_from_file_location(f'robustbench_{name}', path)
   module = importlib.util.module_from_spec(spec)
@@ -297,10 +297,15 @@ def _robustbench_module(name):
                                                             [2, 2, 2, 2], 10)),
     ('preactresnet18-bn', lambda rb: rb['resnet'].PreActResNet(
         rb['resnet'].PreActBlockV2, [2, 2, 2, 2], 10, bn_before_fc=True)),
+    # Gowal2020Uncovering_70_16_extra's class and arguments (ABSLD's CIFAR-100 teacher), at 16-2.
+    ('dm-wrn-16-2', lambda rb: rb['dm_wide_resnet'].DMWideResNet(
+        num_classes=100, depth=16, width=2, activation_fn=rb['dm_wide_resnet'].Swish,
+        mean=rb['dm_wide_resnet'].CIFAR100_MEAN, std=rb['dm_wide_resnet'].CIFAR100_STD)),
 ])
 def test_export_loads_strictly_into_robustbench_classes(name, build):
-  rb = {m: _robustbench_module(m) for m in ('wide_resnet', 'resnet')}
-  model, params, batch_stats = random_variables(name, (32, 32, 3))
+  rb = {m: _robustbench_module(m) for m in ('wide_resnet', 'resnet', 'dm_wide_resnet')}
+  classes = 100 if name.startswith('dm-wrn') else 10
+  model, params, batch_stats = random_variables(name, (32, 32, 3), num_classes=classes)
   tm = load_strict(build(rb).eval(), interchange.to_torch_state_dict(params, batch_stats))
   x = np.random.default_rng(4).uniform(size=(2, 32, 32, 3)).astype(np.float32)
   jax_out = np.asarray(jax.jit(model.apply)({'params': params, 'batch_stats': batch_stats}, x))
