@@ -79,6 +79,7 @@ def runs(tmp_path_factory):
       json.load(open(root / f'natural_2x2_preempted.npz.{i}.preempted.json')) for i in (0, 1)]
   two_processes('natural_2x2_preempted')  # rerun: resumes on both hosts
   wait_all()
+  results['root'] = root
   return results
 
 
@@ -109,6 +110,20 @@ def test_eight_devices_trades_agree_within_sign_flips(runs):
 
 def test_two_processes_train_the_same_model_as_one_device(runs):
   assert _max_diff(runs['natural_1'], runs['natural_2x2']) < 1e-5
+
+
+def test_two_processes_write_one_results_table_equal_to_one_devices(runs):
+  """Only process 0 writes the records and results; they are those of the 1-device run (the
+  parameters agree within 1e-5, so every evaluated prediction does)."""
+  one, two = runs['root'] / 'natural_1', runs['root'] / 'natural_2x2'
+  r1, r2 = (json.load(open(d / 'results.json')) for d in (one, two))
+  assert r2['attacks'] == r1['attacks'] and set(r1['attacks']) >= {'clean', 'pgd20'}
+  assert (r2['step'], r2['num_examples']) == (r1['step'], r1['num_examples'])
+  table = lambda d: [l for l in (d / 'results.md').read_text().splitlines() if l.startswith('|')]
+  assert table(two) == table(one) and len(table(one)) >= 4
+  records = lambda d: [json.loads(l) for l in open(d / 'metrics.jsonl')]
+  kinds = lambda rs: [(r['kind'], r.get('step')) for r in rs]
+  assert kinds(records(two)) == kinds(records(one))  # one line per record, not one per process
 
 
 def test_sigterm_on_one_host_stops_every_host_at_the_same_step_and_resumes(runs):
