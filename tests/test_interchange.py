@@ -1,6 +1,7 @@
 """PyTorch interchange: exported weights load strictly into the PyTorch twins and give the same
 logits; import gives back identical arrays; files, wrappers and bad checkpoints."""
 
+import importlib
 import os
 import pickle
 
@@ -272,6 +273,48 @@ def test_truncated_missing_and_non_dict_files(tiny_state_dict, tmp_path):
   torch.save(torch.zeros(3), tmp_path / 'tensor.pt')
   with pytest.raises(CheckpointError, match='expected a state_dict'):
     interchange.load_torch_file(str(tmp_path / 'tensor.pt'))
+
+
+def _torchvision_resnet_module():
+  """torchvision's own ``models/resnet.py`` (torchvision comes with robustbench in
+  requirements-dev.txt), imported without running the package's ``__init__``, whose compiled
+  operators need the exact torch build they were made for (not the CPU wheel here)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  import types  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.find_spec('torchvision')
+  if spec is None:
+    pytest.skip('torchvision is not installed (pip install -r requirements-dev.txt)')
+  root = os.path.dirname(spec.origin)
+  saved = {k: v for k, v in sys.modules.items() if k == 'torchvision' or k.startswith('torchvision.')}
+  try:
+    for name, path in (('torchvision', root), ('torchvision.models', os.path.join(root, 'models'))):
+      package = types.ModuleType(name)
+      package.__path__ = [path]
+      sys.modules[name] = package
+    return importlib.import_module('torchvision.models.resnet')
+  finally:
+    for k in [k for k in sys.modules if k == 'torchvision' or k.startswith('torchvision.')]:
+      del sys.modules[k]
+    sys.modules.update(saved)
+
+
+@pytest.mark.parametrize('name,builder', [('resnet50', 'resnet50'), ('wrn-50-2', 'wide_resnet50_2')])
+def test_imagenet_models_have_torchvisions_keys_and_load_into_it(name, builder):
+  """README: ``resnet50`` / ``wrn-50-2`` use torchvision's layout and keys, and export names
+  ``torchvision.models.NAME``: every key and shape equal to torchvision's own model, which loads
+  the export strictly and computes the JAX logits."""
+  resnet = _torchvision_resnet_module()
+  with torch.device('meta'):
+    want = {k: tuple(v.shape) for k, v in
+            getattr(resnet, builder)(num_classes=10).state_dict().items()}
+  model, params, batch_stats = random_variables(name, (64, 64, 3))
+  assert interchange.torch_state_dict_shapes(params, batch_stats) == want
+  tm = load_strict(getattr(resnet, builder)(num_classes=10).eval(),
+                   interchange.to_torch_state_dict(params, batch_stats))
+  x = np.random.default_rng(5).uniform(size=(2, 64, 64, 3)).astype(np.float32)
+  jax_out = np.asarray(jax.jit(model.apply)({'params': params, 'batch_stats': batch_stats}, x))
+  assert np.abs(torch_logits(tm, x) - jax_out).max() / np.abs(jax_out).max() < 1e-4
 
 
 def _robustbench_module(name):
