@@ -8,6 +8,7 @@ tests/test_cli.py runs some of them as real subprocesses; the batch that does no
 
 import os
 import pickle
+import sys
 
 import numpy as np
 import pytest
@@ -113,7 +114,11 @@ CASES = [
      [DIGITS, '--mode=evaluate', '--config.model.width=8', '--checkpoint={torch4}'],
      'of another shape'),
     ('work directory that is a file', [DIGITS, '--workdir={tmp}/file.txt'], 'file.txt'),
+    # Run with torch and pyautoattack made unimportable (HIDE_TORCH).
+    ('autoattack without the torch extra', [DIGITS, '--mode=autoattack'],
+     '--mode=autoattack needs PyTorch and AutoAttack: pip install -r requirements-torch.txt'),
 ]
+HIDE_TORCH = ('autoattack without the torch extra',)
 
 SETUP = {
     'cifar_bad_labels': lambda tmp: _cifar_dir(tmp / 'bad_labels', labels=(0, 1, 2, 12)),
@@ -140,8 +145,11 @@ def test_there_are_at_least_twenty_cases():
 
 
 @pytest.mark.parametrize('name,args,needle', CASES, ids=[c[0] for c in CASES])
-def test_bad_input_gives_one_line_and_a_non_zero_exit(name, args, needle, tmp_path, capfd):
-  del name
+def test_bad_input_gives_one_line_and_a_non_zero_exit(name, args, needle, tmp_path, capfd,
+                                                     monkeypatch):
+  if name in HIDE_TORCH:  # as if requirements-torch.txt were not installed
+    for module in ('torch', 'pyautoattack'):
+      monkeypatch.setitem(sys.modules, module, None)
   (tmp_path / 'broken.py').write_text('def get_config(:\n')
   (tmp_path / 'file.txt').write_text('not a directory\n')
   values = {'tmp': str(tmp_path)}

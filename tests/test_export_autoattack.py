@@ -153,3 +153,41 @@ def test_autoattack_joins_the_results_table(trained):
   assert all(a <= c for a, c in zip(row['per_class'], attacks['clean']['per_class']))
   assert row['avg'] <= attacks['pgd20']['avg']
   assert os.path.exists(os.path.join(trained, 'export', 'model.pt'))
+
+
+@pytest.mark.parametrize('scale,stops', [(1.0 + 3e-3, True), (1.0 + 3e-5, False)])
+def test_autoattack_stops_when_pytorch_and_jax_logits_differ_by_more_than_1e_3(
+    trained, tmp_path, monkeypatch, scale, stops):
+  """A PyTorch model whose logits are off by a relative 3e-3 (the last layer scaled) stops the
+  run before AutoAttack, with one line and nothing written; 3e-5 (float rounding's order) runs."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  from ltd_jax import autoattack  # pylint: disable=g-import-not-at-top
+  from ltd_jax.errors import CheckpointError  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(trained, workdir)
+  real_load = autoattack.load_torch_model
+
+  def off_by_scale(*args, **kwargs):
+    model = real_load(*args, **kwargs)
+    last = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+    with torch.no_grad():
+      last.weight.mul_(scale)
+      last.bias.mul_(scale)
+    return model
+
+  class Ran(Exception):
+    pass
+
+  def must_not_run(*args, **kwargs):
+    raise Ran()
+  monkeypatch.setattr(autoattack, 'load_torch_model', off_by_scale)
+  monkeypatch.setattr(autoattack, 'run_autoattack', must_not_run)
+  before = {p: open(os.path.join(workdir, p), 'rb').read() for p in ('results.json', 'results.md')}
+  with pytest.raises(CheckpointError if stops else Ran) as e:
+    autoattack.autoattack_checkpoint(_config_from_cli(), workdir)
+  if stops:
+    msg = str(e.value)
+    assert '\n' not in msg and 'relative logit error 3.0' in msg and '> 0.001' in msg, msg
+    assert 'AutoAttack was not run' in msg
+  after = {p: open(os.path.join(workdir, p), 'rb').read() for p in before}
+  assert after == before
