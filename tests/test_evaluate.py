@@ -1,5 +1,7 @@
 """Evaluation summaries against hand computation; padding and subsets."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -115,3 +117,38 @@ def test_fair_selection_takes_the_worst_tenth_at_100_classes():
   # worst 10% = mean of the 10 lowest = (5 x 0.1 + 5 x 0.3) / 10 = 0.2; worst class 0.1
   assert evaluate.selection_score(hundred, 'fair') == pytest.approx(0.47 + 0.2)
   assert evaluate.selection_score(hundred, 'robust') == pytest.approx(0.47)
+
+
+def test_per_class_plot_draws_the_teacher_and_report_baseline_workdir(tmp_path, monkeypatch):
+  """README: per_class_accuracy.png puts the run beside its teacher and beside
+  --config.report.baseline_workdir=DIR: the bars drawn are each run's per-class accuracies."""
+  import json  # pylint: disable=g-import-not-at-top
+  import matplotlib.axes  # pylint: disable=g-import-not-at-top
+  from ltd_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from ltd_jax import reports  # pylint: disable=g-import-not-at-top
+  from ltd_jax import train  # pylint: disable=g-import-not-at-top
+
+  def results(offset):
+    return {'attacks': {a: {'per_class': [offset + 0.1 * k + (a == 'pgd20') * 0.01 for k in range(3)]}
+                        for a in ('clean', 'pgd20')}}
+  for name, offset in (('teacher', 0.3), ('baseline', 0.1)):
+    (tmp_path / name).mkdir()
+    (tmp_path / name / 'results.json').write_text(json.dumps(results(offset)))
+  config = config_lib.default_config()
+  config.teacher.source, config.teacher.path = 'workdir', str(tmp_path / 'teacher')
+  config.report.baseline_workdir = str(tmp_path / 'baseline')
+  others = train.comparison_runs(config, str(tmp_path / 'run'))
+  assert others == {'teacher': results(0.3), 'baseline': results(0.1)}
+  config.report.baseline_workdir = str(tmp_path / 'nowhere')  # not finished: left out
+  assert list(train.comparison_runs(config, str(tmp_path / 'run'))) == ['teacher']
+  drawn = []
+  real_bar = matplotlib.axes.Axes.bar
+  monkeypatch.setattr(matplotlib.axes.Axes, 'bar', lambda self, x, h, *a, label=None, **k: (
+      drawn.append((self.get_title(), label, [round(v, 6) for v in h])),
+      real_bar(self, x, h, *a, label=label, **k))[1])
+  (tmp_path / 'run').mkdir()
+  path = reports.plot_per_class(str(tmp_path / 'run'), results(0.5), ('a', 'b', 'c'), others)
+  assert os.path.getsize(path) > 1000
+  want = [(run, [round(o + 0.1 * k + d, 6) for k in range(3)])
+          for d in (0.0, 0.01) for run, o in (('this run', 0.5), ('teacher', 0.3), ('baseline', 0.1))]
+  assert [(label, h) for _, label, h in drawn] == want
