@@ -266,3 +266,36 @@ def test_host_data_trains_as_the_device_resident_data(tiny_config, tmp_path):
   for a, b in zip(jax.tree_util.tree_leaves(states[True].params),
                   jax.tree_util.tree_leaves(states[False].params)):
     np.testing.assert_array_equal(a, b)
+
+
+def test_selection_on_the_validation_split(tiny_config, tmp_path):
+  """README: data.val_size=N holds out a stratified validation split from train, and
+  eval.selection_split=val selects on it: every eval record is the checkpoint's accuracy on
+  those images (recomputed here from the best checkpoint), not on the test set."""
+  c = tiny_config
+  c.data.val_size, c.eval.selection_split, c.eval.subset_size = 180, 'val', 0
+  full, ds = data.load_digits(), data.load_dataset(c.data)
+  val_images, val_labels = ds.split('val')
+  assert len(val_labels) == 180 and ds.num_train == full.num_train - 180
+  share = np.bincount(full.train_labels, minlength=10) / full.num_train
+  assert np.all(np.abs(np.bincount(val_labels, minlength=10) - 180 * share) <= 1)  # stratified
+  as_rows = lambda images: sorted(x.tobytes() for x in images)
+  assert as_rows(np.concatenate([ds.train_images, val_images])) == as_rows(full.train_images)
+  workdir = str(tmp_path / 'run')
+  train.train_and_evaluate(c, workdir)
+  evals = [json.loads(l) for l in open(os.path.join(workdir, 'metrics.jsonl'))]
+  evals = [r for r in evals if r['kind'] == 'eval']
+  assert evals and all(r['split'] == 'val' for r in evals)
+  best = [r for r in evals if r['is_best']][-1]
+  _, state, store = train.restore_for_evaluation(c, workdir, 'best')
+  state, _ = train.select_checkpoint(c, state, store, 'best')
+  store.close()
+  assert int(state.step) == best['step']
+
+  def accuracy(images, labels):
+    logits = state.apply_fn(state.variables, data.to_float(images), train=False)
+    return float(np.mean(np.argmax(np.asarray(logits), -1) == labels))
+  assert best['clean/avg'] == pytest.approx(accuracy(val_images, val_labels), abs=1e-9)
+  assert best['clean/avg'] != pytest.approx(accuracy(*ds.split('test')), abs=1e-9)
+  results = json.load(open(os.path.join(workdir, 'results.json')))
+  assert results['selection_split'] == 'val' and results['split'] == 'test'
