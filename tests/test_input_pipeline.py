@@ -6,6 +6,7 @@ import json
 import os
 import sys
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -123,6 +124,41 @@ def test_train_batches_follow_the_epoch_permutation_and_resume(tiny_root):
     assert images.shape == (8, 64, 64, 3) and images.dtype == np.uint8
   resumed = next(input_pipeline.train_batches(ds, 8, seed=3, start_step=2, total_steps=3))
   np.testing.assert_array_equal(resumed[0], batches[2][0])
+
+
+def test_each_host_reads_only_its_rows_of_a_streamed_batch(tiny_root, monkeypatch):
+  """Two processes (jax.process_index 0 and 1 of 2): each decodes only its half of every global
+  batch's rows, and the halves put together are the one-process batch, pixel for pixel."""
+  ds = data.load_dataset(_data_config('tiny_imagenet', tiny_root))
+  single = list(input_pipeline.train_batches(ds, 8, seed=3, start_step=0, total_steps=3))
+  source = ds.sources['train']
+
+  class Recording:
+    labels = source.labels
+
+    def __init__(self):
+      self.read = []
+
+    def __len__(self):
+      return len(source)
+
+    def __getitem__(self, i):
+      self.read.append(int(i))
+      return source[i]
+
+  halves = []
+  for pid in (0, 1):
+    monkeypatch.setattr(jax, 'process_count', lambda: 2)
+    monkeypatch.setattr(jax, 'process_index', lambda pid=pid: pid)
+    ds.sources['train'] = recording = Recording()
+    halves.append(list(input_pipeline.train_batches(ds, 8, seed=3, start_step=0, total_steps=3)))
+    want = [int(i) for step in range(3)
+            for i in data.train_batch_indices(ds.num_train, 8, 3, step)[pid * 4:(pid + 1) * 4]]
+    assert sorted(recording.read) == sorted(want), pid
+  for step in range(3):
+    for part in (0, 1):  # images, labels
+      np.testing.assert_array_equal(
+          np.concatenate([halves[0][step][part], halves[1][step][part]]), single[step][part])
 
 
 def test_imagenet_crops_are_random_per_step_and_fixed_per_seed(tmp_path):
