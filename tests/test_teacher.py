@@ -53,6 +53,42 @@ def test_teacher_stage_runs_first_and_is_skipped_when_complete(ltd_config, tmp_p
   assert json.load(open(workdir / 'results.json'))['trained_steps'] == 10
 
 
+def test_teacher_stage_killed_mid_run_resumes_and_the_student_ends_undisturbed(
+    ltd_config, tmp_path, monkeypatch):
+  """Killed at step 30 of the teacher's 44 (mid epoch 2, after its epoch-1 checkpoint): the
+  rerun resumes the teacher from its checkpoint, finishes it, and trains a student bit-identical
+  to that of a run never interrupted."""
+  undisturbed = train.train_and_evaluate(ltd_config, str(tmp_path / 'undisturbed'))
+  run_stage = train.train_and_evaluate
+
+  class Killed(Exception):
+    pass
+
+  def kill_at_30(step):
+    if step == 30:
+      raise Killed()
+
+  def teacher_killed(config, workdir, step_hook=None):
+    return run_stage(config, workdir, step_hook=kill_at_30 if workdir.endswith('teacher') else step_hook)
+  monkeypatch.setattr(train, 'train_and_evaluate', teacher_killed)
+  with pytest.raises(Killed):
+    run_stage(ltd_config, str(tmp_path / 'run'))
+  monkeypatch.undo()
+  assert not os.path.exists(tmp_path / 'run' / 'teacher' / 'results.json')
+  assert not os.path.exists(tmp_path / 'run' / 'results.json')
+  resumed = train.train_and_evaluate(ltd_config, str(tmp_path / 'run'))
+  teacher_records = [json.loads(l) for l in open(tmp_path / 'run' / 'teacher' / 'metrics.jsonl')]
+  # Resumed, not restarted: epoch 1 (steps 1-22) was trained and evaluated once.
+  assert [r['step'] for r in teacher_records if r['kind'] == 'eval'] == [22, 44]
+  train_steps = [r['step'] for r in teacher_records if r['kind'] == 'train']
+  assert len(train_steps) == len(set(train_steps)) and train_steps[0] <= 22
+  for a, b in zip(jax.tree_util.tree_leaves((undisturbed.params, undisturbed.batch_stats)),
+                  jax.tree_util.tree_leaves((resumed.params, resumed.batch_stats))):
+    np.testing.assert_array_equal(a, b)
+  for name in ('undisturbed', 'run'):
+    assert teacher_lib.load_teacher(str(tmp_path / name / 'teacher'), 10, (8, 8, 1)).step == 44
+
+
 def test_teacher_from_a_workdir_is_frozen_in_eval_mode(ltd_config, tmp_path):
   train.train_and_evaluate(ltd_config, str(tmp_path / 'run'))
   ds = data.load_digits()
