@@ -10,6 +10,7 @@ PyTorch reference code does.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -195,28 +196,25 @@ def distillation_targets(inputs: MethodInputs, config, per_class: bool):
           losses.softmax_t(inputs.teacher_logits, t_clean))
 
 
-def _distillation_adversary(per_class: bool):
-  def adversary(eval_logits_fn, inputs: MethodInputs, config):
-    """PGD on sum KL(teacher target || softmax(f(x_adv))) (RSLAD / ABSLD inner maximisation)."""
-    adv_target, _ = distillation_targets(inputs, config, per_class)
-    return _pgd(attacks.kl_objective(eval_logits_fn, adv_target), inputs, config)
-  return adversary
+def distillation_adversary(eval_logits_fn, inputs: MethodInputs, config, *, per_class: bool):
+  """PGD on sum KL(teacher target || softmax(f(x_adv))) (RSLAD / ABSLD inner maximisation)."""
+  adv_target, _ = distillation_targets(inputs, config, per_class)
+  return _pgd(attacks.kl_objective(eval_logits_fn, adv_target), inputs, config)
 
 
-def _distillation_loss(per_class: bool):
-  def loss(forward: TrainForward, inputs: MethodInputs, x_adv, config):
-    """scale * (alpha KL(p_adv || f(x_adv)) + (1 - alpha) KL(p_clean || f(x))), reduced by
-    ``rslad.reduction`` (the RSLAD/ABSLD code's elementwise mean by default)."""
-    adv_target, clean_target = distillation_targets(inputs, config, per_class)
-    logits_adv = forward(x_adv)
-    logits_clean = forward(inputs.x)
-    r = config.rslad
-    robust = losses.kl_divergence(adv_target, logits_adv, r.reduction, r.target_log_eps)
-    natural = losses.kl_divergence(clean_target, logits_clean, r.reduction, r.target_log_eps)
-    aux = _aux(inputs.y, logits_clean, logits_adv)
-    aux.update(loss_natural=natural, loss_robust=robust)
-    return r.loss_scale * (r.alpha * robust + (1.0 - r.alpha) * natural), aux
-  return loss
+def distillation_loss(forward: TrainForward, inputs: MethodInputs, x_adv, config, *,
+                      per_class: bool):
+  """scale * (alpha KL(p_adv || f(x_adv)) + (1 - alpha) KL(p_clean || f(x))), reduced by
+  ``rslad.reduction`` (the RSLAD/ABSLD code's elementwise mean by default)."""
+  adv_target, clean_target = distillation_targets(inputs, config, per_class)
+  logits_adv = forward(x_adv)
+  logits_clean = forward(inputs.x)
+  r = config.rslad
+  robust = losses.kl_divergence(adv_target, logits_adv, r.reduction, r.target_log_eps)
+  natural = losses.kl_divergence(clean_target, logits_clean, r.reduction, r.target_log_eps)
+  aux = _aux(inputs.y, logits_clean, logits_adv)
+  aux.update(loss_natural=natural, loss_robust=robust)
+  return r.loss_scale * (r.alpha * robust + (1.0 - r.alpha) * natural), aux
 
 
 def absld_epoch_end(state, epochs_completed, config):
@@ -240,8 +238,10 @@ METHODS: dict[str, Method] = {
     'ltd': Method(trades_adversary, ltd_loss, needs_teacher=True,
                   uses_awp=lambda config: config.ltd.base == 'awp',
                   awp_proxy_loss=ltd_awp_proxy_loss, reference_bn_passes=('x',)),
-    'rslad': Method(_distillation_adversary(False), _distillation_loss(False), needs_teacher=True),
-    'absld': Method(_distillation_adversary(True), _distillation_loss(True), needs_teacher=True,
+    'rslad': Method(functools.partial(distillation_adversary, per_class=False),
+                    functools.partial(distillation_loss, per_class=False), needs_teacher=True),
+    'absld': Method(functools.partial(distillation_adversary, per_class=True),
+                    functools.partial(distillation_loss, per_class=True), needs_teacher=True,
                     epoch_end=absld_epoch_end),
     'soft_label_natural': Method(no_adversary, soft_label_natural_loss, needs_teacher=True),
 }
