@@ -353,3 +353,46 @@ def test_export_loads_strictly_into_robustbench_classes(name, build):
   x = np.random.default_rng(4).uniform(size=(2, 32, 32, 3)).astype(np.float32)
   jax_out = np.asarray(jax.jit(model.apply)({'params': params, 'batch_stats': batch_stats}, x))
   assert np.abs(torch_logits(tm, x) - jax_out).max() / np.abs(jax_out).max() < 1e-4
+
+
+def test_state_dict_helpers_by_hand(tmp_path):
+  """The small pieces of the PyTorch side, each against values written out by hand."""
+  # num_batches_tracked: the largest count (0-d or [1]); None without BatchNorm.
+  assert interchange.batches_tracked({'a.num_batches_tracked': np.array(3),
+                                      'b.num_batches_tracked': np.array([9]),
+                                      'b.running_mean': np.array([100.0])}) == 9
+  assert interchange.batches_tracked({'fc.weight': np.zeros((2, 2))}) is None
+  # Wrappers, DataParallel prefixes (nested too) and TRADES' unused sub_block1 copy.
+  for wrapper in ('state_dict', 'model', 'model_state_dict'):
+    sd = interchange.canonical_state_dict({wrapper: {'module.module.conv.weight': 1,
+                                                     'sub_block1.x': 2, 'fc.bias': 3}, 'epoch': 7})
+    assert sd == {'conv.weight': 1, 'fc.bias': 3}, wrapper
+  assert interchange.canonical_state_dict({'module.fc.w': 1}) == {'fc.w': 1}
+  with pytest.raises(CheckpointError, match='expected a state_dict .* found list'):
+    interchange.canonical_state_dict([1])
+  # Error text: the first line of a message, at most 200 characters, or the exception's type.
+  assert interchange._first_line(ValueError('  bad header\nsecond line')) == 'bad header'
+  assert interchange._first_line(ValueError('x' * 300)) == 'x' * 200
+  assert interchange._first_line(EOFError()) == 'EOFError'
+  assert interchange._listing(['c', 'a', 'b']) == 'a, b, c'
+  assert interchange._listing([f'k{i}' for i in range(8)], limit=6) == \
+      'k0, k1, k2, k3, k4, k5, ... (2 more)'
+  # A spec file line: key<TAB>[d0, d1]; 0-d keys have [].
+  spec = tmp_path / 'keys.txt'
+  spec.write_text('conv.weight\t[16, 3, 3, 3]\n\nbn.num_batches_tracked\t[]\nfc.bias\t[10]\n')
+  assert interchange.read_torch_keys(str(spec)) == {
+      'conv.weight': (16, 3, 3, 3), 'bn.num_batches_tracked': (), 'fc.bias': (10,)}
+  # safetensors keeps 0-d counts 0-d and non-contiguous arrays' values, tagged for PyTorch.
+  import safetensors  # pylint: disable=g-import-not-at-top
+  path = str(tmp_path / 'm.safetensors')
+  kernel = np.arange(12, dtype=np.float32).reshape(3, 4).T  # not C-contiguous
+  interchange.save_safetensors(path, {'bn.num_batches_tracked': np.array(5, np.int64), 'k': kernel})
+  with safetensors.safe_open(path, 'np') as f:
+    assert f.metadata() == {'format': 'pt'}
+    assert f.get_tensor('bn.num_batches_tracked').shape == ()
+    np.testing.assert_array_equal(f.get_tensor('k'), kernel)
+  # torch tensors to numpy: bfloat16 widened to float32, integers kept, other values as they are.
+  got = interchange._tensor_to_numpy(torch.tensor([1.5, -2.0], dtype=torch.bfloat16))
+  assert got.dtype == np.float32 and got.tolist() == [1.5, -2.0]
+  assert interchange._tensor_to_numpy(torch.tensor([3])).dtype == np.int64
+  assert interchange._tensor_to_numpy('x') == 'x'
