@@ -189,6 +189,26 @@ def test_ltd_loss_matches_numpy(batch):
   np.testing.assert_allclose(aux['loss_natural'], natural, rtol=1e-5)
 
 
+def test_ltd_awp_proxy_is_the_hard_label_trades_loss_or_ltds_own(batch):
+  """awp.proxy_loss='trades' (the AWP code's calc_awp): CE(f(x), y) + beta KL(f(x) || f(x_adv));
+  'method': LTD's own soft-label loss."""
+  teacher, (x_adv, adv), (x, clean), y, _, _ = batch
+  config = config_lib.default_config()
+  config.ltd.teacher_temperature, config.ltd.student_temperature = 5.0, 2.0
+  config.trades.beta = 6.0
+  inputs = methods.MethodInputs(x, y, None, None, None, teacher)
+  robust = _np_kl(np_softmax(clean), adv).mean()
+  config.awp.proxy_loss = 'trades'
+  hard, _ = methods.ltd_awp_proxy_loss(linear_forward, inputs, x_adv, config)
+  ce = -np.log(np_softmax(clean)[np.arange(6), y]).mean()
+  np.testing.assert_allclose(hard, ce + 6.0 * robust, rtol=1e-5)
+  config.awp.proxy_loss = 'method'
+  soft, _ = methods.ltd_awp_proxy_loss(linear_forward, inputs, x_adv, config)
+  natural = -(np_softmax(teacher, 5.0) * np.log(np_softmax(clean, 2.0))).sum(-1).mean()
+  np.testing.assert_allclose(soft, natural + 6.0 * robust, rtol=1e-5)
+  assert abs(float(soft) - float(hard)) > 0.1
+
+
 def test_awp_relative_perturbation_matches_numpy():
   rng = np.random.default_rng(4)
   params = {'conv': {'kernel': rng.normal(size=(3, 3, 2, 4))}, 'bn': {'scale': rng.normal(size=4),
