@@ -62,6 +62,7 @@ def default_workdir(config_path: str, checkpoint: str = 'auto') -> str:
 def main(argv):
   del argv
   from ltd_jax import parallel  # pylint: disable=g-import-not-at-top
+  from ltd_jax import runs  # pylint: disable=g-import-not-at-top
   from ltd_jax import train  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.WARNING)
   config = _CONFIG.value
@@ -72,7 +73,7 @@ def main(argv):
     if _MODE.value == 'train':
       train.train_and_evaluate(config, workdir)
     elif _MODE.value == 'evaluate':
-      train.evaluate_checkpoint(config, workdir, _CHECKPOINT.value)
+      runs.evaluate_checkpoint(config, workdir, _CHECKPOINT.value)
     elif _MODE.value == 'export':
       from ltd_jax import export  # pylint: disable=g-import-not-at-top
       export.export_checkpoint(config, workdir, _CHECKPOINT.value)

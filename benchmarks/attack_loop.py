@@ -25,15 +25,15 @@ from benchmarks import common  # pylint: disable=g-import-not-at-top
 from benchmarks import train_step as bench_train  # pylint: disable=g-import-not-at-top
 from ltd_jax import evaluate  # pylint: disable=g-import-not-at-top
 from ltd_jax import parallel  # pylint: disable=g-import-not-at-top
-from ltd_jax import train  # pylint: disable=g-import-not-at-top
+from ltd_jax import state as state_lib  # pylint: disable=g-import-not-at-top
 
 
 def bench_eval(args, unroll: bool, mesh) -> dict:
   """Compile s and median ms of one evaluation batch (clean + PGD-20 + CW) of random weights."""
   c = bench_train.make_config(args, 'natural')
-  model = train.build_model(c, 10)
+  model = state_lib.build_model(c, 10)
   shape = (args.image, args.image, 3)
-  state = train.create_train_state(c, model, shape, 10, steps_per_epoch=100)
+  state = state_lib.create_train_state(c, model, shape, 10, steps_per_epoch=100)
   eval_config = ml_collections.ConfigDict({
       'alpha': 2 / 255, 'pgd_steps': args.pgd_steps, 'cw_steps': args.cw_steps,
       'cw_kappa': 50.0, 'unroll': unroll})

@@ -37,6 +37,7 @@ from ltd_jax import config_lib  # pylint: disable=g-import-not-at-top
 from ltd_jax import methods  # pylint: disable=g-import-not-at-top
 from ltd_jax import models  # pylint: disable=g-import-not-at-top
 from ltd_jax import parallel  # pylint: disable=g-import-not-at-top
+from ltd_jax import state as state_lib  # pylint: disable=g-import-not-at-top
 from ltd_jax import train  # pylint: disable=g-import-not-at-top
 
 ALL_METHODS = ('natural', 'pgd_at', 'trades', 'awp', 'rslad', 'absld', 'ltd')
@@ -81,9 +82,9 @@ def forward_flops(model, variables, batch, image) -> float:
 
 def bench_jax(args, method: str, mesh) -> dict:
   c = make_config(args, method)
-  model = train.build_model(c, 10)
+  model = state_lib.build_model(c, 10)
   shape = (args.image, args.image, 3)
-  state = train.create_train_state(c, model, shape, 10, steps_per_epoch=100)
+  state = state_lib.create_train_state(c, model, shape, 10, steps_per_epoch=100)
   rng = np.random.default_rng(0)
   n_data = 4 * args.batch
   device_data = parallel.replicate(

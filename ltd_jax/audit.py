@@ -160,10 +160,10 @@ def audit_checkpoint(config: ml_collections.ConfigDict, workdir: str, which: str
   """``--mode=audit``: audits the checkpoint ``which`` of ``workdir`` (or a PyTorch file) on a
   stratified subset of ``audit.n_examples`` test images; writes audit.json / audit.md and
   adds the verdict to report.md."""
-  from ltd_jax import train  # pylint: disable=g-import-not-at-top
-  ds, state, store = train.restore_for_evaluation(config, workdir, which)
+  from ltd_jax import runs  # pylint: disable=g-import-not-at-top
+  ds, state, store = runs.restore_for_evaluation(config, workdir, which)
   try:
-    state, which = train.select_checkpoint(config, state, store, which)
+    state, which = runs.select_checkpoint(config, state, store, which)
   finally:
     store.close()
   images, labels = ds.split('test')
@@ -171,8 +171,8 @@ def audit_checkpoint(config: ml_collections.ConfigDict, workdir: str, which: str
   rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 3)
   record = audit_model(state.apply_fn, state.variables, images[subset], labels[subset],
                        ds.num_classes, config, rng, mesh=parallel.make_mesh())
-  record.update(title=train.run_title(config), checkpoint=which,
-                step=None if train.is_torch_file(which) else int(state.step))
+  record.update(title=runs.run_title(config), checkpoint=which,
+                step=None if runs.is_torch_file(which) else int(state.step))
   if parallel.is_primary():
     reports.write_json(os.path.join(workdir, 'audit.json'), record)
     md = audit_markdown(record)

@@ -28,7 +28,7 @@ from ltd_jax import evaluate
 from ltd_jax import export
 from ltd_jax import interchange
 from ltd_jax import reports
-from ltd_jax import train
+from ltd_jax import runs
 from ltd_jax.errors import CheckpointError, ConfigError
 
 PARITY_RTOL = 1e-3  # float32 logits of the two frameworks agree to ~1e-6; 1e-3 flags a wrong model
@@ -131,16 +131,16 @@ def autoattack_checkpoint(config: ml_collections.ConfigDict, workdir: str,
   """
   torch, _ = _import_torch()
   device = resolve_device(torch, config.autoattack.device)
-  ds, state, store = train.restore_for_evaluation(config, workdir, which)
+  ds, state, store = runs.restore_for_evaluation(config, workdir, which)
   try:
-    state, label = train.select_checkpoint(config, state, store, which)
-    imported = train.is_torch_file(which)
+    state, label = runs.select_checkpoint(config, state, store, which)
+    imported = runs.is_torch_file(which)
     step = None if imported else int(state.step)
     results = _results_for(workdir, label, step)
     if results is None:
       if imported:
         reports.write_run_info(workdir, config)
-      results = train.final_evaluation(config, workdir, state, ds, store, which,
+      results = runs.final_evaluation(config, workdir, state, ds, store, which,
                                        trained_steps=step)
   finally:
     store.close()
@@ -176,7 +176,7 @@ def autoattack_checkpoint(config: ml_collections.ConfigDict, workdir: str,
   results['autoattack'] = info
   md = reports.write_results(workdir, results, ds.class_names)
   reports.write_report(workdir)
-  reports.plot_per_class(workdir, results, ds.class_names, train.comparison_runs(config, workdir))
+  reports.plot_per_class(workdir, results, ds.class_names, runs.comparison_runs(config, workdir))
   print(md)
   return results
 

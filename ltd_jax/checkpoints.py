@@ -29,6 +29,36 @@ def _to_tree(state):
   return serialization.to_state_dict(state)
 
 
+# Layout 1 (before methods owned their state) kept ABSLD's arrays as top-level TrainState
+# fields, for every method; layout 2 holds them in ``method_state``.
+LAYOUT_1_FIELDS = ('tau_adv', 'tau_clean', 'risk_adv_sum', 'risk_adv_count', 'risk_clean_sum',
+                   'risk_clean_count')
+
+
+def _is_layout_1(stored, template) -> bool:
+  return isinstance(stored, dict) and 'tau_adv' in stored and 'tau_adv' not in template
+
+
+def _layout_1_template(template, stored):
+  """``template`` as a layout-1 checkpoint holds it: without method_state, with its fields."""
+  old = {k: v for k, v in template.items() if k != 'method_state'}
+  old.update({k: np.zeros(tuple(stored[k].shape), np.float32) for k in LAYOUT_1_FIELDS})
+  return old
+
+
+def _from_layout_1(restored, template, path: str):
+  """A restored layout-1 tree in the layout of ``template``: its fields become the method's
+  state when the method keeps exactly those (ABSLD), and are dropped when it keeps none."""
+  old = {k: restored.pop(k) for k in LAYOUT_1_FIELDS}
+  wanted = template.get('method_state') or {}
+  if set(wanted) - set(old):
+    raise CheckpointError(f'checkpoint {path} has layout 1 (written before method_state), which '
+                          f'holds no {sorted(set(wanted) - set(old))[0]}: retrain in another '
+                          f'--workdir')
+  restored['method_state'] = {k: old[k] for k in wanted}
+  return restored
+
+
 def _shapes(tree) -> dict[str, tuple[int, ...]]:
   return {jax.tree_util.keystr(k): tuple(getattr(v, 'shape', ()) or ())
           for k, v in jax.tree_util.tree_leaves_with_path(tree)}
@@ -148,12 +178,15 @@ class CheckpointStore:
       raise CorruptCheckpoint(f'metadata unreadable, {_reason(e)}') from e
     if meta is None:
       raise CorruptCheckpoint('no state item')
-    detail = describe_mismatch(template, getattr(meta, 'tree', meta))
+    stored = getattr(meta, 'tree', meta)
+    layout_1 = _is_layout_1(stored, template)
+    target = _layout_1_template(template, stored) if layout_1 else template
+    detail = describe_mismatch(target, stored)
     if detail:
       raise CheckpointError(
           f'checkpoint {path} does not fit the configured model ({detail}): use the config it '
           f'was written with (config.json in its work directory) or another --workdir')
-    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, template)
+    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
     try:
       out = manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract), digest=ocp.args.JsonRestore()))
@@ -165,7 +198,7 @@ class CheckpointStore:
     if bad:
       raise CorruptCheckpoint(f'{len(bad)} arrays differ from their CRC-32 at save time '
                               f'(e.g. {bad[0]})')
-    return restored
+    return _from_layout_1(restored, template, path) if layout_1 else restored
 
   def _quarantine(self, manager, step: int, reason: str) -> None:
     """Moves an unreadable step to ``corrupt/`` (kept for inspection) and reports it."""

@@ -17,7 +17,7 @@ import ml_collections
 from ltd_jax import config_lib
 from ltd_jax import interchange
 from ltd_jax import reports
-from ltd_jax import train
+from ltd_jax import runs
 
 _WRN = re.compile(r'^wrn-(\d+)-(\d+)$')
 
@@ -66,7 +66,7 @@ def write_export(out_dir: str, state, config: ml_collections.ConfigDict, num_cla
   file (``checkpoint`` its path, ``step`` None) the count that file carries."""
   os.makedirs(out_dir, exist_ok=True)
   tracked = step
-  if step is None and train.is_torch_file(checkpoint) and os.path.exists(checkpoint):
+  if step is None and runs.is_torch_file(checkpoint) and os.path.exists(checkpoint):
     tracked = interchange.batches_tracked(interchange.load_torch_file(checkpoint))
   state_dict = interchange.to_torch_state_dict(state.params, state.batch_stats,
                                                num_batches_tracked=tracked or 0)
@@ -97,12 +97,12 @@ def export_checkpoint(config: ml_collections.ConfigDict, workdir: str, which: st
                       out_dir: str | None = None) -> dict:
   """Exports checkpoint ``which`` of ``workdir`` (auto | best | latest, or a PyTorch file to
   re-export) to ``out_dir`` (default ``WORKDIR/export``)."""
-  ds, state, store = train.restore_for_evaluation(config, workdir, which)
+  ds, state, store = runs.restore_for_evaluation(config, workdir, which)
   try:
-    state, label = train.select_checkpoint(config, state, store, which)
+    state, label = runs.select_checkpoint(config, state, store, which)
   finally:
     store.close()
-  imported = train.is_torch_file(which)
+  imported = runs.is_torch_file(which)
   out_dir = out_dir or os.path.join(workdir, 'export')
   info = write_export(out_dir, state, config, ds.num_classes, ds.image_shape, label,
                       None if imported else int(state.step))

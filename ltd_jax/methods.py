@@ -5,6 +5,11 @@ eval mode (the inner maximisation, whose result is a constant), then differentia
 ``method.loss`` with respect to the parameters, running the model in train mode through a
 ``TrainForward`` that threads BatchNorm statistics through every forward pass in order, as the
 PyTorch reference code does.
+
+A method with state of its own (ABSLD's per-class temperatures and risks) declares it: its
+initial value (the TrainState's ``method_state``), what each step adds to it, its epoch-end
+update, the record it logs each epoch and the plots drawn from those records. The loop and the
+reports call these hooks and never name a method.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ltd_jax import attacks
 from ltd_jax import losses
@@ -24,12 +30,11 @@ from ltd_jax import temperatures
 @dataclasses.dataclass
 class MethodInputs:
   """What a method sees of one batch: augmented images in [0, 1], labels, an rng and the
-  ABSLD per-class temperatures (unused by the other methods)."""
+  method's own state (``Method.init_state``; ABSLD's temperatures)."""
   x: jax.Array
   y: jax.Array
   rng: jax.Array
-  tau_adv: jax.Array
-  tau_clean: jax.Array
+  method_state: Any = None
   teacher_logits: jax.Array | None = None  # the frozen teacher on x, in eval mode
 
 
@@ -46,8 +51,9 @@ class TrainForward:
     return logits
 
 
-# Aux outputs a loss may return: the logits it trained on (for train accuracy) and the
-# per-sample cross-entropies that ABSLD accumulates per class as its risks.
+# Aux outputs a loss may return: the logits it trained on (for train accuracy), the per-sample
+# cross-entropies ``ce_clean`` / ``ce_adv`` (ABSLD accumulates them per class as its risks) and
+# the loss terms of train.LOSS_TERMS.
 Aux = dict
 
 
@@ -56,17 +62,40 @@ def _never(config) -> bool:
   return False
 
 
+def _no_state(config, num_classes: int):
+  del config, num_classes
+  return {}
+
+
+class PlotSpec(NamedTuple):
+  """A plot drawn from a method's epoch records: one curve per class of each list-valued
+  ``series`` field of the records of ``kind``, into WORKDIR/``file``."""
+  file: str
+  title: str
+  kind: str
+  series: tuple[tuple[str, str], ...]  # (record field, panel title)
+  ylabel: str
+
+
 class Method(NamedTuple):
   """``adversary(eval_logits_fn, inputs, config) -> x_adv | None``,
   ``loss(forward, inputs, x_adv, config) -> (scalar, aux)``; ``needs_teacher`` asks the train
-  step for the teacher's logits, ``uses_awp(config)`` wraps the update in AWP's weight
-  perturbation, and ``epoch_end(state, epochs_completed, config)`` updates state once per
-  epoch (ABSLD's temperatures); ``awp_proxy_loss`` and ``reference_bn_passes`` as commented."""
+  step for the teacher's logits and ``uses_awp(config)`` wraps the update in AWP's weight
+  perturbation. A method's own state: ``init_state(config, num_classes)`` (a pytree, checkpointed
+  as the TrainState's ``method_state``), ``accumulate(method_state, aux, labels, num_classes)``
+  after each step, ``epoch_end(method_state, epochs_completed, config)`` once per epoch (all
+  three run compiled), ``epoch_record(before, after) -> (kind, values)`` written to
+  metrics.jsonl after the epoch end, and ``plots`` drawn from those records;
+  ``awp_proxy_loss`` and ``reference_bn_passes`` as commented."""
   adversary: Callable[..., jax.Array | None]
   loss: Callable[..., tuple[jax.Array, Aux]]
   needs_teacher: bool = False
   uses_awp: Callable[[Any], bool] = _never
+  init_state: Callable[[Any, int], Any] = _no_state
+  accumulate: Callable[..., Any] | None = None
   epoch_end: Callable[..., Any] | None = None
+  epoch_record: Callable[[Any, Any], tuple[str, dict]] | None = None
+  plots: tuple[PlotSpec, ...] = ()
   # The loss of AWP's proxy ascent step, ``(forward, inputs, x_adv, config) -> (loss, aux)``
   # (None: ``loss``).
   awp_proxy_loss: Callable[..., tuple[jax.Array, Aux]] | None = None
@@ -190,7 +219,8 @@ def distillation_targets(inputs: MethodInputs, config, per_class: bool):
   if not per_class:
     probs = jax.nn.softmax(inputs.teacher_logits, axis=-1)
     return probs, probs
-  t_adv, t_clean = temperatures.class_temperatures(inputs.y, inputs.tau_adv, inputs.tau_clean,
+  tau = inputs.method_state
+  t_adv, t_clean = temperatures.class_temperatures(inputs.y, tau['tau_adv'], tau['tau_clean'],
                                                    config.absld.released_code_aliasing)
   return (losses.softmax_t(inputs.teacher_logits, t_adv),
           losses.softmax_t(inputs.teacher_logits, t_clean))
@@ -217,16 +247,53 @@ def distillation_loss(forward: TrainForward, inputs: MethodInputs, x_adv, config
   return r.loss_scale * (r.alpha * robust + (1.0 - r.alpha) * natural), aux
 
 
-def absld_epoch_end(state, epochs_completed, config):
-  """Eq. 10 on the epoch's per-class risks, for tau_adv and tau_clean separately."""
+RISKS = ('risk_adv_sum', 'risk_adv_count', 'risk_clean_sum', 'risk_clean_count')
+
+
+def absld_init_state(config, num_classes: int) -> dict:
+  """tau_adv = tau_clean = ``absld.tau_init`` per class, and zero per-class risk sums / counts."""
+  tau = jnp.full((num_classes,), config.absld.tau_init, jnp.float32)
+  zeros = jnp.zeros((num_classes,), jnp.float32)
+  return {'tau_adv': tau, 'tau_clean': tau, **{k: zeros for k in RISKS}}
+
+
+def absld_accumulate(method_state: dict, aux: Aux, labels, num_classes: int) -> dict:
+  """Adds the step's per-class sums and counts of the student's cross-entropy (clean and adv)."""
+  out = dict(method_state)
+  for kind in ('adv', 'clean'):
+    sums, counts = per_class_sums(aux[f'ce_{kind}'], labels, num_classes)
+    out[f'risk_{kind}_sum'] = method_state[f'risk_{kind}_sum'] + sums
+    out[f'risk_{kind}_count'] = method_state[f'risk_{kind}_count'] + counts
+  return out
+
+
+def absld_epoch_end(method_state: dict, epochs_completed, config) -> dict:
+  """Eq. 10 on the epoch's per-class risks, for tau_adv and tau_clean separately; the risk
+  accumulators start the next epoch at zero."""
   a = config.absld
   beta_t = temperatures.absld_beta(epochs_completed, a.beta, config.optim.lr_boundaries_epochs,
                                    config.optim.lr_decay)
+  m = method_state
   update = lambda tau, s, c: temperatures.absld_update_temperatures(
       tau, s, c, beta_t, a.tau_min, a.tau_max, a.gap_rtol, a.risk)
-  return state.replace(tau_adv=update(state.tau_adv, state.risk_adv_sum, state.risk_adv_count),
-                       tau_clean=update(state.tau_clean, state.risk_clean_sum,
-                                        state.risk_clean_count))
+  return {'tau_adv': update(m['tau_adv'], m['risk_adv_sum'], m['risk_adv_count']),
+          'tau_clean': update(m['tau_clean'], m['risk_clean_sum'], m['risk_clean_count']),
+          **{k: jnp.zeros_like(m[k]) for k in RISKS}}
+
+
+def absld_epoch_record(before: dict, after: dict) -> tuple[str, dict]:
+  """The epoch's per-class mean risks (NaN for classes not seen) and the updated temperatures."""
+  mean = lambda s, c: np.where(c > 0, s / np.maximum(c, 1), np.nan).tolist()
+  return 'temperatures', {
+      'risk_adv': mean(before['risk_adv_sum'], before['risk_adv_count']),
+      'risk_clean': mean(before['risk_clean_sum'], before['risk_clean_count']),
+      'tau_adv': np.asarray(after['tau_adv']).tolist(),
+      'tau_clean': np.asarray(after['tau_clean']).tolist()}
+
+
+ABSLD_PLOTS = (PlotSpec('temperatures.png', 'ABSLD class temperatures', 'temperatures',
+                        (('tau_adv', 'teacher temperature, adversarial targets'),
+                         ('tau_clean', 'teacher temperature, clean targets')), 'temperature'),)
 
 
 METHODS: dict[str, Method] = {
@@ -242,7 +309,9 @@ METHODS: dict[str, Method] = {
                     functools.partial(distillation_loss, per_class=False), needs_teacher=True),
     'absld': Method(functools.partial(distillation_adversary, per_class=True),
                     functools.partial(distillation_loss, per_class=True), needs_teacher=True,
-                    epoch_end=absld_epoch_end),
+                    init_state=absld_init_state, accumulate=absld_accumulate,
+                    epoch_end=absld_epoch_end, epoch_record=absld_epoch_record,
+                    plots=ABSLD_PLOTS),
     'soft_label_natural': Method(no_adversary, soft_label_natural_loss, needs_teacher=True),
 }
 

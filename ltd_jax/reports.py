@@ -13,6 +13,8 @@ import time
 import jax
 import numpy as np
 
+from ltd_jax import methods
+
 LIBRARIES = ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'ml-collections', 'chex',
              'numpy', 'scikit-learn', 'tensorflow-datasets', 'tqdm', 'matplotlib', 'safetensors',
              'torch', 'pyautoattack')
@@ -237,37 +239,44 @@ def plot_per_class(workdir: str, results: dict, class_names=(), others: dict | N
   return path
 
 
-def plot_temperatures(workdir: str, class_names=()) -> str | None:
-  """``temperatures.png``: ABSLD's per-class adversarial and clean temperatures over epochs."""
-  records = [r for r in read_metrics(workdir) if r['kind'] == 'temperatures']
+def plot_class_series(workdir: str, spec, class_names=()) -> str | None:
+  """``spec.file`` (a ``methods.PlotSpec``): one panel per series, one curve per class over the
+  epochs of the ``spec.kind`` records in metrics.jsonl; None when there are none."""
+  records = [r for r in read_metrics(workdir) if r['kind'] == spec.kind]
   if not records:
     return None
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   epochs = [r['epoch'] for r in records]
-  num_classes = len(records[0]['tau_adv'])
+  num_classes = len(records[0][spec.series[0][0]])
   names = list(class_names) or [str(i) for i in range(num_classes)]
-  fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-  for ax, key, title in ((axes[0], 'tau_adv', 'adversarial targets'),
-                         (axes[1], 'tau_clean', 'clean targets')):
+  fig, axes = plt.subplots(1, len(spec.series), figsize=(5.5 * len(spec.series), 4), sharey=True,
+                           squeeze=False)
+  for ax, (key, title) in zip(axes[0], spec.series):
     values = np.array([r[key] for r in records])
     for c in range(num_classes):
       ax.plot(epochs, values[:, c], lw=1.5 if num_classes <= 10 else 0.6, label=names[c])
-    ax.set(xlabel='epoch', title=f'teacher temperature, {title}')
-  axes[0].set_ylabel('temperature')
+    ax.set(xlabel='epoch', title=title)
+  axes[0, 0].set_ylabel(spec.ylabel)
   if num_classes <= 20:
-    axes[1].legend(fontsize=7, ncol=2)
+    axes[0, -1].legend(fontsize=7, ncol=2)
   fig.tight_layout()
-  path = os.path.join(workdir, 'temperatures.png')
+  path = os.path.join(workdir, spec.file)
   fig.savefig(path, dpi=100)
   plt.close(fig)
   return path
 
 
 PLOTS = (('training_curves.png', 'Training curves'),
-         ('per_class_accuracy.png', 'Per-class accuracy'),
-         ('temperatures.png', 'ABSLD class temperatures'))
+         ('per_class_accuracy.png', 'Per-class accuracy'))
+
+
+def _method_plots(method_name) -> list[tuple[str, str]]:
+  try:
+    return [(p.file, p.title) for p in methods.get_method(method_name).plots]
+  except ValueError:
+    return []
 
 
 def _read_json(path: str):
@@ -309,7 +318,8 @@ def write_report(workdir: str, status: str | None = None) -> str:
     lines.append('')
   else:
     lines += ['Not run: `python run.py --config=... --mode=audit`.', '']
-  plots = [(f, t) for f, t in PLOTS if os.path.exists(os.path.join(workdir, f))]
+  plots = [(f, t) for f, t in (*PLOTS, *_method_plots(config.get('method')))
+           if os.path.exists(os.path.join(workdir, f))]
   if plots:
     lines += ['## Plots', ''] + [f'![{t}]({f})' for f, t in plots] + ['']
   train = [r for r in read_metrics(workdir) if r['kind'] == 'train']

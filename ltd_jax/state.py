@@ -10,6 +10,7 @@ import ml_collections
 import optax
 from flax import struct
 
+from ltd_jax import methods
 from ltd_jax import models
 from ltd_jax.errors import ConfigError
 
@@ -17,20 +18,15 @@ from ltd_jax.errors import ConfigError
 class TrainState(struct.PyTreeNode):
   """Everything a step reads and writes; all of it is checkpointed.
 
-  ``tau_adv`` / ``tau_clean`` are ABSLD's per-class teacher temperatures and ``risk_*`` the
-  per-class sums and counts of the student's cross-entropy over the current epoch.
+  ``method_state`` is the method's own pytree (``Method.init_state``; {} for most methods,
+  ABSLD's per-class temperatures and epoch risks).
   """
   step: jax.Array
   params: Any
   batch_stats: Any
   opt_state: Any
   rng: jax.Array
-  tau_adv: jax.Array
-  tau_clean: jax.Array
-  risk_adv_sum: jax.Array
-  risk_adv_count: jax.Array
-  risk_clean_sum: jax.Array
-  risk_clean_count: jax.Array
+  method_state: Any
   apply_fn: Callable[..., Any] = struct.field(pytree_node=False)
   tx: optax.GradientTransformation = struct.field(pytree_node=False)
 
@@ -76,9 +72,7 @@ def create_train_state(config, model, image_shape, num_classes: int,
   init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
   params, batch_stats = models.init_variables(model, init_rng, image_shape)
   tx = make_optimizer(config.optim, steps_per_epoch)
-  zeros = jnp.zeros((num_classes,), jnp.float32)
-  tau = jnp.full((num_classes,), config.absld.tau_init, jnp.float32)
+  method_state = methods.get_method(config.method).init_state(config, num_classes)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
-                    opt_state=tx.init(params), rng=state_rng, tau_adv=tau, tau_clean=tau,
-                    risk_adv_sum=zeros, risk_adv_count=zeros, risk_clean_sum=zeros,
-                    risk_clean_count=zeros, apply_fn=model.apply, tx=tx)
+                    opt_state=tx.init(params), rng=state_rng, method_state=method_state,
+                    apply_fn=model.apply, tx=tx)

@@ -12,7 +12,6 @@ non-finite loss or parameter stops it before anything after it is saved.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import time
@@ -26,19 +25,18 @@ import optax
 from tqdm import tqdm
 
 from ltd_jax import awp
-from ltd_jax import checkpoints
 from ltd_jax import config_lib
 from ltd_jax import data
 from ltd_jax import evaluate
 from ltd_jax import input_pipeline
-from ltd_jax import interchange
 from ltd_jax import methods
 from ltd_jax import parallel
 from ltd_jax import preemption
 from ltd_jax import reports
+from ltd_jax import runs
 from ltd_jax import teacher as teacher_lib
 from ltd_jax.errors import CheckpointError, ConfigError, Preempted, TrainingError
-from ltd_jax.state import TrainState, build_model, create_train_state, learning_rate_schedule
+from ltd_jax.state import TrainState, learning_rate_schedule
 
 
 # Loss terms a method's loss may report beside the loss (averaged into every train record).
@@ -59,8 +57,7 @@ def train_step(state: TrainState, images: jax.Array, labels: jax.Array, teacher_
     teacher_logits = teacher_apply_fn(teacher_variables, x, train=False)
   if teacher_logits is not None:
     teacher_logits = jax.lax.stop_gradient(teacher_logits.astype(jnp.float32))
-  inputs = methods.MethodInputs(x, labels, attack_rng, state.tau_adv, state.tau_clean,
-                                teacher_logits)
+  inputs = methods.MethodInputs(x, labels, attack_rng, state.method_state, teacher_logits)
   x_adv = method.adversary(attack_logits_fn(state, config.attack.bn_mode), inputs, config)
 
   def loss_fn(params):
@@ -100,11 +97,10 @@ def train_step(state: TrainState, images: jax.Array, labels: jax.Array, teacher_
   finite = [jnp.all(jnp.isfinite(p)) for p in jax.tree_util.tree_leaves((params, batch_stats))]
   metrics = {'loss': loss, 'count': jnp.float32(labels.shape[0]),
              'params_finite': jnp.all(jnp.stack(finite))}
+  if method.accumulate is not None:
+    new['method_state'] = method.accumulate(state.method_state, aux, labels, num_classes)
   for kind in ('adv', 'clean'):
-    if f'ce_{kind}' in aux:
-      sums, counts = methods.per_class_sums(aux[f'ce_{kind}'], labels, num_classes)
-      new[f'risk_{kind}_sum'] = getattr(state, f'risk_{kind}_sum') + sums
-      new[f'risk_{kind}_count'] = getattr(state, f'risk_{kind}_count') + counts
+    if f'logits_{kind}' in aux:
       predictions = jnp.argmax(aux[f'logits_{kind}'], axis=-1)
       metrics[f'correct_{kind}'] = jnp.sum(predictions == labels).astype(jnp.float32)
   for key in LOSS_TERMS:
@@ -123,13 +119,10 @@ def attack_logits_fn(state: TrainState, bn_mode: str = 'eval'):
 
 def end_of_epoch(state: TrainState, epochs_completed, *, method: methods.Method,
                  config) -> TrainState:
-  """Runs the method's epoch-end update (ABSLD's temperatures), then clears the per-class
-  risk accumulators for the next epoch."""
-  if method.epoch_end is not None:
-    state = method.epoch_end(state, epochs_completed, config)
-  zeros = jnp.zeros_like(state.risk_adv_sum)
-  return state.replace(risk_adv_sum=zeros, risk_adv_count=zeros, risk_clean_sum=zeros,
-                       risk_clean_count=zeros)
+  """The method's epoch-end update of its state (ABSLD's temperatures), if it has one."""
+  if method.epoch_end is None:
+    return state
+  return state.replace(method_state=method.epoch_end(state.method_state, epochs_completed, config))
 
 
 def make_train_step_fn(mesh, **step_kwargs):
@@ -182,122 +175,6 @@ class _MetricBuffer:
     return out
 
 
-def run_title(config) -> str:
-  return f'{config.method} / {config.model.name} / {config.data.name}'
-
-
-def is_torch_file(which: str) -> bool:
-  """Whether a checkpoint choice names a PyTorch file rather than auto / best / latest."""
-  return which not in CHECKPOINT_CHOICES
-
-
-CHECKPOINT_CHOICES = ('auto', 'best', 'latest')
-
-
-def select_checkpoint(config, state: TrainState, store: checkpoints.CheckpointStore,
-                      which: str = 'auto') -> tuple[TrainState, str]:
-  """The state to evaluate or export and its label.
-
-  ``which``: ``best`` (selected by ``eval.selection`` on ``eval.selection_split``), ``latest``
-  (``state`` itself, already the latest), ``auto`` (best when a best checkpoint exists and
-  selection is not ``last``), or the path of a PyTorch ``.pt``/``.pth``/``.safetensors`` file
-  whose weights are imported into ``state``.
-  """
-  if is_torch_file(which):
-    sd = interchange.load_torch_file(which)
-    params, batch_stats = interchange.from_torch_state_dict(
-        sd, state.params, state.batch_stats, source=which, model_name=config.model.name)
-    return state.replace(params=params, batch_stats=batch_stats), os.path.abspath(which)
-  store.wait()
-  auto = which == 'auto'
-  if auto:
-    which = 'best' if config.eval.selection != 'last' and store.best_step() is not None else 'latest'
-  if which == 'best':
-    restored = store.restore(state, 'best')
-    if restored is not None:
-      state = restored
-    elif auto:  # the best one was corrupt (and reported): the latest is what is left
-      which = 'latest'
-    else:
-      raise CheckpointError(f'no best checkpoint in {os.path.join(store.workdir, "best")}: train '
-                            f'first or evaluate with --checkpoint=latest')
-  return state, which
-
-
-def final_evaluation(config, workdir: str, state: TrainState, ds: data.Dataset,
-                     store: checkpoints.CheckpointStore, which: str = 'auto',
-                     trained_steps: int | None = None) -> dict:
-  """Full evaluation of the checkpoint ``which`` (see ``select_checkpoint``) on the test split
-  with the ``eval.final`` attacks; writes results.json/md and the plots."""
-  state, which = select_checkpoint(config, state, store, which)
-  imported = is_torch_file(which)
-  if imported:
-    selection, trained_steps = None, None
-  else:
-    selection = config.eval.selection if which == 'best' else 'last'
-    trained_steps = int(state.step) if trained_steps is None else trained_steps
-  images, labels = ds.split('test')
-  subset = evaluate.stratified_subset(labels, config.eval.final_subset_size, config.seed)
-  images, labels = images[subset], labels[subset]
-  eps = config_lib.eval_eps(config)
-  eval_step = evaluate.make_eval_step(state.apply_fn, config.eval.final, eps=eps,
-                                      eval_config=config.eval)
-  rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 2)
-  mesh = parallel.make_mesh()
-  attacks = evaluate.evaluate(eval_step, parallel.replicate(state.variables, mesh), images, labels,
-                              ds.num_classes, config.eval.batch_size, rng, mesh=mesh)
-  results = {
-      'title': run_title(config), 'checkpoint': which,
-      'step': None if imported else int(state.step), 'split': 'test',
-      'num_examples': int(len(labels)), 'eps': eps, 'train_eps': float(config.eps),
-      'selection': selection,
-      'selection_split': config.eval.selection_split, 'trained_steps': trained_steps,
-      'attacks': attacks, 'class_names': list(ds.class_names),
-  }
-  if parallel.is_primary():
-    md = reports.write_results(workdir, results, ds.class_names)
-    reports.plot_per_class(workdir, results, ds.class_names, comparison_runs(config, workdir))
-    reports.plot_training_curves(workdir)
-    reports.plot_temperatures(workdir, ds.class_names)
-    reports.write_report(workdir)
-    print(md)
-  return results
-
-
-def comparison_runs(config, workdir: str) -> dict:
-  """Finished runs to plot beside this one: its teacher and ``report.baseline_workdir``."""
-  runs = {'teacher': {'train': os.path.join(workdir, 'teacher'), 'workdir': config.teacher.path,
-                      'torch': '', 'none': ''}[config.teacher.source],
-          'baseline': config.report.baseline_workdir}
-  out = {}
-  for name, path in runs.items():
-    results_path = os.path.join(path, 'results.json') if path else ''
-    if results_path and os.path.exists(results_path):
-      with open(results_path) as f:
-        out[name] = json.load(f)
-  return out
-
-
-def _setup(config, workdir: str):
-  config_lib.validate(config)
-  try:
-    os.makedirs(workdir, exist_ok=True)
-  except OSError as e:
-    raise ConfigError(f'cannot use {workdir} as the work directory ({e.strerror}): pass another '
-                      f'--workdir') from e
-  ds = data.load_dataset(config.data)
-  n = ds.num_train
-  if config.batch_size > n:
-    raise ConfigError(f'batch_size={config.batch_size} exceeds the {n} training images of '
-                      f'{ds.name}: lower --config.batch_size')
-  parallel.check_batch_size(config.batch_size, parallel.make_mesh())
-  steps_per_epoch = n // config.batch_size
-  model = build_model(config, ds.num_classes)
-  state = create_train_state(config, model, ds.image_shape, ds.num_classes, steps_per_epoch)
-  store = checkpoints.CheckpointStore(workdir, config.checkpoint.keep)
-  return ds, state, store, steps_per_epoch
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        step_hook: Callable[[int], None] | None = None) -> TrainState:
   """Trains ``config.method`` (resuming from the latest checkpoint in ``workdir``), evaluates
@@ -305,7 +182,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   ``step_hook(step)`` is called after every step (tests use it to interrupt a run).
   """
-  ds, state, store, steps_per_epoch = _setup(config, workdir)
+  ds, state, store, steps_per_epoch = runs.setup(config, workdir)
   try:
     restored = store.restore(state)
   except CheckpointError:
@@ -415,12 +292,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           bar.close()
           bar = None
           epoch += 1
-          risks = _per_class_risks(state) if method.epoch_end is not None else None
+          before = jax.device_get(state.method_state) if method.epoch_record else None
           state = epoch_end_fn(state, epoch)
-          if risks is not None:
-            writer.write('temperatures', step, epoch=epoch, **risks,
-                         tau_adv=np.asarray(state.tau_adv).tolist(),
-                         tau_clean=np.asarray(state.tau_clean).tolist())
+          if method.epoch_record is not None:
+            kind, values = method.epoch_record(before, jax.device_get(state.method_state))
+            writer.write(kind, step, epoch=epoch, **values)
           if evaluate.is_evaluation_epoch(epoch, config.eval) or step == total_steps:
             ev = evaluate.evaluate(periodic_eval, state.variables, sel_images[subset],
                                    sel_labels[subset], ds.num_classes, config.eval.batch_size,
@@ -437,10 +313,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                      and step % config.checkpoint.every_steps == 0):
           flush()
           store.save_latest(step, state)
-    if _trained_steps_in_results(workdir) == total_steps:
+    if runs.trained_steps_in_results(workdir) == total_steps:
       logging.info('training and final evaluation already complete in %s', workdir)
     else:
-      final_evaluation(config, workdir, state, ds, store, trained_steps=step)
+      runs.final_evaluation(config, workdir, state, ds, store, trained_steps=step)
   except (Preempted, TrainingError) as e:
     if parallel.is_primary():
       kind = 'stopped' if isinstance(e, Preempted) else 'failed'
@@ -453,54 +329,3 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   return state
 
 
-def _per_class_risks(state: TrainState) -> dict:
-  """The epoch's per-class mean risks (only these small vectors leave the device)."""
-  sums = jax.device_get((state.risk_adv_sum, state.risk_adv_count, state.risk_clean_sum,
-                         state.risk_clean_count))
-  mean = lambda s, c: np.where(c > 0, s / np.maximum(c, 1), np.nan).tolist()
-  return {'risk_adv': mean(sums[0], sums[1]), 'risk_clean': mean(sums[2], sums[3])}
-
-
-def _trained_steps_in_results(workdir: str) -> int | None:
-  try:
-    with open(os.path.join(workdir, 'results.json')) as f:
-      return int(json.load(f)['trained_steps'])
-  except (OSError, ValueError, KeyError, TypeError):
-    return None
-
-
-def restore_for_evaluation(config: ml_collections.ConfigDict, workdir: str, which: str = 'auto'):
-  """``(ds, latest state, store)`` of a trained ``workdir``; for a PyTorch file (``which``) the
-  work directory must not hold a run of its own, whose results the evaluation would replace."""
-  ds, state, store, _ = _setup(config, workdir)
-  has_checkpoints = store.latest_step() is not None or store.best_step() is not None
-  if is_torch_file(which):
-    if has_checkpoints:
-      store.close()
-      raise ConfigError(f'{os.path.abspath(workdir)} holds a trained run: evaluate the PyTorch '
-                        f'file {which} in another --workdir so that its results stay apart')
-    return ds, state, store
-  if not has_checkpoints:
-    store.close()
-    raise CheckpointError(f'no checkpoint in {os.path.abspath(workdir)}: train with --mode=train '
-                          f'first or pass the --workdir of a trained run')
-  try:
-    latest = store.restore(state, 'latest')
-  except CheckpointError:
-    store.close()
-    raise
-  return ds, latest if latest is not None else state, store
-
-
-def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
-                        which: str = 'auto') -> dict:
-  """``--mode=evaluate``: final evaluation of a saved checkpoint of ``workdir``, or of a PyTorch
-  file (``which``) imported into ``config.model``."""
-  ds, state, store = restore_for_evaluation(config, workdir, which)
-  try:
-    if is_torch_file(which):
-      reports.write_run_info(workdir, config)
-    return final_evaluation(config, workdir, state, ds, store, which,
-                            trained_steps=int(state.step))
-  finally:
-    store.close()

@@ -65,9 +65,9 @@ def main(out_path):
   method = methods.get_method('absld')
   model = state_lib.build_model(c, 10)
   state = state_lib.create_train_state(c, model, ds.image_shape, 10, STEPS)
-  state = state.replace(step=np.int32(STEPS * (EPOCH - 1)),
-                        tau_adv=np.linspace(1.0, 4.5, 10, dtype=np.float32),
-                        tau_clean=np.linspace(4.0, 0.8, 10, dtype=np.float32))
+  state = state.replace(step=np.int32(STEPS * (EPOCH - 1)), method_state={
+      **state.method_state, 'tau_adv': np.linspace(1.0, 4.5, 10, dtype=np.float32),
+      'tau_clean': np.linspace(4.0, 0.8, 10, dtype=np.float32)})
   step_fn = train.make_train_step_fn(mesh, method=method, config=c, augment_kind='none',
                                      num_classes=10, steps_per_epoch=STEPS)
   state = parallel.replicate(state, mesh)
@@ -78,7 +78,7 @@ def main(out_path):
     host = jax.device_get(state)
     _, attack_rng = jax.random.split(jax.random.fold_in(host.rng, host.step))
     x = np.asarray(data.to_float(images[sl]))
-    inputs = methods.MethodInputs(x, labels[sl], attack_rng, host.tau_adv, host.tau_clean,
+    inputs = methods.MethodInputs(x, labels[sl], attack_rng, host.method_state,
                                   teacher_logits[sl])
     x_adv = np.asarray(method.adversary(train.attack_logits_fn(host), inputs, c))
     assert np.abs(x_adv - x).max() > 0.1
@@ -95,13 +95,13 @@ def main(out_path):
   beta_t = c.absld.beta * c.optim.lr_decay
   result = {'devices': jax.device_count(), 'counts': counts.tolist()}
   for kind in ('adv', 'clean'):
-    tau = np.float64(getattr(before, f'tau_{kind}'))
+    tau = np.float64(before.method_state[f'tau_{kind}'])
     result[kind] = {
-        'library_sum': np.asarray(getattr(before, f'risk_{kind}_sum')).tolist(),
-        'library_count': np.asarray(getattr(before, f'risk_{kind}_count')).tolist(),
+        'library_sum': np.asarray(before.method_state[f'risk_{kind}_sum']).tolist(),
+        'library_count': np.asarray(before.method_state[f'risk_{kind}_count']).tolist(),
         'expected_sum': sums[kind].tolist(),
         'tau_before': tau.tolist(),
-        'tau_after': np.asarray(getattr(after, f'tau_{kind}')).tolist(),
+        'tau_after': np.asarray(after.method_state[f'tau_{kind}']).tolist(),
         'expected': eq10(tau, sums[kind], counts, beta_t, c.absld.tau_min, c.absld.tau_max).tolist(),
         # What a wrong update would give: beta not decayed, per-class sums instead of means.
         'undecayed': eq10(tau, sums[kind], counts, c.absld.beta, c.absld.tau_min,

@@ -141,3 +141,81 @@ def test_training_attack_batchnorm_modes(tiny_config):
   np.testing.assert_allclose(eval_logits, state.apply_fn(state.variables, x, train=False))
   train_logits = train.attack_logits_fn(state, 'train')(x)
   assert not np.allclose(eval_logits, train_logits)
+
+
+def test_square_schedule_halves_p_at_the_papers_boundaries():
+  # Andriushchenko et al.: p_init up to query 10 of 10,000, then /2 up to 50, /4 up to 200, ...
+  got = [float(attacks.square_fraction(0.8, q, 10000)) for q in (0, 10, 11, 50, 51, 9999)]
+  np.testing.assert_allclose(got, [0.8, 0.8, 0.4, 0.4, 0.2, 0.8 / 512])
+  # Budgets other than 10,000 are rescaled: query 11 of 1,000 counts as 110, in (50, 200].
+  assert float(attacks.square_fraction(0.8, 11, 1000)) == pytest.approx(0.8 / 4)
+
+
+def test_square_attack_needs_no_gradient_and_stays_in_the_ball():
+  """A model with zero gradients everywhere (rounded logits) still falls to Square; the images
+  stay within eps of x and in [0, 1]; misclassified ones are left as they are."""
+  rng = np.random.default_rng(0)
+  w = jnp.asarray(rng.normal(size=(4 * 4 * 1, 3)), jnp.float32)
+  logits_fn = lambda x: jnp.round(100 * x.reshape(len(x), -1) @ w)  # d/dx = 0
+  x = jnp.asarray(rng.uniform(size=(64, 4, 4, 1)), jnp.float32)
+  labels = jnp.argmax(logits_fn(x), -1)
+  labels = labels.at[:8].set((labels[:8] + 1) % 3)  # 8 misclassified from the start
+  assert float(jnp.abs(jax.grad(lambda z: logits_fn(z).sum())(x)).max()) == 0
+  eps = 0.3
+  x_adv = attacks.square_attack(logits_fn, x, labels, jax.random.PRNGKey(1), eps=eps, queries=200)
+  assert float(jnp.abs(x_adv - x).max()) <= eps + 1e-6
+  assert float(x_adv.min()) >= 0 and float(x_adv.max()) <= 1
+  np.testing.assert_array_equal(x_adv[:8], x[:8])
+  fooled = jnp.argmax(logits_fn(x_adv[8:]), -1) != labels[8:]
+  pgd = attacks.pgd_attack(attacks.ce_objective(logits_fn, labels), x, jax.random.PRNGKey(2),
+                           eps=eps, alpha=eps / 4, steps=10, init='none')
+  assert float(fooled.mean()) > 0.5  # black box succeeds ...
+  np.testing.assert_array_equal(pgd, x)  # ... where a gradient attack cannot move
+
+
+def test_margin_square_init_and_proposal_by_hand():
+  logits = jnp.array([[2.0, 5.0, 1.0], [0.5, -1.0, 3.0]])
+  np.testing.assert_allclose(attacks.margin(logits, jnp.array([1, 0])), [3.0, -2.5])
+  # Stripes: every pixel of a column and channel moves by the same +-eps, then is clipped.
+  x = jnp.full((2, 5, 6, 3), 0.5).at[0, 0, 0, 0].set(0.95)
+  init = np.asarray(attacks.square_init(jax.random.PRNGKey(0), x, 0.1))
+  delta = init - np.asarray(x)
+  np.testing.assert_allclose(np.abs(delta[:, 1:]), 0.1, atol=1e-6)
+  np.testing.assert_allclose(delta[:, 1:], np.broadcast_to(delta[:, 1:2], delta[:, 1:].shape))
+  assert init[0, 0, 0, 0] in (1.0, np.float32(0.85))
+  assert (delta[:, 1] > 0).any() and (delta[:, 1] < 0).any()
+  # A proposal replaces one side x side window per example with x +- eps (one sign per channel).
+  x_best = jnp.zeros((3, 6, 6, 2))
+  x = jnp.full((3, 6, 6, 2), 0.5)
+  out = np.asarray(attacks.square_proposal(jax.random.PRNGKey(3), x_best, x, 0.25, 2))
+  for b in range(3):
+    changed = np.argwhere(np.any(out[b] != 0.0, axis=-1))
+    assert len(changed) == 4  # a 2 x 2 window
+    (r0, c0), (r1, c1) = changed.min(0), changed.max(0)
+    assert (r1 - r0, c1 - c0) == (1, 1)
+    window = out[b, r0:r1 + 1, c0:c1 + 1]
+    np.testing.assert_allclose(np.abs(window - 0.5), 0.25)
+    np.testing.assert_allclose(window, np.broadcast_to(window[:1, :1], window.shape))
+  places = {tuple(np.argwhere(np.any(out[b] != 0, -1)).min(0)) for b in range(3)}
+  assert len(places) > 1  # a different place per example
+
+
+def test_square_attack_keeps_only_improvements():
+  """Each query is kept only where it lowers a positive margin: the final margin is never above
+  the stripes' (the initial point), and an example already misclassified is never touched."""
+  rng = np.random.default_rng(1)
+  w = jnp.asarray(rng.normal(size=(16, 3)), jnp.float32)
+  logits_fn = lambda x: 10 * x.reshape(len(x), -1) @ w
+  x = jnp.asarray(rng.uniform(size=(32, 4, 4, 1)), jnp.float32)
+  labels = jnp.argmax(logits_fn(x), -1)
+  init_rng, _ = jax.random.split(jax.random.PRNGKey(4))
+  start = attacks.margin(logits_fn(attacks.square_init(init_rng, x, 0.05)), labels)
+  for queries in (1, 30):
+    x_adv = attacks.square_attack(logits_fn, x, labels, jax.random.PRNGKey(4), eps=0.05,
+                                  queries=queries)
+    end = attacks.margin(logits_fn(x_adv), labels)
+    if queries == 1:  # no query yet: the stripes themselves
+      np.testing.assert_allclose(end, start, rtol=1e-6)
+    else:
+      assert np.all(np.asarray(end) <= np.asarray(start) + 1e-6)
+      assert np.any(np.asarray(end) < np.asarray(start) - 1e-3)

@@ -128,7 +128,7 @@ def _np_kl(p, logits):
 @pytest.mark.parametrize('aliasing', [False, True])
 def test_absld_targets_use_each_samples_class_temperature(batch, aliasing):
   teacher, _, _, y, tau_adv, tau_clean = batch
-  inputs = methods.MethodInputs(None, y, None, tau_adv, tau_clean, teacher)
+  inputs = methods.MethodInputs(None, y, None, {'tau_adv': tau_adv, 'tau_clean': tau_clean}, teacher)
   p_adv, p_clean = methods.distillation_targets(inputs, _absld_config(aliasing), per_class=True)
   for i in range(6):
     t_a, t_c = tau_adv[y[i]], tau_clean[y[i]]
@@ -142,7 +142,7 @@ def test_absld_targets_use_each_samples_class_temperature(batch, aliasing):
 def test_distillation_loss_matches_numpy(batch, name):
   teacher, (x_adv, adv), (x, clean), y, tau_adv, tau_clean = batch
   config = _absld_config()
-  inputs = methods.MethodInputs(x, y, None, tau_adv, tau_clean, teacher)
+  inputs = methods.MethodInputs(x, y, None, {'tau_adv': tau_adv, 'tau_clean': tau_clean}, teacher)
   loss, aux = methods.get_method(name).loss(linear_forward, inputs, x_adv, config)
   if name == 'rslad':
     p_adv = p_clean = np_softmax(teacher)
@@ -165,7 +165,8 @@ def test_distillation_adversary_step_is_the_sign_of_the_kl_gradient(batch):
   config = _absld_config()
   config.eps, config.attack.steps, config.attack.alpha, config.attack.init = 0.05, 1, 0.03, 'none'
   x = np.random.default_rng(3).uniform(0.1, 0.9, size=(6, 3)).astype(np.float32)
-  inputs = methods.MethodInputs(jnp.asarray(x), y, jax.random.PRNGKey(0), tau_adv, tau_clean,
+  inputs = methods.MethodInputs(jnp.asarray(x), y, jax.random.PRNGKey(0),
+                                {'tau_adv': tau_adv, 'tau_clean': tau_clean},
                                 teacher)
   x_adv = np.asarray(methods.get_method('absld').adversary(linear_forward, inputs, config))
   expected = {}
@@ -180,13 +181,29 @@ def test_ltd_loss_matches_numpy(batch):
   teacher, (x_adv, adv), (x, clean), y, _, _ = batch
   config = config_lib.default_config()
   config.ltd.teacher_temperature, config.ltd.student_temperature = 5.0, 2.0
-  inputs = methods.MethodInputs(x, y, None, None, None, teacher)
+  inputs = methods.MethodInputs(x, y, None, None, teacher)
   loss, aux = methods.ltd_loss(linear_forward, inputs, x_adv, config)
   soft = np_softmax(teacher, 5.0)
   natural = -(soft * np.log(np_softmax(clean, 2.0))).sum(-1).mean()
   robust = _np_kl(np_softmax(clean), adv).mean()
   np.testing.assert_allclose(loss, natural + 6.0 * robust, rtol=1e-5)
   np.testing.assert_allclose(aux['loss_natural'], natural, rtol=1e-5)
+
+
+def test_soft_label_natural_loss_matches_numpy(batch):
+  """The LTD temperature search's substitute models: soft cross-entropy on clean inputs only
+  (the student's logits undivided), whatever the adversarial input."""
+  teacher, (x_adv, _), (x, clean), y, _, _ = batch
+  config = config_lib.default_config()
+  config.ltd.teacher_temperature, config.ltd.student_temperature = 3.0, 2.0
+  inputs = methods.MethodInputs(x, y, None, None, teacher)
+  loss, aux = methods.soft_label_natural_loss(linear_forward, inputs, x_adv, config)
+  want = -(np_softmax(teacher, 3.0) * np.log(np_softmax(clean))).sum(-1).mean()
+  np.testing.assert_allclose(loss, want, rtol=1e-5)
+  np.testing.assert_allclose(aux['logits_clean'], clean, rtol=1e-5)
+  assert 'logits_adv' not in aux
+  again, _ = methods.soft_label_natural_loss(linear_forward, inputs, x_adv + 1.0, config)
+  assert float(again) == float(loss)
 
 
 def test_ltd_awp_proxy_is_the_hard_label_trades_loss_or_ltds_own(batch):
@@ -196,7 +213,7 @@ def test_ltd_awp_proxy_is_the_hard_label_trades_loss_or_ltds_own(batch):
   config = config_lib.default_config()
   config.ltd.teacher_temperature, config.ltd.student_temperature = 5.0, 2.0
   config.trades.beta = 6.0
-  inputs = methods.MethodInputs(x, y, None, None, None, teacher)
+  inputs = methods.MethodInputs(x, y, None, None, teacher)
   robust = _np_kl(np_softmax(clean), adv).mean()
   config.awp.proxy_loss = 'trades'
   hard, _ = methods.ltd_awp_proxy_loss(linear_forward, inputs, x_adv, config)
@@ -354,20 +371,21 @@ def test_absld_training_updates_logs_and_checkpoints_temperatures(tiny_config, t
   with pytest.raises(Stop):  # killed mid-epoch 2, after the epoch-1 checkpoint and update
     train.train_and_evaluate(tiny_config, str(tmp_path / 'resumed'), step_hook=stop_at_7)
   resumed = train.train_and_evaluate(tiny_config, str(tmp_path / 'resumed'))
-  for a, b in zip(jax.tree_util.tree_leaves((st.params, st.tau_adv, st.tau_clean)),
-                  jax.tree_util.tree_leaves((resumed.params, resumed.tau_adv, resumed.tau_clean))):
+  for a, b in zip(jax.tree_util.tree_leaves((st.params, st.method_state)),
+                  jax.tree_util.tree_leaves((resumed.params, resumed.method_state))):
     np.testing.assert_array_equal(a, b)
   records = [json.loads(l) for l in open(tmp_path / 'student' / 'metrics.jsonl')]
   temps = [r for r in records if r['kind'] == 'temperatures']
   assert [r['epoch'] for r in temps] == [1, 2]
-  np.testing.assert_allclose(st.tau_adv, temps[-1]['tau_adv'], rtol=1e-6)
-  assert not np.allclose(st.tau_adv, 1.0) and not np.allclose(st.tau_clean, 1.0)
+  np.testing.assert_allclose(st.method_state['tau_adv'], temps[-1]['tau_adv'], rtol=1e-6)
+  assert not np.allclose(st.method_state['tau_adv'], 1.0)
+  assert not np.allclose(st.method_state['tau_clean'], 1.0)
   # Epoch 1's update is Eq. 10 on the logged risks, bounds [0.5, 5], beta 0.1 / 10: epoch 1 is
   # an lr milestone of the tiny config, and the released script decays beta before the update.
   np.testing.assert_allclose(temps[0]['tau_adv'],
                              np_eq10(np.ones(10), np.array(temps[0]['risk_adv']), 0.01, 0.5, 5.0),
                              rtol=1e-5)
-  assert float(jnp.sum(st.risk_adv_count)) == 0  # cleared at the epoch's end
+  assert float(jnp.sum(st.method_state['risk_adv_count'])) == 0  # cleared at the epoch's end
   import os
   assert os.path.getsize(tmp_path / 'student' / 'temperatures.png') > 10_000
   assert os.path.getsize(tmp_path / 'student' / 'per_class_accuracy.png') > 10_000

@@ -43,6 +43,8 @@ def test_selection_scores():
   r = {'pgd20': {'avg': 0.5, 'worst': 0.2}}
   assert evaluate.selection_score(r, 'robust') == 0.5
   assert evaluate.selection_score(r, 'fair') == pytest.approx(0.7)
+  with pytest.raises(ValueError, match="unknown selection 'best'"):
+    evaluate.selection_score(r, 'best')
 
 
 def test_stratified_subset_is_balanced_and_fixed():
@@ -126,7 +128,7 @@ def test_per_class_plot_draws_the_teacher_and_report_baseline_workdir(tmp_path, 
   import matplotlib.axes  # pylint: disable=g-import-not-at-top
   from ltd_jax import config_lib  # pylint: disable=g-import-not-at-top
   from ltd_jax import reports  # pylint: disable=g-import-not-at-top
-  from ltd_jax import train  # pylint: disable=g-import-not-at-top
+  from ltd_jax import runs  # pylint: disable=g-import-not-at-top
 
   def results(offset):
     return {'attacks': {a: {'per_class': [offset + 0.1 * k + (a == 'pgd20') * 0.01 for k in range(3)]}
@@ -137,10 +139,10 @@ def test_per_class_plot_draws_the_teacher_and_report_baseline_workdir(tmp_path, 
   config = config_lib.default_config()
   config.teacher.source, config.teacher.path = 'workdir', str(tmp_path / 'teacher')
   config.report.baseline_workdir = str(tmp_path / 'baseline')
-  others = train.comparison_runs(config, str(tmp_path / 'run'))
+  others = runs.comparison_runs(config, str(tmp_path / 'run'))
   assert others == {'teacher': results(0.3), 'baseline': results(0.1)}
   config.report.baseline_workdir = str(tmp_path / 'nowhere')  # not finished: left out
-  assert list(train.comparison_runs(config, str(tmp_path / 'run'))) == ['teacher']
+  assert list(runs.comparison_runs(config, str(tmp_path / 'run'))) == ['teacher']
   drawn = []
   real_bar = matplotlib.axes.Axes.bar
   monkeypatch.setattr(matplotlib.axes.Axes, 'bar', lambda self, x, h, *a, label=None, **k: (

@@ -12,8 +12,8 @@ from ltd_jax import config_lib
 from ltd_jax import data
 from ltd_jax import export
 from ltd_jax import interchange
+from ltd_jax import runs
 from ltd_jax import teacher as teacher_lib
-from ltd_jax import train
 from ltd_jax.errors import ConfigError
 from tests.test_cli import run_cli
 
@@ -64,8 +64,8 @@ def test_export_writes_strictly_loadable_state_dicts(trained):
     with open(os.path.join(export_dir, entry['path']), 'rb') as f:
       assert entry['sha256'] == hashlib.sha256(f.read()).hexdigest()
   config = _config_from_cli()
-  ds, state, store = train.restore_for_evaluation(config, trained, 'auto')
-  best, _ = train.select_checkpoint(config, state, store, 'best')
+  ds, state, store = runs.restore_for_evaluation(config, trained, 'auto')
+  best, _ = runs.select_checkpoint(config, state, store, 'best')
   store.close()
   images = data.to_float(ds.test_images[:32])
   jax_logits = np.asarray(best.apply_fn(best.variables, images, train=False))
@@ -102,13 +102,13 @@ def test_num_batches_tracked_is_a_0d_count_that_survives_reexport(trained, tmp_p
 def test_imported_checkpoint_reproduces_the_results(trained, tmp_path):
   other = str(tmp_path / 'imported')
   config = _config_from_cli()
-  results = train.evaluate_checkpoint(config, other, os.path.join(trained, 'export', 'model.pt'))
+  results = runs.evaluate_checkpoint(config, other, os.path.join(trained, 'export', 'model.pt'))
   with open(os.path.join(trained, 'results.json')) as f:
     original = json.load(f)
   assert results['step'] is None and results['checkpoint'].endswith('model.pt')
   assert results['attacks'] == original['attacks']
   with pytest.raises(ConfigError, match='holds a trained run'):
-    train.evaluate_checkpoint(config, trained, os.path.join(trained, 'export', 'model.pt'))
+    runs.evaluate_checkpoint(config, trained, os.path.join(trained, 'export', 'model.pt'))
 
 
 def test_exported_model_is_a_torch_teacher(trained):

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from ltd_jax import checkpoints
+from ltd_jax import runs
 from ltd_jax import train
 from ltd_jax.errors import Preempted
 from tests.conftest import ROOT, run_in_process
@@ -26,7 +27,7 @@ from tests.conftest import ROOT, run_in_process
 
 def _leaves(state):
   return jax.tree_util.tree_leaves((state.params, state.batch_stats, state.opt_state, state.step,
-                                    state.rng, state.tau_adv, state.risk_adv_sum))
+                                    state.rng, state.method_state))
 
 
 def _assert_same_state(a, b):
@@ -158,7 +159,7 @@ def test_corrupt_best_checkpoint_falls_back_to_the_latest(reference, tmp_path, c
   shutil.copytree(ref_dir, workdir)
   best_step = os.listdir(os.path.join(workdir, 'best'))[0]
   _corrupt_data_file(os.path.join(workdir, 'best', best_step), 'overwrite')
-  results = train.evaluate_checkpoint(config, workdir, 'auto')
+  results = runs.evaluate_checkpoint(config, workdir, 'auto')
   assert results['checkpoint'] == 'latest' and results['step'] == 15
   assert f'checkpoint {workdir}/best/{best_step} is corrupt' in capfd.readouterr().err
 
@@ -237,7 +238,7 @@ def test_random_kills_sigkill_included_end_with_the_uninterrupted_parameters(tmp
 def _restore_latest(workdir):
   from ltd_jax import teacher  # pylint: disable=g-import-not-at-top
   config = teacher.load_workdir_config(workdir)
-  _, state, store = train.restore_for_evaluation(config, workdir, 'latest')
+  _, state, store = runs.restore_for_evaluation(config, workdir, 'latest')
   store.close()
   return state
 

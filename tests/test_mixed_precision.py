@@ -10,6 +10,7 @@ from ltd_jax import data
 from ltd_jax import evaluate
 from ltd_jax import methods
 from ltd_jax import models
+from ltd_jax import runs
 from ltd_jax import state as state_lib
 from ltd_jax import train
 
@@ -38,7 +39,7 @@ def test_bf16_train_step_keeps_images_losses_and_statistics_in_float32(tiny_conf
   st = state_lib.create_train_state(config, model, ds.image_shape, 10, 5)
   method = methods.get_method('trades')
   inputs = methods.MethodInputs(data.to_float(ds.train_images[:16]), ds.train_labels[:16],
-                                jax.random.PRNGKey(0), st.tau_adv, st.tau_clean)
+                                jax.random.PRNGKey(0), st.method_state)
   x_adv = method.adversary(train.attack_logits_fn(st), inputs, config)
   assert x_adv.dtype == jnp.float32
   assert float(jnp.max(jnp.abs(x_adv - inputs.x))) <= config.eps + 1e-6
@@ -77,7 +78,7 @@ def test_bf16_trains_as_well_as_float32(tiny_config, tmp_path):
   # within 2 points (bf16 neither weakens the attack nor changes the model's answers).
   c = tiny_config.copy_and_resolve_references()
   c.method, c.model.width = 'natural', 8
-  ds, state, store = train.restore_for_evaluation(c, str(tmp_path / 'float32'), 'latest')
+  ds, state, store = runs.restore_for_evaluation(c, str(tmp_path / 'float32'), 'latest')
   store.close()
   images, labels = ds.split('test')
   bf16 = models.create_model('small_cnn', 10, dtype=jnp.bfloat16, width=8)

@@ -273,7 +273,9 @@ def test_train_step_equals_the_reference_pytorch_step(variant):
   method = methods.get_method(config.method)
   model = models.create_model('small_cnn', C, width=WIDTH)
   state = state_lib.create_train_state(config, model, (HW, HW, 3), C, steps_per_epoch=5)
-  state = state.replace(tau_adv=jnp.asarray(TAU_ADV), tau_clean=jnp.asarray(TAU_CLEAN))
+  if config.method == 'absld':
+    state = state.replace(method_state={**state.method_state, 'tau_adv': jnp.asarray(TAU_ADV),
+                                        'tau_clean': jnp.asarray(TAU_CLEAN)})
   images, labels = batch()
   teacher_vars = teacher_sd = None
   if method.needs_teacher:
@@ -292,8 +294,8 @@ def test_train_step_equals_the_reference_pytorch_step(variant):
   _, attack_rng = jax.random.split(jax.random.fold_in(state.rng, state.step))
   x_start = attacks.INITS[config.attack.init](attack_rng, x, config.eps)
   teacher_logits = model.apply(teacher_vars, x, train=False) if teacher_vars else None
-  inputs = methods.MethodInputs(x, jnp.asarray(labels), attack_rng, state.tau_adv,
-                                state.tau_clean, teacher_logits)
+  inputs = methods.MethodInputs(x, jnp.asarray(labels), attack_rng, state.method_state,
+                                teacher_logits)
   x_adv = method.adversary(train.attack_logits_fn(state), inputs, config)
 
   to_t = lambda a, dt: torch.from_numpy(np.asarray(a)).permute(0, 3, 1, 2).to(dt)
@@ -333,13 +335,14 @@ def test_train_step_equals_the_reference_pytorch_step(variant):
                                rtol=1e-4, atol=1e-7)
 
   if config.method == 'absld':
-    np.testing.assert_allclose(new.risk_adv_sum, risks64[0].numpy(), rtol=1e-5)
-    np.testing.assert_allclose(new.risk_clean_sum, risks64[1].numpy(), rtol=1e-5)
-    np.testing.assert_array_equal(new.risk_adv_count, np.full(C, B // C))
+    m = new.method_state
+    np.testing.assert_allclose(m['risk_adv_sum'], risks64[0].numpy(), rtol=1e-5)
+    np.testing.assert_allclose(m['risk_clean_sum'], risks64[1].numpy(), rtol=1e-5)
+    np.testing.assert_array_equal(m['risk_adv_count'], np.full(C, B // C))
     ended = train.end_of_epoch(new, 1, method=method, config=config)
     want_adv, want_nat = ref64.update_temperatures(risks64, beta=config.absld.beta)
-    np.testing.assert_allclose(ended.tau_adv, want_adv.numpy(), rtol=1e-5)
-    np.testing.assert_allclose(ended.tau_clean, want_nat.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(ended.method_state['tau_adv'], want_adv.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(ended.method_state['tau_clean'], want_nat.numpy(), rtol=1e-5)
 
 
 def test_without_the_replayed_passes_the_running_statistics_are_not_the_references():

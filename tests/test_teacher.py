@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from ltd_jax import data
+from ltd_jax import runs
 from ltd_jax import teacher as teacher_lib
 from ltd_jax import train
 from ltd_jax.errors import ConfigError, CheckpointError
@@ -44,7 +45,7 @@ def test_teacher_stage_runs_first_and_is_skipped_when_complete(ltd_config, tmp_p
   teacher_cfg = json.load(open(workdir / 'teacher' / 'config.json'))
   assert teacher_cfg['method'] == 'natural' and teacher_cfg['model']['width'] == 6
   assert json.load(open(workdir / 'results.json'))['title'].startswith('ltd')
-  assert train.comparison_runs(ltd_config, str(workdir))['teacher']['title'].startswith('natural')
+  assert runs.comparison_runs(ltd_config, str(workdir))['teacher']['title'].startswith('natural')
   assert os.path.exists(workdir / 'per_class_accuracy.png')
   stamp = os.path.getmtime(workdir / 'teacher' / 'results.json')
   ltd_config.num_epochs = 2  # the student goes on; the finished teacher stage is not rerun

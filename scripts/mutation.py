@@ -1,0 +1,190 @@
+"""Mutation run over the modules that hold the maths, and its report (docs/mutation.md).
+
+    pip install mutmut==3.8.1
+    python scripts/mutation.py --report=docs/mutation.md
+
+mutmut (https://github.com/boxed/mutmut) writes every mutant of the named modules into a copy of
+the repository and runs, for each mutant, the fast tests that execute the mutated function
+(forked from a server that has imported the test modules: about 2-6 mutants a second on 2 cores).
+The copy lives in ``--workdir``, so the checkout is never touched.
+
+Survivors are classified with ``scripts/mutation_equivalents.json``: for a surviving mutant
+whose changed line (before -> after) is listed there, the reason it cannot change what the
+program computes (an equivalent mutant) or why it is left (a named gap). The score is
+killed / (mutants - equivalent). Not part of CI: it is a measurement, like benchmarks/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+MODULES = ('losses', 'methods', 'attacks', 'temperatures', 'awp', 'evaluate', 'interchange')
+# The fast tests (seconds each) that exercise those modules in-process. Whole training runs
+# (test_train, test_teacher, test_audit) are left out: each would run for every surviving
+# mutant of every function it touches.
+TESTS = ('test_losses.py', 'test_distillation.py', 'test_attacks.py', 'test_evaluate.py',
+         'test_interchange.py', 'test_reference_parity.py', 'test_mixed_precision.py')
+EQUIVALENTS = os.path.join(ROOT, 'scripts', 'mutation_equivalents.json')
+
+
+def copy_tree(workdir: str) -> str:
+  """Tracked files of the working tree (committed or not) into workdir/repo; shared/ beside."""
+  repo = os.path.join(workdir, 'repo')
+  shutil.rmtree(workdir, ignore_errors=True)
+  os.makedirs(repo)
+  files = subprocess.run(['git', 'ls-files', '-z'], cwd=ROOT, check=True,
+                         capture_output=True).stdout.decode().split('\0')
+  for f in filter(None, files):
+    if os.path.exists(os.path.join(ROOT, f)):
+      os.makedirs(os.path.dirname(os.path.join(repo, f)) or repo, exist_ok=True)
+      shutil.copy2(os.path.join(ROOT, f), os.path.join(repo, f))
+  shared = os.path.join(os.path.dirname(ROOT), 'shared')
+  if os.path.isdir(shared):  # tests find ../shared from the repo and from repo/mutants
+    os.symlink(shared, os.path.join(workdir, 'shared'))
+    os.symlink(shared, os.path.join(repo, 'shared'))
+  return repo
+
+
+def write_config(repo: str, modules, tests) -> None:
+  lines = ['[mutmut]', 'source_paths = ltd_jax/',
+           'only_mutate = ' + '\n    '.join(f'ltd_jax/{m}.py' for m in modules),
+           'pytest_add_cli_args_test_selection = ' + '\n    '.join(f'tests/{t}' for t in tests),
+           'pytest_add_cli_args = -p no:cacheprovider\n    -m\n    not slow',
+           'process_isolation = forkserver',
+           'also_copy = configs/\n    run.py\n    benchmarks/\n    scripts/']
+  with open(os.path.join(repo, 'setup.cfg'), 'w') as f:
+    f.write('\n'.join(lines) + '\n')
+
+
+def changed_line(diff: str) -> tuple[str, str]:
+  """The (before, after) source line of a one-line mutant, stripped."""
+  minus = [l[1:].strip() for l in diff.splitlines() if l.startswith('-') and not l.startswith('---')]
+  plus = [l[1:].strip() for l in diff.splitlines() if l.startswith('+') and not l.startswith('+++')]
+  return ' / '.join(minus), ' / '.join(plus)
+
+
+def collect(repo: str, python: str):
+  """[(name, status, before, after)] for every mutant."""
+  from mutmut.stats import status_by_exit_code  # pylint: disable=g-import-not-at-top
+  out = []
+  for module in MODULES:
+    meta = os.path.join(repo, 'mutants', 'ltd_jax', f'{module}.py.meta')
+    if not os.path.exists(meta):
+      continue
+    with open(meta) as f:
+      codes = json.load(f)['exit_code_by_key']
+    for name, code in sorted(codes.items(), key=lambda kv: (kv[0].rsplit('_', 1)[0],
+                                                             int(kv[0].rsplit('_', 1)[1]))):
+      status = status_by_exit_code[code]
+      before = after = ''
+      if status != 'killed':
+        diff = subprocess.run([python, '-m', 'mutmut', 'show', name], cwd=repo,
+                              capture_output=True, text=True).stdout
+        before, after = changed_line(diff)
+      out.append((name, status, before, after))
+  return out
+
+
+KILLED = ('killed', 'timeout', 'segfault')  # a timeout or crash is a detected mutant
+
+
+def write_report(path: str, rows, equivalents: dict, commit: str, seconds: float, tests) -> tuple:
+  total = len(rows)
+  killed = sum(s in KILLED for _, s, _, _ in rows)
+  survivors = [r for r in rows if r[1] not in KILLED]
+  equivalent, gaps = [], []
+  for name, status, before, after in survivors:
+    reason = equivalents.get(f'{before} -> {after}')
+    (equivalent if reason and reason.startswith('equivalent') else gaps).append(
+        (name, status, before, after, reason or 'not yet classified'))
+  denominator = total - len(equivalent)
+  score = 100.0 * killed / max(denominator, 1)
+  per_module = {}
+  for name, status, *_ in rows:
+    m = name.split('.')[1]
+    k = per_module.setdefault(m, [0, 0, 0])
+    k[0] += 1
+    k[1] += status in KILLED
+  for name, *_ in equivalent:
+    per_module[name.split('.')[1]][2] += 1
+  import mutmut  # pylint: disable=g-import-not-at-top
+  lines = [
+      '# Mutation testing of the core modules', '',
+      f'Measured {datetime.date.today().isoformat()} at commit `{commit}` with mutmut '
+      f'{mutmut.__version__} on {platform.processor() or platform.machine()} '
+      f'({os.cpu_count()} cores), Python {platform.python_version()}; {seconds / 60:.0f} min.', '',
+      f'    python scripts/mutation.py --report={os.path.relpath(path, ROOT)}', '',
+      'Tests run for each mutant: those of ' + ', '.join(f'`{t}`' for t in tests) +
+      ' (not slow) that execute the mutated function.', '',
+      f'**{total} mutants, {killed} killed, {len(equivalent)} equivalent, '
+      f'{len(gaps)} surviving non-equivalent: {score:.1f}% of non-equivalent mutants killed.**', '',
+      '| module | mutants | killed | equivalent | killed / non-equivalent |',
+      '|---|---:|---:|---:|---:|']
+  for m in MODULES:
+    if m in per_module:
+      n, k, e = per_module[m]
+      lines.append(f'| {m} | {n} | {k} | {e} | {100.0 * k / max(n - e, 1):.1f}% |')
+  lines += ['', '## Surviving non-equivalent mutants', '']
+  if gaps:
+    lines += ['| mutant | status | line | mutated to | why it survives |', '|---|---|---|---|---|']
+    lines += [f'| `{n}` | {s} | `{b}` | `{a}` | {r} |' for n, s, b, a, r in gaps]
+  else:
+    lines.append('None.')
+  lines += ['', '## Equivalent mutants', '',
+            'Mutants that cannot change a result the library computes (reason per changed line, '
+            'from `scripts/mutation_equivalents.json`).', '',
+            '| mutant | line | mutated to | why it is equivalent |', '|---|---|---|---|']
+  lines += [f'| `{n}` | `{b}` | `{a}` | {r[len("equivalent: "):]} |' for n, _, b, a, r in equivalent]
+  with open(path, 'w') as f:
+    f.write('\n'.join(lines).replace('|`', '| `') + '\n')
+  return total, killed, len(equivalent), len(gaps), score
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--workdir', default='/tmp/ltd_jax_mutation')
+  parser.add_argument('--report', default=os.path.join(ROOT, 'docs', 'mutation.md'))
+  parser.add_argument('--max-children', type=int, default=2)
+  parser.add_argument('--modules', default=','.join(MODULES))
+  parser.add_argument('--report-only', action='store_true',
+                      help='re-classify the results already in --workdir')
+  args = parser.parse_args()
+  modules = args.modules.split(',')
+  repo = os.path.join(args.workdir, 'repo')
+  start = datetime.datetime.now()
+  if not args.report_only:
+    repo = copy_tree(args.workdir)
+    write_config(repo, modules, TESTS)
+    env = dict(os.environ, JAX_PLATFORMS='cpu',
+               JAX_COMPILATION_CACHE_DIR=os.path.join(args.workdir, 'xla_cache'))
+    subprocess.run([sys.executable, '-m', 'mutmut', 'run', '--max-children', str(args.max_children)],
+                   cwd=repo, env=env, check=True, stdout=subprocess.DEVNULL)
+    with open(os.path.join(args.workdir, 'seconds'), 'w') as f:
+      f.write(str((datetime.datetime.now() - start).total_seconds()))
+  with open(os.path.join(args.workdir, 'seconds')) as f:
+    seconds = float(f.read())
+  commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=ROOT, capture_output=True,
+                          text=True).stdout.strip()
+  dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no', 'ltd_jax', 'tests'],
+                         cwd=ROOT, capture_output=True, text=True).stdout.strip()
+  rows = collect(repo, sys.executable)
+  with open(EQUIVALENTS) as f:
+    equivalents = json.load(f)
+  total, killed, equivalent, gaps, score = write_report(
+      args.report, rows, equivalents, commit + (' + uncommitted changes' if dirty else ''), seconds,
+      TESTS)
+  print(f'{total} mutants, {killed} killed, {equivalent} equivalent, {gaps} surviving: '
+        f'{score:.1f}% of non-equivalent killed -> {args.report}')
+
+
+if __name__ == '__main__':
+  main()
