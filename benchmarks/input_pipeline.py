@@ -25,7 +25,7 @@ from PIL import Image  # pylint: disable=g-import-not-at-top
 
 from benchmarks import common  # pylint: disable=g-import-not-at-top
 from ltd_jax import config_lib  # pylint: disable=g-import-not-at-top
-from ltd_jax import data  # pylint: disable=g-import-not-at-top
+from ltd_jax import datasets  # pylint: disable=g-import-not-at-top
 from ltd_jax import input_pipeline  # pylint: disable=g-import-not-at-top
 
 
@@ -33,7 +33,7 @@ def write_synthetic_imagenet(root: str, width: int, height: int, seed: int = 0) 
   """One smooth JPEG per class under root/imagenet/{train,val}/<wnid>/; returns mean KiB."""
   rng = np.random.default_rng(seed)
   sizes = []
-  for c in range(input_pipeline.SPECS['imagenet'].num_classes):
+  for c in range(datasets.get('imagenet').num_classes):
     coarse = Image.fromarray(rng.integers(0, 256, (height // 32, width // 32, 3), np.uint8))
     photo = np.asarray(coarse.resize((width, height), Image.BICUBIC), np.int16)
     photo = np.clip(photo + rng.integers(-8, 9, photo.shape), 0, 255).astype(np.uint8)
@@ -89,7 +89,7 @@ def main():
       config = config_lib.default_config().data
       config.name, config.dir, config.num_workers = 'imagenet', root, workers
       config.image_size = args.image_size
-      ds = data.load_dataset(config)
+      ds = datasets.load(config)
       rows.append((workers, time_train(ds, args.batch, args.batches),
                    time_eval(ds, args.batch, args.batches)))
       print(f'{workers} workers: train {rows[-1][1]:.0f} images/s, eval {rows[-1][2]:.0f}',

@@ -12,9 +12,14 @@ import os
 
 import ml_collections
 
+from ltd_jax import attacks
+from ltd_jax import datasets
+from ltd_jax import evaluate
+from ltd_jax import losses
+from ltd_jax import methods
 from ltd_jax.errors import ConfigError
 
-EVAL_ATTACKS = ('clean', 'fgsm', 'pgd20', 'cw')
+EVAL_ATTACKS = evaluate.ATTACKS
 SELECTIONS = ('robust', 'fair', 'last')
 TEACHER_SOURCES = ('none', 'train', 'workdir', 'torch')
 
@@ -254,7 +259,6 @@ def _require(ok: bool, message: str) -> None:
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError naming the first impossible value and how to fix it."""
-  from ltd_jax import methods  # pylint: disable=g-import-not-at-top
   _require(config.method in methods.METHODS,
            f'unknown method {config.method!r}: set --config.method to one of '
            f'{", ".join(sorted(methods.METHODS))}')
@@ -267,8 +271,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
                           f'{e:g}/255 (--config.eval.eps={e / 255:.6f})?')
   _require(config.attack.alpha > 0, f'attack.alpha must be > 0, got {config.attack.alpha}')
   _require(config.attack.steps >= 0, f'attack.steps must be >= 0, got {config.attack.steps}')
-  _require(config.attack.init in ('normal', 'uniform', 'none'),
-           f'attack.init must be normal, uniform or none, got {config.attack.init!r}')
+  _require(config.attack.init in attacks.INITS,
+           f'attack.init must be one of {", ".join(attacks.INITS)}, got {config.attack.init!r}')
   _require(config.attack.bn_mode in ('eval', 'train'),
            f'attack.bn_mode must be eval or train, got {config.attack.bn_mode!r}')
   _require(config.batch_size > 0, f'batch_size must be > 0, got {config.batch_size}')
@@ -287,9 +291,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
            f'dtype must be float32 or bfloat16, got {config.dtype!r}')
   _require(config.data.source in ('auto', 'pickle', 'tfds', 'folder'),
            f'data.source must be auto, pickle, tfds or folder, got {config.data.source!r}')
+  _require(config.data.name in datasets.REGISTRY,
+           f'unknown dataset {config.data.name!r}: set --config.data.name to one of '
+           f'{", ".join(sorted(datasets.REGISTRY))}')
   _require(config.data.val_size >= 0, f'data.val_size must be >= 0, got {config.data.val_size}')
-  _require(config.data.augment in ('auto', 'none', 'crop_flip'),
-           f'data.augment must be auto, none or crop_flip, got {config.data.augment!r}')
+  augmentations = ('auto', *datasets.AUGMENTATIONS)
+  _require(config.data.augment in augmentations,
+           f'data.augment must be one of {", ".join(augmentations)}, got {config.data.augment!r}')
   for key in ('during_training', 'final'):
     unknown = [a for a in config.eval[key] if a not in EVAL_ATTACKS]
     _require(not unknown, f'eval.{key} has unknown attacks {unknown}: use {EVAL_ATTACKS}')
@@ -312,8 +320,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
            f'awp.proxy_loss must be trades or method, got {config.awp.proxy_loss!r}')
   _require(config.ltd.teacher_temperature > 0 and config.ltd.student_temperature > 0,
            'ltd temperatures must be > 0')
-  _require(config.rslad.reduction in ('sum', 'batchmean', 'elementwise_mean'),
-           f'rslad.reduction must be sum, batchmean or elementwise_mean, got {config.rslad.reduction!r}')
+  batch_reductions = tuple(r for r in losses.REDUCTIONS if r != 'none')
+  _require(config.rslad.reduction in batch_reductions,
+           f'rslad.reduction must be one of {", ".join(batch_reductions)}, got '
+           f'{config.rslad.reduction!r}')
   _require(0 <= config.rslad.alpha <= 1, f'rslad.alpha must lie in [0, 1], got {config.rslad.alpha}')
   a = config.absld
   _require(0 < a.tau_min <= a.tau_max,
@@ -343,7 +353,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
            'autoattack.n_examples must be >= 0 and autoattack.batch_size > 0')
   augment = config.data.augment
   if augment == 'auto':
-    augment = 'none' if config.data.name == 'digits' else 'crop_flip'
+    augment = datasets.default_augmentation(config.data.name)
   _require(not config.teacher.cache_logits or augment == 'none',
            'teacher.cache_logits caches one soft label per image: it needs --config.data.augment=none')
   au = config.audit

@@ -26,9 +26,6 @@ DIGITS_TEST_SIZE = 360
 DIGITS_SPLIT_SEED = 0
 
 _PICKLE_DIRS = {'cifar10': 'cifar-10-batches-py', 'cifar100': 'cifar-100-python'}
-_NUM_CLASSES = {'digits': 10, 'cifar10': 10, 'cifar100': 100}
-_AUGMENT = {'digits': 'none', 'cifar10': 'crop_flip', 'cifar100': 'crop_flip',
-            'imagenet': 'none', 'tiny_imagenet': 'crop_flip'}  # imagenet: crops on the host
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +90,7 @@ def _rows_to_nhwc(rows) -> np.ndarray:
   return rows.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy()
 
 
-def load_cifar_pickle(name: str, root: str) -> Dataset:
+def load_cifar_pickle(name: str, root: str, num_classes: int) -> Dataset:
   """Reads the official python-pickle archive unpacked under ``root``."""
   folder = os.path.join(root, _PICKLE_DIRS[name])
   if name == 'cifar10':
@@ -122,11 +119,10 @@ def load_cifar_pickle(name: str, root: str) -> Dataset:
   meta_path = os.path.join(folder, meta_file)
   if os.path.exists(meta_path):
     class_names = tuple(n.decode() for n in _load_pickle(meta_path)[names_key])
-  return Dataset(name, _NUM_CLASSES[name], train_x, train_y, test_x, test_y,
-                 class_names=class_names)
+  return Dataset(name, num_classes, train_x, train_y, test_x, test_y, class_names=class_names)
 
 
-def load_tfds(name: str, data_dir: str | None) -> Dataset:
+def load_tfds(name: str, data_dir: str | None, num_classes: int) -> Dataset:
   """Reads the dataset through ``tfds.data_source`` (array-record random access, no TensorFlow)."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
@@ -139,7 +135,7 @@ def load_tfds(name: str, data_dir: str | None) -> Dataset:
 
   train_x, train_y = read('train')
   test_x, test_y = read('test')
-  return Dataset(name, _NUM_CLASSES[name], train_x, train_y, test_x, test_y)
+  return Dataset(name, num_classes, train_x, train_y, test_x, test_y)
 
 
 def load_digits() -> Dataset:
@@ -164,7 +160,7 @@ def candidate_roots(data_dir: str) -> list[str]:
   return list(dict.fromkeys(roots))
 
 
-def _check(ds: Dataset) -> Dataset:
+def check(ds: Dataset) -> Dataset:
   for split in ('train', 'test'):
     images, labels = ds.split(split)
     if images.dtype != np.uint8 or images.ndim != 4:
@@ -178,7 +174,7 @@ def _check(ds: Dataset) -> Dataset:
   return ds
 
 
-def _hold_out_validation(ds: Dataset, val_size: int, seed: int) -> Dataset:
+def hold_out_validation(ds: Dataset, val_size: int, seed: int) -> Dataset:
   """Moves a class-stratified ``val_size`` images from train to a validation split."""
   from sklearn import model_selection  # pylint: disable=g-import-not-at-top
   if val_size >= len(ds.train_labels):
@@ -193,43 +189,24 @@ def _hold_out_validation(ds: Dataset, val_size: int, seed: int) -> Dataset:
       val_images=ds.train_images[val_idx], val_labels=ds.train_labels[val_idx])
 
 
-def load_dataset(config) -> Dataset:
-  """Loads ``config.data`` (name, source, dir, val_size); fails naming every path tried."""
+def load_cifar(config, spec) -> Dataset:
+  """CIFAR-10 / -100 (``config.name``) from the official python pickles under a candidate root
+  (``source`` auto or pickle) or through tfds; fails naming every path tried."""
   name, source = config.name, config.source
-  from ltd_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-  if name in input_pipeline.SPECS:
-    return input_pipeline.load_streaming(config)
-  if name not in _NUM_CLASSES:
-    raise DatasetError(f'unknown dataset {name!r}: choose one of '
-                       f'{sorted(_NUM_CLASSES) + sorted(input_pipeline.SPECS)}')
-  if name == 'digits':
-    ds = load_digits()
-  elif source == 'tfds':
-    ds = load_tfds(name, config.dir)
-  elif source in ('auto', 'pickle'):
-    tried = []
-    ds = None
-    for root in candidate_roots(config.dir):
-      folder = os.path.join(root, _PICKLE_DIRS[name])
-      tried.append(folder)
-      if os.path.isdir(folder):
-        ds = load_cifar_pickle(name, root)
-        break
-    if ds is None:
-      raise DatasetError(
-          f'{name} not found; tried {", ".join(tried)}. Unpack the official python version '
-          f'(folder {_PICKLE_DIRS[name]}) under a directory and pass --config.data.dir=DIR, '
-          f'or use --config.data.source=tfds to read it through tensorflow-datasets')
-  else:
+  if source == 'tfds':
+    return load_tfds(name, config.dir, spec.num_classes)
+  if source not in ('auto', 'pickle'):
     raise DatasetError(f'unknown data.source {source!r}: use auto, pickle or tfds')
-  ds = _check(ds)
-  if config.get('val_size', 0):
-    ds = _hold_out_validation(ds, int(config.val_size), seed=int(config.get('split_seed', 0)))
-  return ds
-
-
-def default_augmentation(name: str) -> str:
-  return _AUGMENT[name]
+  tried = []
+  for root in candidate_roots(config.dir):
+    folder = os.path.join(root, _PICKLE_DIRS[name])
+    tried.append(folder)
+    if os.path.isdir(folder):
+      return load_cifar_pickle(name, root, spec.num_classes)
+  raise DatasetError(
+      f'{name} not found; tried {", ".join(tried)}. Unpack the official python version '
+      f'(folder {_PICKLE_DIRS[name]}) under a directory and pass --config.data.dir=DIR, '
+      f'or use --config.data.source=tfds to read it through tensorflow-datasets')
 
 
 @functools.lru_cache(maxsize=2)

@@ -21,6 +21,9 @@ from ltd_jax import data
 from ltd_jax import parallel
 
 
+ATTACKS = ('clean', 'fgsm', 'pgd20', 'cw')  # the names attack_images knows
+
+
 def attack_images(name: str, logits_fn, x, y, rng, *, eps: float, eval_config):
   """Adversarial (or clean) images for evaluation attack ``name``."""
   if name == 'clean':

@@ -33,20 +33,13 @@ _IMAGE_EXTENSIONS = ('.jpeg', '.jpg', '.png')
 
 
 @dataclasses.dataclass(frozen=True)
-class StreamingSpec:
-  num_classes: int
+class StreamingSource:
+  """Where and how a streamed dataset is read (``datasets.DatasetSpec.options``)."""
   folder: str  # the folder name under data.dir
   tfds_name: str | None
   image_size: int
   host_augment: str  # random_resized_crop | none
   eval_resize: str  # center_crop | none
-
-
-SPECS = {
-    'imagenet': StreamingSpec(1000, 'imagenet', 'imagenet2012', 224, 'random_resized_crop',
-                              'center_crop'),
-    'tiny_imagenet': StreamingSpec(200, 'tiny-imagenet-200', None, 64, 'none', 'none'),
-}
 
 
 class FolderSource:
@@ -192,7 +185,8 @@ class StreamingDataset:
   """Train / test (/ val) sources of a streamed dataset; ``split`` gives evaluation images
   lazily, ``train_batches`` the host's rows of each global training batch."""
   name: str
-  spec: StreamingSpec
+  num_classes: int
+  source: StreamingSource
   sources: dict
   image_size: int
   num_workers: int
@@ -200,10 +194,6 @@ class StreamingDataset:
   class_names: tuple[str, ...] = ()
   streaming = True
   train_images = None
-
-  @property
-  def num_classes(self) -> int:
-    return self.spec.num_classes
 
   @property
   def image_shape(self) -> tuple[int, int, int]:
@@ -224,7 +214,7 @@ class StreamingDataset:
     """A training image, augmented on the host as the dataset's spec says, and its label."""
     encoded, label = self.sources['train'][index]
     image = decode(encoded)
-    if self.spec.host_augment == 'random_resized_crop':
+    if self.source.host_augment == 'random_resized_crop':
       out = random_resized_crop(image, self.image_size, rng, (self.rrc_scale_min, 1.0))
       out = out[:, ::-1] if rng.uniform() < 0.5 else out
     else:
@@ -233,14 +223,15 @@ class StreamingDataset:
 
   def load_eval(self, split: str, index: int) -> np.ndarray:
     image = decode(self.sources[split][index][0])
-    if self.spec.eval_resize == 'center_crop':
+    if self.source.eval_resize == 'center_crop':
       return center_crop(image, self.image_size)
     return as_size(image, self.image_size)
 
 
-def load_streaming(config) -> StreamingDataset:
-  """The streamed dataset ``config.name`` from ``config.dir`` (folder tree) or through tfds."""
-  spec = SPECS[config.name]
+def load_streaming(config, spec) -> StreamingDataset:
+  """The streamed dataset ``config.name`` (registry entry ``spec``) from ``config.dir`` (folder
+  tree) or through tfds."""
+  num_classes, spec = spec.num_classes, spec.options
   source = config.source
   folder_roots = [os.path.join(root, spec.folder) for root in data.candidate_roots(config.dir)]
   root = next((r for r in folder_roots if os.path.isdir(os.path.join(r, 'train'))), None)
@@ -264,10 +255,11 @@ def load_streaming(config) -> StreamingDataset:
   else:
     raise DatasetError(f'{config.name} not found; tried {", ".join(folder_roots)} (expected '
                        f'{spec.folder}/train/<class>/...): pass --config.data.dir=DIR')
-  if len(classes) != spec.num_classes:
+  if len(classes) != num_classes:
     raise DatasetError(f'{config.name} in {root or config.dir} has {len(classes)} classes, '
-                       f'expected {spec.num_classes}: point --config.data.dir at the full dataset')
-  return StreamingDataset(config.name, spec, sources, config.image_size or spec.image_size, config.num_workers,
+                       f'expected {num_classes}: point --config.data.dir at the full dataset')
+  return StreamingDataset(config.name, num_classes, spec, sources,
+                          config.image_size or spec.image_size, config.num_workers,
                           config.rrc_scale_min, tuple(classes))
 
 

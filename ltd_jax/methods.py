@@ -112,7 +112,9 @@ def _pgd(objective, inputs: MethodInputs, config, init: str | None = None):
                             unroll=attacks.resolve_unroll(a.unroll, 'train'))
 
 
-def _aux(y, logits_clean=None, logits_adv=None) -> Aux:
+def loss_aux(y, logits_clean=None, logits_adv=None) -> Aux:
+  """The aux a loss returns for the logits it trained on: them (train accuracy) and their
+  per-sample cross-entropies (``ce_clean`` / ``ce_adv``)."""
   aux = {}
   if logits_clean is not None:
     aux['logits_clean'] = logits_clean
@@ -132,7 +134,7 @@ def natural_loss(forward: TrainForward, inputs: MethodInputs, x_adv, config):
   """CE(f(x), y)."""
   del x_adv, config
   logits = forward(inputs.x)
-  return losses.cross_entropy(logits, inputs.y), _aux(inputs.y, logits_clean=logits)
+  return losses.cross_entropy(logits, inputs.y), loss_aux(inputs.y, logits_clean=logits)
 
 
 def pgd_at_adversary(eval_logits_fn, inputs: MethodInputs, config):
@@ -144,7 +146,7 @@ def pgd_at_loss(forward: TrainForward, inputs: MethodInputs, x_adv, config):
   """CE(f(x_adv), y)."""
   del config
   logits_adv = forward(x_adv)
-  return losses.cross_entropy(logits_adv, inputs.y), _aux(inputs.y, logits_adv=logits_adv)
+  return losses.cross_entropy(logits_adv, inputs.y), loss_aux(inputs.y, logits_adv=logits_adv)
 
 
 def trades_adversary(eval_logits_fn, inputs: MethodInputs, config):
@@ -169,7 +171,7 @@ def trades_loss(forward: TrainForward, inputs: MethodInputs, x_adv, config, adv_
   logits_clean, logits_adv = _clean_and_adv_logits(forward, inputs, x_adv, adv_first)
   natural = losses.cross_entropy(logits_clean, inputs.y)
   robust = losses.kl_from_logits(logits_clean, logits_adv, 'batchmean')
-  aux = _aux(inputs.y, logits_clean, logits_adv)
+  aux = loss_aux(inputs.y, logits_clean, logits_adv)
   aux.update(loss_natural=natural, loss_robust=robust)
   return natural + config.trades.beta * robust, aux
 
@@ -184,7 +186,7 @@ def ltd_loss(forward: TrainForward, inputs: MethodInputs, x_adv, config):
   soft_labels = losses.softmax_t(inputs.teacher_logits, config.ltd.teacher_temperature)
   natural = losses.soft_cross_entropy(logits_clean / config.ltd.student_temperature, soft_labels)
   robust = losses.kl_from_logits(logits_clean, logits_adv, 'batchmean')
-  aux = _aux(inputs.y, logits_clean, logits_adv)
+  aux = loss_aux(inputs.y, logits_clean, logits_adv)
   # H(p_T), constant in the student: natural - H is the KL form of the natural term.
   entropy = jnp.mean(-jnp.sum(soft_labels * jnp.log(jnp.maximum(soft_labels, 1e-30)), axis=-1))
   aux.update(loss_natural=natural, loss_robust=robust, teacher_entropy=entropy)
@@ -210,7 +212,7 @@ def soft_label_natural_loss(forward: TrainForward, inputs: MethodInputs, x_adv, 
   del x_adv
   logits = forward(inputs.x)
   soft_labels = losses.softmax_t(inputs.teacher_logits, config.ltd.teacher_temperature)
-  return losses.soft_cross_entropy(logits, soft_labels), _aux(inputs.y, logits_clean=logits)
+  return losses.soft_cross_entropy(logits, soft_labels), loss_aux(inputs.y, logits_clean=logits)
 
 
 def distillation_targets(inputs: MethodInputs, config, per_class: bool):
@@ -242,7 +244,7 @@ def distillation_loss(forward: TrainForward, inputs: MethodInputs, x_adv, config
   r = config.rslad
   robust = losses.kl_divergence(adv_target, logits_adv, r.reduction, r.target_log_eps)
   natural = losses.kl_divergence(clean_target, logits_clean, r.reduction, r.target_log_eps)
-  aux = _aux(inputs.y, logits_clean, logits_adv)
+  aux = loss_aux(inputs.y, logits_clean, logits_adv)
   aux.update(loss_natural=natural, loss_robust=robust)
   return r.loss_scale * (r.alpha * robust + (1.0 - r.alpha) * natural), aux
 
@@ -314,6 +316,11 @@ METHODS: dict[str, Method] = {
                     plots=ABSLD_PLOTS),
     'soft_label_natural': Method(no_adversary, soft_label_natural_loss, needs_teacher=True),
 }
+
+
+def register(name: str, method: Method) -> None:
+  """Adds a method (README, "Extending ltd_jax"); ``--config.method=NAME`` then selects it."""
+  METHODS[name] = method
 
 
 def get_method(name: str) -> Method:

@@ -16,6 +16,7 @@ import ml_collections
 from ltd_jax import checkpoints
 from ltd_jax import config_lib
 from ltd_jax import data
+from ltd_jax import datasets
 from ltd_jax import evaluate
 from ltd_jax import interchange
 from ltd_jax import methods
@@ -44,7 +45,7 @@ def setup(config, workdir: str):
   except OSError as e:
     raise ConfigError(f'cannot use {workdir} as the work directory ({e.strerror}): pass another '
                       f'--workdir') from e
-  ds = data.load_dataset(config.data)
+  ds = datasets.load(config.data)
   n = ds.num_train
   if config.batch_size > n:
     raise ConfigError(f'batch_size={config.batch_size} exceeds the {n} training images of '

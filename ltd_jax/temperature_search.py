@@ -21,7 +21,7 @@ import os
 import ml_collections
 import numpy as np
 
-from ltd_jax import data
+from ltd_jax import datasets
 from ltd_jax import reports
 from ltd_jax import teacher as teacher_lib
 
@@ -57,7 +57,7 @@ def _results(workdir: str) -> dict:
 
 def ltd_temperature_search(config: ml_collections.ConfigDict, workdir: str, run) -> dict:
   """Runs the search with ``run(config, workdir)`` (train.train_and_evaluate); returns the table."""
-  ds = data.load_dataset(config.data)
+  ds = datasets.load(config.data)
   teacher = teacher_lib.prepare_teacher(config, workdir, ds, run)
   epochs = config.ltd.search_epochs or config.num_epochs
   temps = sorted(float(t) for t in config.ltd.search_temperatures)

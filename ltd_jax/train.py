@@ -27,6 +27,7 @@ from tqdm import tqdm
 from ltd_jax import awp
 from ltd_jax import config_lib
 from ltd_jax import data
+from ltd_jax import datasets
 from ltd_jax import evaluate
 from ltd_jax import input_pipeline
 from ltd_jax import methods
@@ -175,6 +176,55 @@ class _MetricBuffer:
     return out
 
 
+def itstime(step: int, every: int, total: int | None = None) -> bool:
+  """Whether an action of period ``every`` steps (0: never) runs after ``step`` steps, and
+  always after the last (``total``): big_vision's ``utils.itstime``."""
+  return (every > 0 and step % every == 0) or step == total
+
+
+def train_batches(ds, config, mesh, start_step: int, total_steps: int, host_data, device_data):
+  """The sharded global batch of every step from ``start_step``: this host's rows of a streamed
+  dataset, or in-memory rows (their indices only when the data lives on the devices). Batch
+  ``s`` is a pure function of (seed, s)."""
+  if ds.streaming:
+    for images, labels in input_pipeline.train_batches(ds, config.batch_size, config.seed,
+                                                       start_step, total_steps):
+      yield parallel.shard_process_batch({'images': images, 'labels': labels}, mesh)
+    return
+  for step in range(start_step, total_steps):
+    idx = data.train_batch_indices(ds.num_train, config.batch_size, config.seed, step)
+    if device_data is not None:
+      yield parallel.shard_global_batch({'index': idx.astype(np.int32)}, mesh)
+    else:
+      yield parallel.shard_global_batch({k: v[idx] for k, v in host_data.items()}, mesh)
+
+
+class _Progress:
+  """One tqdm bar per epoch (primary process, ``progress_bar``)."""
+
+  def __init__(self, config, steps_per_epoch: int):
+    self.config, self.steps_per_epoch, self.bar = config, steps_per_epoch, None
+
+  def update(self, step: int) -> None:
+    """Counts step ``step`` (1-indexed); the bar of its epoch starts where a resume left it."""
+    if self.bar is None:
+      self.bar = tqdm(total=self.steps_per_epoch, initial=(step - 1) % self.steps_per_epoch,
+                      leave=False, unit='step',
+                      desc=f'epoch {(step - 1) // self.steps_per_epoch + 1}/{self.config.num_epochs}',
+                      disable=not self.config.progress_bar or not parallel.is_primary())
+    self.bar.update(1)
+
+  def show(self, record: dict) -> None:
+    if self.bar is not None:
+      self.bar.set_postfix({k: f'{v:.3g}' for k, v in record.items()
+                            if k not in ('loss_natural', 'teacher_entropy')})
+
+  def close(self) -> None:
+    if self.bar is not None:
+      self.bar.close()
+    self.bar = None
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        step_hook: Callable[[int], None] | None = None) -> TrainState:
   """Trains ``config.method`` (resuming from the latest checkpoint in ``workdir``), evaluates
@@ -204,7 +254,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                       f'{ds.name}: set --config.teacher.cache_logits=False')
   cached_logits = (teacher_lib.precompute_logits(teacher, ds.train_images)
                    if teacher is not None and config.teacher.cache_logits else None)
-  augment_kind = (data.default_augmentation(ds.name) if config.data.augment == 'auto'
+  augment_kind = (datasets.default_augmentation(ds.name) if config.data.augment == 'auto'
                   else config.data.augment)
   mesh = parallel.make_mesh()
   state = parallel.replicate(state, mesh)
@@ -230,88 +280,46 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                           eval_config=config.eval)
   eval_rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1)
 
-  n = ds.num_train
   total_steps = config.num_epochs * steps_per_epoch
   if config.max_steps:
     total_steps = min(total_steps, config.max_steps)
   step = int(state.step)
-  stream = (input_pipeline.train_batches(ds, config.batch_size, config.seed, step, total_steps)
-            if ds.streaming else None)
-  buffer, bar = _MetricBuffer(), None
-  lr_schedule = learning_rate_schedule(config.optim, steps_per_epoch)
-
-  def last_checkpoint() -> str:
-    store.wait()
-    latest = store.latest_step()
-    return 'none' if latest is None else os.path.join(store.latest.directory, str(latest))
-
-  def flush():
-    out = buffer.flush(step, last_checkpoint) if buffer.items else None
-    if out is not None:
-      writer.write('train', step, epoch=step / steps_per_epoch, lr=float(lr_schedule(step - 1)),
-                   **out)
-      if bar is not None:
-        bar.set_postfix({k: f'{v:.3g}' for k, v in out.items()
-                         if k not in ('loss_natural', 'teacher_entropy')})
-
+  batches = train_batches(ds, config, mesh, step, total_steps, host_data, device_data)
+  progress = _Progress(config, steps_per_epoch)
+  records = _TrainRecords(writer, store, progress, config.optim, steps_per_epoch)
   stop = preemption.StopRequest(sync_every=config.log_every_steps)
   try:
     with stop:
       while step < total_steps:
         if stop.requested(step):
-          flush()
+          records.flush(step)
           store.save_latest(step, state)
           store.wait()
           raise Preempted(f'{stop.name} received: stopped after step {step} of {total_steps}, '
-                          f'checkpoint in {last_checkpoint()}; rerun the same command to resume',
-                          stop.signum, step)
-        epoch = step // steps_per_epoch
-        if bar is None:
-          bar = tqdm(total=steps_per_epoch, initial=step % steps_per_epoch, leave=False,
-                     desc=f'epoch {epoch + 1}/{config.num_epochs}', unit='step',
-                     disable=not config.progress_bar or not parallel.is_primary())
-        if stream is not None:
-          images, labels = next(stream)  # this host's rows of the global batch
-          batch = parallel.shard_process_batch({'images': images, 'labels': labels}, mesh)
-        else:
-          idx = data.train_batch_indices(n, config.batch_size, config.seed, step)
-          if device_data is not None:
-            batch = parallel.shard_global_batch({'index': idx.astype(np.int32)}, mesh)
-          else:
-            batch = parallel.shard_global_batch({k: v[idx] for k, v in host_data.items()}, mesh)
-        state, metrics = step_fn(state, batch, device_data, teacher_variables)
+                          f'checkpoint in {records.last_checkpoint()}; rerun the same command '
+                          f'to resume', stop.signum, step)
+        state, metrics = step_fn(state, next(batches), device_data, teacher_variables)
         step += 1
-        buffer.add(metrics)
-        bar.update(1)
-        if step % config.log_every_steps == 0:
-          flush()
+        records.add(metrics)
+        progress.update(step)
+        epoch, end_of_an_epoch = step // steps_per_epoch, step % steps_per_epoch == 0
+        save = end_of_an_epoch or itstime(step, config.checkpoint.every_steps, total_steps)
+        if itstime(step, config.log_every_steps):
+          records.flush(step)
         if step_hook is not None:
           step_hook(step)
-        if step % steps_per_epoch == 0:
-          flush()
-          bar.close()
-          bar = None
-          epoch += 1
-          before = jax.device_get(state.method_state) if method.epoch_record else None
-          state = epoch_end_fn(state, epoch)
-          if method.epoch_record is not None:
-            kind, values = method.epoch_record(before, jax.device_get(state.method_state))
-            writer.write(kind, step, epoch=epoch, **values)
-          if evaluate.is_evaluation_epoch(epoch, config.eval) or step == total_steps:
-            ev = evaluate.evaluate(periodic_eval, state.variables, sel_images[subset],
-                                   sel_labels[subset], ds.num_classes, config.eval.batch_size,
-                                   jax.random.fold_in(eval_rng, epoch), mesh=mesh)
-            record = {f'{a}/{k}': v for a, r in ev.items() for k, v in r.items() if k != 'per_class'}
-            if config.eval.selection != 'last':
-              score = evaluate.selection_score(ev, config.eval.selection)
-              record['selection_score'] = score
-              record['is_best'] = store.save_best(step, state, score)
-            writer.write('eval', step, epoch=epoch, split=config.eval.selection_split, **record)
-            logging.info('epoch %d: %s', epoch, record)
-          store.save_latest(step, state)
-        elif step == total_steps or (config.checkpoint.every_steps
-                                     and step % config.checkpoint.every_steps == 0):
-          flush()
+        if save:
+          records.flush(step)
+        if end_of_an_epoch:
+          progress.close()
+          state = _run_epoch_end(state, epoch, step, method, epoch_end_fn, writer)
+        if end_of_an_epoch and (evaluate.is_evaluation_epoch(epoch, config.eval)
+                                or step == total_steps):
+          ev = evaluate.evaluate(periodic_eval, state.variables, sel_images[subset],
+                                 sel_labels[subset], ds.num_classes, config.eval.batch_size,
+                                 jax.random.fold_in(eval_rng, epoch), mesh=mesh)
+          _record_evaluation(ev, state, step, epoch, config, store, writer)
+        if save:
           store.save_latest(step, state)
     if runs.trained_steps_in_results(workdir) == total_steps:
       logging.info('training and final evaluation already complete in %s', workdir)
@@ -323,9 +331,54 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       reports.write_report(workdir, status=f'{kind}: {e}')
     raise
   finally:
-    if bar is not None:
-      bar.close()
+    progress.close()
     store.close()
   return state
+
+
+class _TrainRecords:
+  """The 'train' records of metrics.jsonl: step metrics averaged at each flush."""
+
+  def __init__(self, writer, store, progress: _Progress, optim, steps_per_epoch: int):
+    self.writer, self.store, self.progress = writer, store, progress
+    self.steps_per_epoch = steps_per_epoch
+    self.lr_schedule = learning_rate_schedule(optim, steps_per_epoch)
+    self.buffer = _MetricBuffer()
+
+  def add(self, metrics) -> None:
+    self.buffer.add(metrics)
+
+  def last_checkpoint(self) -> str:
+    self.store.wait()
+    latest = self.store.latest_step()
+    return 'none' if latest is None else os.path.join(self.store.latest.directory, str(latest))
+
+  def flush(self, step: int) -> None:
+    out = self.buffer.flush(step, self.last_checkpoint) if self.buffer.items else None
+    if out is not None:
+      self.writer.write('train', step, epoch=step / self.steps_per_epoch,
+                        lr=float(self.lr_schedule(step - 1)), **out)
+      self.progress.show(out)
+
+
+def _run_epoch_end(state, epoch: int, step: int, method: methods.Method, epoch_end_fn, writer):
+  """The method's epoch-end update, and its record (ABSLD: risks and temperatures)."""
+  before = jax.device_get(state.method_state) if method.epoch_record else None
+  state = epoch_end_fn(state, epoch)
+  if method.epoch_record is not None:
+    kind, values = method.epoch_record(before, jax.device_get(state.method_state))
+    writer.write(kind, step, epoch=epoch, **values)
+  return state
+
+
+def _record_evaluation(ev: dict, state, step: int, epoch: int, config, store, writer) -> None:
+  """Writes the periodic evaluation's record and keeps the checkpoint if it is the best."""
+  record = {f'{a}/{k}': v for a, r in ev.items() for k, v in r.items() if k != 'per_class'}
+  if config.eval.selection != 'last':
+    score = evaluate.selection_score(ev, config.eval.selection)
+    record['selection_score'] = score
+    record['is_best'] = store.save_best(step, state, score)
+  writer.write('eval', step, epoch=epoch, split=config.eval.selection_split, **record)
+  logging.info('epoch %d: %s', epoch, record)
 
 

@@ -7,6 +7,7 @@ import pytest
 
 from ltd_jax import attacks
 from ltd_jax import data
+from ltd_jax import datasets
 from ltd_jax import evaluate
 from ltd_jax import state as state_lib
 from ltd_jax import train
@@ -97,7 +98,7 @@ def natural_digits_model(tmp_path_factory):
   c.progress_bar = False
   workdir = str(tmp_path_factory.mktemp('natural'))
   state = train.train_and_evaluate(c, workdir)
-  return c, state, data.load_dataset(c.data)
+  return c, state, datasets.load(c.data)
 
 
 def test_attacks_lower_a_trained_models_accuracy(natural_digits_model):

@@ -9,7 +9,7 @@ import jax
 import pytest
 
 from ltd_jax import audit
-from ltd_jax import data
+from ltd_jax import datasets
 from ltd_jax import evaluate
 from ltd_jax import train
 from tests.conftest import make_tiny_config, run_in_process
@@ -33,7 +33,7 @@ def natural(tmp_path_factory):
 
 
 def _audit(config, state, logit_scale):
-  ds = data.load_dataset(config.data)
+  ds = datasets.load(config.data)
   images, labels = ds.split('test')
   subset = evaluate.stratified_subset(labels, config.audit.n_examples, config.seed)
   apply_fn = lambda v, x, train=False: logit_scale * state.apply_fn(v, x, train=train)

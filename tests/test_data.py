@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from ltd_jax import data
+from ltd_jax import datasets
 from ltd_jax.errors import DatasetError
 from tests.conftest import shared_path
 
@@ -21,7 +22,7 @@ def data_config(**kw):
 
 
 def test_digits_is_the_real_dataset_with_a_stratified_split():
-  ds = data.load_dataset(data_config())
+  ds = datasets.load(data_config())
   assert ds.train_images.shape == (1437, 8, 8, 1) and ds.test_images.shape == (360, 8, 8, 1)
   assert ds.train_images.dtype == np.uint8 and ds.train_images.max() == 255
   counts = np.bincount(ds.test_labels, minlength=10)
@@ -31,7 +32,7 @@ def test_digits_is_the_real_dataset_with_a_stratified_split():
 
 
 def test_validation_hold_out_is_stratified_and_disjoint():
-  ds = data.load_dataset(data_config(val_size=200))
+  ds = datasets.load(data_config(val_size=200))
   assert len(ds.val_labels) == 200 and len(ds.train_labels) == 1237
   assert np.bincount(ds.val_labels).min() >= 19
   both = np.concatenate([ds.train_images, ds.val_images]).reshape(1437, -1)
@@ -40,7 +41,7 @@ def test_validation_hold_out_is_stratified_and_disjoint():
 
 def test_cifar10_pickle_subset():
   root = os.path.dirname(shared_path('data', 'cifar-10-subset', 'cifar-10-batches-py'))
-  ds = data.load_dataset(data_config(name='cifar10', dir=root))
+  ds = datasets.load(data_config(name='cifar10', dir=root))
   assert ds.train_images.shape == (5085, 32, 32, 3) and ds.test_images.shape == (1017, 32, 32, 3)
   assert ds.num_classes == 10 and set(np.unique(ds.test_labels)) == set(range(10))
   assert ds.class_names[0] == 'airplane'
@@ -60,7 +61,7 @@ def test_cifar10_pickle_subset():
 
 def test_cifar100_pickle_subset_uses_fine_labels():
   root = os.path.dirname(shared_path('data', 'cifar-100-subset', 'cifar-100-python'))
-  ds = data.load_dataset(data_config(name='cifar100', dir=root, source='pickle'))
+  ds = datasets.load(data_config(name='cifar100', dir=root, source='pickle'))
   assert ds.train_images.shape == (281, 32, 32, 3) and ds.test_images.shape == (148, 32, 32, 3)
   assert ds.num_classes == 100 and ds.train_labels.max() > 19
   assert len(ds.class_names) == 100
@@ -68,7 +69,7 @@ def test_cifar100_pickle_subset_uses_fine_labels():
 
 def test_missing_dataset_names_paths_and_both_fixes(tmp_path):
   with pytest.raises(DatasetError) as e:
-    data.load_dataset(data_config(name='cifar10', dir=str(tmp_path)))
+    datasets.load(data_config(name='cifar10', dir=str(tmp_path)))
   msg = str(e.value)
   assert str(tmp_path / 'cifar-10-batches-py') in msg
   assert '--config.data.dir' in msg and 'source=tfds' in msg and '\n' not in msg
@@ -82,7 +83,7 @@ def test_labels_out_of_range_are_rejected(tmp_path):
     with open(folder / name, 'wb') as f:
       pickle.dump({b'data': rows, b'labels': labels}, f)
   with pytest.raises(DatasetError, match=r'labels must lie in \[0, 10\)'):
-    data.load_dataset(data_config(name='cifar10', dir=str(tmp_path)))
+    datasets.load(data_config(name='cifar10', dir=str(tmp_path)))
 
 
 def test_pickle_carrying_code_is_refused(tmp_path):
@@ -96,22 +97,22 @@ def test_pickle_carrying_code_is_refused(tmp_path):
   with open(folder / 'data_batch_1', 'wb') as f:
     pickle.dump({b'data': Evil(), b'labels': [0]}, f)
   with pytest.raises(DatasetError, match='refusing to load'):
-    data.load_dataset(data_config(name='cifar10', dir=str(tmp_path)))
+    datasets.load(data_config(name='cifar10', dir=str(tmp_path)))
 
 
 def test_tfds_data_source_with_mock_data():
   tfds = pytest.importorskip('tensorflow_datasets')
   with tfds.testing.mock_data(num_examples=12):
-    ds = data.load_dataset(data_config(name='cifar10', source='tfds'))
+    ds = datasets.load(data_config(name='cifar10', source='tfds'))
   assert ds.train_images.shape == (12, 32, 32, 3) and ds.train_images.dtype == np.uint8
   assert ds.train_labels.dtype == np.int32 and ds.test_labels.shape == (12,)
 
 
 def test_unknown_dataset_and_source():
   with pytest.raises(DatasetError, match='unknown dataset'):
-    data.load_dataset(data_config(name='mnist'))
+    datasets.load(data_config(name='mnist'))
   with pytest.raises(DatasetError, match='unknown data.source'):
-    data.load_dataset(data_config(name='cifar10', source='http'))
+    datasets.load(data_config(name='cifar10', source='http'))
 
 
 def test_batches_are_a_pure_function_of_seed_and_step():

@@ -10,6 +10,7 @@ import pytest
 
 from ltd_jax import config_lib
 from ltd_jax import data
+from ltd_jax import datasets
 from ltd_jax import export
 from ltd_jax import interchange
 from ltd_jax import runs
@@ -113,7 +114,7 @@ def test_imported_checkpoint_reproduces_the_results(trained, tmp_path):
 
 def test_exported_model_is_a_torch_teacher(trained):
   config = _config_from_cli()
-  ds = data.load_dataset(config.data)
+  ds = datasets.load(config.data)
   want = teacher_lib.load_teacher(trained, ds.num_classes, ds.image_shape, 'best')
   config.teacher.source = 'torch'
   config.teacher.path = os.path.join(trained, 'export', 'model.safetensors')  # model.json beside
@@ -129,7 +130,7 @@ def test_torch_teacher_needs_its_architecture(tmp_path, tiny_config):
   path.write_bytes(b'')
   tiny_config.method, tiny_config.teacher.source = 'rslad', 'torch'
   tiny_config.teacher.path = str(path)
-  ds = data.load_dataset(tiny_config.data)
+  ds = datasets.load(tiny_config.data)
   with pytest.raises(ConfigError, match='teacher.model.name'):
     teacher_lib.prepare_teacher(tiny_config, str(tmp_path), ds, run_stage=None)
 

@@ -13,6 +13,7 @@ from PIL import Image
 
 from ltd_jax import config_lib
 from ltd_jax import data
+from ltd_jax import datasets
 from ltd_jax import input_pipeline
 from ltd_jax import train
 from ltd_jax.errors import DatasetError
@@ -102,7 +103,7 @@ def test_center_crop_resizes_the_shorter_side_to_256_then_crops_224():
 
 
 def test_tiny_imagenet_folder_layout(tiny_root):
-  ds = data.load_dataset(_data_config('tiny_imagenet', tiny_root))
+  ds = datasets.load(_data_config('tiny_imagenet', tiny_root))
   assert ds.streaming and ds.num_classes == 200 and ds.num_train == 400
   assert ds.image_shape == (64, 64, 3)
   images, labels = ds.split('test')
@@ -115,7 +116,7 @@ def test_tiny_imagenet_folder_layout(tiny_root):
 
 
 def test_train_batches_follow_the_epoch_permutation_and_resume(tiny_root):
-  ds = data.load_dataset(_data_config('tiny_imagenet', tiny_root))
+  ds = datasets.load(_data_config('tiny_imagenet', tiny_root))
   batches = list(input_pipeline.train_batches(ds, 8, seed=3, start_step=0, total_steps=3))
   assert len(batches) == 3
   for step, (images, labels) in enumerate(batches):
@@ -129,7 +130,7 @@ def test_train_batches_follow_the_epoch_permutation_and_resume(tiny_root):
 def test_each_host_reads_only_its_rows_of_a_streamed_batch(tiny_root, monkeypatch):
   """Two processes (jax.process_index 0 and 1 of 2): each decodes only its half of every global
   batch's rows, and the halves put together are the one-process batch, pixel for pixel."""
-  ds = data.load_dataset(_data_config('tiny_imagenet', tiny_root))
+  ds = datasets.load(_data_config('tiny_imagenet', tiny_root))
   single = list(input_pipeline.train_batches(ds, 8, seed=3, start_step=0, total_steps=3))
   source = ds.sources['train']
 
@@ -164,7 +165,7 @@ def test_each_host_reads_only_its_rows_of_a_streamed_batch(tiny_root, monkeypatc
 def test_imagenet_crops_are_random_per_step_and_fixed_per_seed(tmp_path):
   root = str(tmp_path)
   mock_imagenet(root)
-  ds = data.load_dataset(_data_config('imagenet', root, image_size=32))
+  ds = datasets.load(_data_config('imagenet', root, image_size=32))
   assert ds.num_classes == 1000 and ds.image_shape == (32, 32, 3)
   a = next(input_pipeline.train_batches(ds, 4, seed=0, start_step=0, total_steps=1))[0]
   b = next(input_pipeline.train_batches(ds, 4, seed=0, start_step=0, total_steps=1))[0]
@@ -212,7 +213,7 @@ def test_imagenet_from_a_prepared_tfds_dataset_without_tensorflow(tmp_path):
   labels = {'train': [(83 * i) % 1000 for i in range(12)], 'validation': [999, 0, 512, 7, 64]}
   mock_imagenet2012_tfds(str(tmp_path), labels)
   assert 'tensorflow' not in sys.modules
-  ds = data.load_dataset(_data_config('imagenet', str(tmp_path), image_size=32))  # source auto
+  ds = datasets.load(_data_config('imagenet', str(tmp_path), image_size=32))  # source auto
   assert isinstance(ds.sources['train'], input_pipeline.TfdsSource)
   assert ds.num_classes == 1000 and ds.num_train == 12 and ds.image_shape == (32, 32, 3)
   assert ds.class_names[0] == 'n01440764' and ds.class_names[999] == 'n15075141'
@@ -247,10 +248,10 @@ def test_imagenet_from_a_prepared_tfds_dataset_without_tensorflow(tmp_path):
 
 def test_missing_and_partial_datasets_name_the_paths(tmp_path):
   with pytest.raises(DatasetError, match=r'tiny_imagenet not found; tried .*tiny-imagenet-200'):
-    data.load_dataset(_data_config('tiny_imagenet', str(tmp_path)))
+    datasets.load(_data_config('tiny_imagenet', str(tmp_path)))
   mock_tiny_imagenet(str(tmp_path), classes=3)
   with pytest.raises(DatasetError, match='has 3 classes, expected 200'):
-    data.load_dataset(_data_config('tiny_imagenet', str(tmp_path)))
+    datasets.load(_data_config('tiny_imagenet', str(tmp_path)))
 
 
 def _stage_config(tmp_path, name, module, overrides):

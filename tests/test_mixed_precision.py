@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ltd_jax import data
+from ltd_jax import datasets
 from ltd_jax import evaluate
 from ltd_jax import methods
 from ltd_jax import models
@@ -34,7 +35,7 @@ def test_bf16_model_computes_in_bf16_with_float32_params_and_logits(tiny_config)
 
 def test_bf16_train_step_keeps_images_losses_and_statistics_in_float32(tiny_config):
   config = _bf16(tiny_config)
-  ds = data.load_dataset(config.data)
+  ds = datasets.load(config.data)
   model = state_lib.build_model(config, 10)
   st = state_lib.create_train_state(config, model, ds.image_shape, 10, 5)
   method = methods.get_method('trades')

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from ltd_jax import data
+from ltd_jax import datasets
 from ltd_jax import methods
 from ltd_jax import runs
 from ltd_jax import state as state_lib
@@ -58,7 +59,7 @@ def test_learning_rate_warmup_is_linear_then_piecewise():
 
 
 def _state_and_batch(config):
-  ds = data.load_dataset(config.data)
+  ds = datasets.load(config.data)
   model = state_lib.build_model(config, ds.num_classes)
   state = state_lib.create_train_state(config, model, ds.image_shape, ds.num_classes, 5)
   return state, ds.train_images[:64], ds.train_labels[:64]
@@ -270,7 +271,7 @@ def test_selection_on_the_validation_split(tiny_config, tmp_path):
   those images (recomputed here from the best checkpoint), not on the test set."""
   c = tiny_config
   c.data.val_size, c.eval.selection_split, c.eval.subset_size = 180, 'val', 0
-  full, ds = data.load_digits(), data.load_dataset(c.data)
+  full, ds = data.load_digits(), datasets.load(c.data)
   val_images, val_labels = ds.split('val')
   assert len(val_labels) == 180 and ds.num_train == full.num_train - 180
   share = np.bincount(full.train_labels, minlength=10) / full.num_train

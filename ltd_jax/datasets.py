@@ -1,0 +1,77 @@
+"""The dataset registry: one ``DatasetSpec`` per dataset, behind ``load(config.data)``.
+
+A spec says what the rest of the library needs to know of a dataset: its classes, its image
+shape, its default on-device augmentation and the loader that reads it, in memory
+(``data.Dataset``: digits, CIFAR) or streamed image by image (``input_pipeline``: ImageNet,
+Tiny-ImageNet). Adding a dataset is one ``register`` call (README, "Extending ltd_jax");
+``config_lib.validate`` takes its choices from here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+from ltd_jax import data
+from ltd_jax import input_pipeline
+from ltd_jax.errors import DatasetError
+
+AUGMENTATIONS = ('none', 'crop_flip')  # on-device (data.augment); ImageNet crops on the host
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+  """``load(config.data, spec)`` returns a ``data.Dataset`` (in memory) or an
+  ``input_pipeline.StreamingDataset`` (``streaming``); ``image_shape`` is the shape trained on
+  (streamed: at the default ``data.image_size``); ``options`` is the loader's own (the folder
+  and tfds names of a streamed dataset)."""
+  num_classes: int
+  image_shape: tuple[int, int, int]
+  augment: str
+  load: Callable[[Any, 'DatasetSpec'], Any]
+  streaming: bool = False
+  options: Any = None
+
+
+REGISTRY: dict[str, DatasetSpec] = {}
+
+
+def register(name: str, spec: DatasetSpec) -> None:
+  if spec.augment not in AUGMENTATIONS:
+    raise ValueError(f'dataset {name}: augment must be one of {AUGMENTATIONS}, got {spec.augment!r}')
+  REGISTRY[name] = spec
+
+
+def get(name: str) -> DatasetSpec:
+  if name not in REGISTRY:
+    raise DatasetError(f'unknown dataset {name!r}: choose one of {sorted(REGISTRY)}')
+  return REGISTRY[name]
+
+
+def load(config):
+  """Loads ``config`` (the config's ``data`` section: name, source, dir, val_size); in-memory
+  datasets are checked and get their validation split here."""
+  spec = get(config.name)
+  ds = spec.load(config, spec)
+  if spec.streaming:
+    return ds
+  ds = data.check(ds)
+  if config.get('val_size', 0):
+    ds = data.hold_out_validation(ds, int(config.val_size), seed=int(config.get('split_seed', 0)))
+  return ds
+
+
+def default_augmentation(name: str) -> str:
+  return get(name).augment
+
+
+register('digits', DatasetSpec(10, (8, 8, 1), 'none', lambda config, spec: data.load_digits()))
+register('cifar10', DatasetSpec(10, (32, 32, 3), 'crop_flip', data.load_cifar))
+register('cifar100', DatasetSpec(100, (32, 32, 3), 'crop_flip', data.load_cifar))
+register('imagenet', DatasetSpec(
+    1000, (224, 224, 3), 'none', input_pipeline.load_streaming, streaming=True,
+    options=input_pipeline.StreamingSource('imagenet', 'imagenet2012', 224, 'random_resized_crop',
+                                           'center_crop')))
+register('tiny_imagenet', DatasetSpec(
+    200, (64, 64, 3), 'crop_flip', input_pipeline.load_streaming, streaming=True,
+    options=input_pipeline.StreamingSource('tiny-imagenet-200', None, 64, 'none', 'none')))
