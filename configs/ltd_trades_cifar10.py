@@ -8,10 +8,22 @@ from x + 0.001 N(0, 1) on the student, as "PGD-6" is 6 steps in ltd_imagenet_res
 The teacher stage trains configs/natural_cifar10.py in WORKDIR/teacher.
 """
 
+from configs import trades_cifar10
 from ltd_jax import config_lib
 
 
-def get_config():
+def get_config(variant=None):
+  """The paper setting, or ``variant='subset'``: LTD (TRADES base, T_t = 5) on the CIFAR-10
+  subset with natural_cifar10.py:subset as teacher stage."""
+  if variant == 'subset':
+    c = trades_cifar10.subset_config()
+    c.method = 'ltd'
+    c.ltd.base = 'trades'
+    c.ltd.teacher_temperature = 5.0
+    c.teacher.source = 'train'
+    c.teacher.config = 'configs/natural_cifar10.py:subset'
+    return c
+  config_lib.check_variant(variant, ('subset',))
   c = config_lib.default_config()
   c.method = 'ltd'
   c.ltd.base = 'trades'

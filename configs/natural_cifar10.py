@@ -5,10 +5,20 @@ crop + flip augmentation. Selection is the last checkpoint; the final table stil
 FGSM / PGD-20 / CW to show the model is not robust.
 """
 
+from configs import trades_cifar10
 from ltd_jax import config_lib
 
 
-def get_config():
+def get_config(variant=None):
+  """The paper setting, or ``variant='subset'``: natural training on the CIFAR-10 subset (small
+  CNN, width 16), LTD's teacher in ltd_trades_cifar10.py:subset."""
+  if variant == 'subset':
+    c = trades_cifar10.subset_config()
+    c.method = 'natural'
+    c.eval.during_training = ('clean',)
+    c.eval.selection = 'last'
+    return c
+  config_lib.check_variant(variant, ('subset',))
   c = config_lib.default_config()
   c.method = 'natural'
   c.eps = 8 / 255

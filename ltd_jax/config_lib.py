@@ -196,6 +196,9 @@ def default_config() -> ml_collections.ConfigDict:
 
   c.log_every_steps = 20
   c.progress_bar = True
+  # (start, stop): a JAX profiler trace of steps start .. stop - 1 in WORKDIR/profile.
+  c.profile = ml_collections.ConfigDict()
+  c.profile.steps = ()
   return c
 
 
@@ -204,17 +207,32 @@ def eval_eps(config) -> float:
   return float(config.eps if config.eval.eps is None else config.eval.eps)
 
 
-def load_config_file(path: str) -> ml_collections.ConfigDict:
-  """Imports ``path`` and returns its ``get_config()``."""
+def split_config_spec(spec: str) -> tuple[str, str | None]:
+  """``'configs/x.py:arg'`` -> ``('configs/x.py', 'arg')``; ``'configs/x.py'`` -> (path, None)."""
+  path, sep, arg = spec.partition('.py:')
+  return (path + '.py', arg) if sep else (spec, None)
+
+
+def check_variant(variant, variants) -> None:
+  """For config files' ``get_config(variant)``: a variant they do not define is a ConfigError."""
+  if variant is not None and variant not in variants:
+    raise ConfigError(f'unknown config variant {variant!r}: use one of {", ".join(variants)} '
+                      f'(--config=configs/NAME.py:{variants[0]}) or none')
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+  """Imports the config file of ``spec`` (``path`` or ``path:arg``) and returns its
+  ``get_config()`` (``get_config(arg)`` with an argument), as ml_collections' config flags do."""
+  path, arg = split_config_spec(spec)
   if not os.path.isfile(path):
     raise ConfigError(f'config file {path} not found: pass --config=configs/NAME.py')
-  spec = importlib.util.spec_from_file_location('ltd_jax_config', path)
-  module = importlib.util.module_from_spec(spec)
+  module_spec = importlib.util.spec_from_file_location('ltd_jax_config', path)
+  module = importlib.util.module_from_spec(module_spec)
   try:
-    spec.loader.exec_module(module)
+    module_spec.loader.exec_module(module)
     if not hasattr(module, 'get_config'):
       raise ConfigError(f'config file {path} defines no get_config()')
-    return module.get_config()
+    return module.get_config() if arg is None else module.get_config(arg)
   except ConfigError:
     raise
   except Exception as e:  # pylint: disable=broad-except
@@ -366,3 +384,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(config.checkpoint.keep > 0, f'checkpoint.keep must be > 0, got {config.checkpoint.keep}')
   _require(config.checkpoint.every_steps >= 0, 'checkpoint.every_steps must be >= 0')
   _require(config.log_every_steps > 0, 'log_every_steps must be > 0')
+  p = tuple(config.profile.steps)
+  _require(p == () or (len(p) == 2 and 0 <= p[0] < p[1]),
+           f'profile.steps must be (start, stop) with 0 <= start < stop, or (), got {p}')

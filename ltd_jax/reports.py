@@ -15,7 +15,7 @@ import numpy as np
 
 from ltd_jax import methods
 
-LIBRARIES = ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'ml-collections', 'chex',
+LIBRARIES = ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'ml-collections', 'tensorboardX',
              'numpy', 'scikit-learn', 'tensorflow-datasets', 'tqdm', 'matplotlib', 'safetensors',
              'torch', 'pyautoattack')
 
@@ -76,16 +76,45 @@ def write_run_info(workdir: str, config) -> None:
 
 
 class MetricWriter:
-  """Appends one JSON object per line to ``metrics.jsonl``; keeps lines of earlier (resumed) runs."""
+  """Appends one JSON object per line to ``metrics.jsonl`` (the source of truth; lines of earlier,
+  resumed runs are kept) and the same values to TensorBoard event files in ``tensorboard/``
+  (tensorboardX: no TensorFlow): scalar ``KIND/KEY`` for each number, ``KIND/KEY/CLASS`` for
+  each entry of a per-class list (ABSLD's temperatures, per-class accuracies)."""
 
   def __init__(self, workdir: str):
     self.path = os.path.join(workdir, 'metrics.jsonl')
+    self.tensorboard_dir = os.path.join(workdir, 'tensorboard')
+    self._board = None
 
   def write(self, kind: str, step: int, **values) -> None:
     record = {'kind': kind, 'step': int(step), 'time': time.time()}
     record.update({k: _scalar(v) for k, v in values.items()})
     with open(self.path, 'a') as f:
       f.write(json.dumps(record, default=_json_default) + '\n')
+    self._write_board(record)
+
+  def _write_board(self, record: dict) -> None:
+    if self._board is None:
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      # A resumed run appends a new file: the suffix keeps two in one second apart.
+      self._board = SummaryWriter(self.tensorboard_dir, flush_secs=30,
+                                  filename_suffix=f'.{time.time_ns()}')
+    kind, step, wall = record['kind'], record['step'], record['time']
+    number = lambda v: isinstance(v, (int, float, np.number)) and not isinstance(v, (bool, np.bool_))
+    for key, value in record.items():
+      if key in ('kind', 'step', 'time'):
+        continue
+      per_class = isinstance(value, (list, tuple, np.ndarray))
+      for c, v in enumerate(value if per_class else [value]):
+        if number(v):
+          tag = f'{kind}/{key}' + (f'/{c}' if per_class else '')
+          self._board.add_scalar(tag, float(v), step, walltime=wall)
+    self._board.flush()
+
+  def close(self) -> None:
+    if self._board is not None:
+      self._board.close()
+      self._board = None
 
 
 class NullWriter:
@@ -93,6 +122,9 @@ class NullWriter:
 
   def write(self, kind: str, step: int, **values) -> None:
     del kind, step, values
+
+  def close(self) -> None:
+    pass
 
 
 def _scalar(v):

@@ -50,11 +50,13 @@ class Teacher:
       return json.load(f)
 
 
-def resolve_config_path(path: str) -> str:
-  """A teacher config path, relative to the working directory or to the repository."""
+def resolve_config_path(spec: str) -> str:
+  """A teacher config (``path`` or ``path:arg``), relative to the working directory or to the
+  repository."""
+  path, arg = config_lib.split_config_spec(spec)
   for candidate in (path, os.path.join(REPO_ROOT, path)):
     if os.path.isfile(candidate):
-      return candidate
+      return candidate if arg is None else f'{candidate}:{arg}'
   raise ConfigError(f'teacher.config {path} not found (tried it and {os.path.join(REPO_ROOT, path)})')
 
 

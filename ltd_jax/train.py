@@ -12,7 +12,6 @@ non-finite loss or parameter stops it before anything after it is saved.
 from __future__ import annotations
 
 import functools
-import logging
 import os
 import time
 from typing import Callable
@@ -240,7 +239,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     raise
   if restored is not None:
     state = restored
-    logging.info('resuming from step %d', int(state.step))
+    if parallel.is_primary():
+      print(f'resumed from step {int(state.step)} of {_total_steps(config, steps_per_epoch)} '
+            f'({os.path.abspath(workdir)})', flush=True)
   if parallel.is_primary():
     reports.write_run_info(workdir, config)
     reports.rewind_metrics(workdir, int(state.step))  # drop records a killed run made after it
@@ -280,10 +281,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                           eval_config=config.eval)
   eval_rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1)
 
-  total_steps = config.num_epochs * steps_per_epoch
-  if config.max_steps:
-    total_steps = min(total_steps, config.max_steps)
+  total_steps = _total_steps(config, steps_per_epoch)
   step = int(state.step)
+  profile = _Profile(config.profile.steps, os.path.join(workdir, 'profile'))
   batches = train_batches(ds, config, mesh, step, total_steps, host_data, device_data)
   progress = _Progress(config, steps_per_epoch)
   records = _TrainRecords(writer, store, progress, config.optim, steps_per_epoch)
@@ -298,8 +298,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           raise Preempted(f'{stop.name} received: stopped after step {step} of {total_steps}, '
                           f'checkpoint in {records.last_checkpoint()}; rerun the same command '
                           f'to resume', stop.signum, step)
+        profile.before_step(step)
         state, metrics = step_fn(state, next(batches), device_data, teacher_variables)
         step += 1
+        profile.after_step(step, state)
         records.add(metrics)
         progress.update(step)
         epoch, end_of_an_epoch = step // steps_per_epoch, step % steps_per_epoch == 0
@@ -319,10 +321,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                  sel_labels[subset], ds.num_classes, config.eval.batch_size,
                                  jax.random.fold_in(eval_rng, epoch), mesh=mesh)
           _record_evaluation(ev, state, step, epoch, config, store, writer)
+        elif end_of_an_epoch:
+          _console(f'epoch {epoch}/{config.num_epochs} step {step}: {records.summary()}')
         if save:
           store.save_latest(step, state)
     if runs.trained_steps_in_results(workdir) == total_steps:
-      logging.info('training and final evaluation already complete in %s', workdir)
+      _console(f'training and final evaluation already complete in {os.path.abspath(workdir)}')
     else:
       runs.final_evaluation(config, workdir, state, ds, store, trained_steps=step)
   except (Preempted, TrainingError) as e:
@@ -331,9 +335,47 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       reports.write_report(workdir, status=f'{kind}: {e}')
     raise
   finally:
+    profile.close()
     progress.close()
+    writer.close()
     store.close()
   return state
+
+
+def _total_steps(config, steps_per_epoch: int) -> int:
+  total = config.num_epochs * steps_per_epoch
+  return min(total, config.max_steps) if config.max_steps else total
+
+
+def _console(line: str) -> None:
+  """One line of the run's progress on stdout (primary process)."""
+  if parallel.is_primary():
+    print(line, flush=True)
+
+
+class _Profile:
+  """A JAX profiler trace of steps [start, stop) into ``directory`` (``profile.steps``;
+  TensorBoard's profile plugin or Perfetto read it)."""
+
+  def __init__(self, steps, directory: str):
+    self.start, self.stop = (tuple(steps) + (None, None))[:2] if steps else (None, None)
+    self.directory, self.active = directory, False
+
+  def before_step(self, step: int) -> None:
+    if step == self.start:
+      jax.profiler.start_trace(self.directory)
+      self.active = True
+
+  def after_step(self, step: int, state) -> None:
+    if self.active and step == self.stop:
+      jax.block_until_ready(state)
+      self.close()
+      _console(f'profiler trace of steps {self.start}-{self.stop} in {self.directory}')
+
+  def close(self) -> None:
+    if self.active:
+      jax.profiler.stop_trace()
+      self.active = False
 
 
 class _TrainRecords:
@@ -344,6 +386,16 @@ class _TrainRecords:
     self.steps_per_epoch = steps_per_epoch
     self.lr_schedule = learning_rate_schedule(optim, steps_per_epoch)
     self.buffer = _MetricBuffer()
+    self.last = None
+
+  def summary(self) -> str:
+    """The last train record in words: loss, train accuracies, images/s."""
+    if self.last is None:
+      return 'no train record yet'
+    parts = [f"loss {self.last['loss']:.4g}"]
+    parts += [f"train {kind} acc {100 * self.last[f'acc_{kind}']:.2f}%" for kind in ('clean', 'adv')
+              if f'acc_{kind}' in self.last]
+    return ', '.join(parts + [f"{self.last['images_per_sec']:.0f} images/s"])
 
   def add(self, metrics) -> None:
     self.buffer.add(metrics)
@@ -359,6 +411,7 @@ class _TrainRecords:
       self.writer.write('train', step, epoch=step / self.steps_per_epoch,
                         lr=float(self.lr_schedule(step - 1)), **out)
       self.progress.show(out)
+      self.last = out
 
 
 def _run_epoch_end(state, epoch: int, step: int, method: methods.Method, epoch_end_fn, writer):
@@ -372,13 +425,17 @@ def _run_epoch_end(state, epoch: int, step: int, method: methods.Method, epoch_e
 
 
 def _record_evaluation(ev: dict, state, step: int, epoch: int, config, store, writer) -> None:
-  """Writes the periodic evaluation's record and keeps the checkpoint if it is the best."""
-  record = {f'{a}/{k}': v for a, r in ev.items() for k, v in r.items() if k != 'per_class'}
+  """Writes the periodic evaluation's record (per-class accuracies included), keeps the
+  checkpoint if it is the best, and prints one line."""
+  record = {f'{a}/{k}': v for a, r in ev.items() for k, v in r.items()}
+  line = [f'{a} {100 * r["avg"]:.2f}% (worst class {100 * r["worst"]:.2f}%)' for a, r in ev.items()]
   if config.eval.selection != 'last':
     score = evaluate.selection_score(ev, config.eval.selection)
     record['selection_score'] = score
     record['is_best'] = store.save_best(step, state, score)
+    line.append(f'{config.eval.selection} score {score:.4f}' + (', new best' if record['is_best'] else ''))
   writer.write('eval', step, epoch=epoch, split=config.eval.selection_split, **record)
-  logging.info('epoch %d: %s', epoch, record)
+  _console(f'epoch {epoch}/{config.num_epochs} step {step} ({config.eval.selection_split}): '
+           + ', '.join(line))
 
 

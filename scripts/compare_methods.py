@@ -3,7 +3,8 @@
     python scripts/compare_methods.py --out=docs/comparison_digits.md --seeds=0,1,2 \
         --run absld=configs/absld_digits.py --run rslad=configs/absld_digits.py:method=rslad
 
-Each ``--run NAME=CONFIG[:key=value,...]`` is a config with overrides. Every run of a seed uses
+Each ``--run NAME=CONFIG[:VARIANT][:key=value,...]`` is a config file, the argument of its
+get_config (``configs/absld_cifar10.py:subset``) and overrides. Every run of a seed uses
 that seed's teacher: an earlier plain run of the teacher's config (a TRADES baseline, say), else
 the first run that trains it (in WORKDIR/seedS/NAME/teacher); later runs of the seed reuse it.
 """
@@ -25,7 +26,11 @@ ATTACKS = ('clean', 'pgd20', 'cw')
 
 def parse_run(spec: str):
   name, rest = spec.split('=', 1)
-  path, _, overrides = rest.partition(':')
+  head, dot_py, tail = rest.partition('.py:')
+  path, parts = (head + '.py', tail.split(':')) if dot_py else (rest, [])
+  if parts and '=' not in parts[0]:
+    path += ':' + parts.pop(0)  # the config file's variant
+  overrides = ':'.join(parts)
   config = config_lib.load_config_file(path)
   for item in filter(None, overrides.split(',')):
     key, value = item.split('=', 1)

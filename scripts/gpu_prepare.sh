@@ -2,7 +2,7 @@
 # Prepares, on this (CPU) machine, what scripts/gpu_check.sh needs on the GPU machine, which has
 # no internet and whose image already holds jax 0.11 (CUDA 13), flax, optax, orbax, torch,
 # absl, numpy, pillow, scikit-learn, tqdm, matplotlib and safetensors:
-#   .whl/                   Python 3.12 wheels of the rest (ml-collections, grain and its
+#   .whl/                   Python 3.12 wheels of the rest (ml-collections, tensorboardX, grain and its
 #                           array-record and portpicker, pyautoattack without its 44 MB example
 #                           model), installed there with --no-deps --target; tensorflow-datasets
 #                           is left out (only the streamed ImageNet path reads it)
@@ -18,7 +18,7 @@ for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x86_64 manyl
          manylinux2014_x86_64 manylinux1_x86_64 any; do platforms+=(--platform "$p"); done
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     "${platforms[@]}" -d .whl ml-collections==1.1.0 grain==0.2.18 array-record==0.8.6 \
-    portpicker==1.6.0 pyautoattack==0.2.0
+    portpicker==1.6.0 pyautoattack==0.2.0 tensorboardX==2.6.5
 # pyautoattack ships a 44 MB example checkpoint; the wheel is rewritten without its examples.
 "$PY" - <<'PYEOF'
 import glob, os, zipfile

@@ -1,0 +1,135 @@
+"""The ltd_jax command line: ``python run.py`` or, installed, ``ltd-jax``.
+
+    ltd-jax --config=configs/NAME.py[:VARIANT] [--config.a.b=value ...] [--workdir=DIR] [--mode=MODE]
+"""
+
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from ltd_jax import config_lib
+from ltd_jax import errors
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file: configs/NAME.py.',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Work directory (default: workdirs/<config name>).')
+MODES = {
+    'train': 'train (resuming from the work directory\'s latest checkpoint), then evaluate the '
+             'selected checkpoint with every attack',
+    'evaluate': 'evaluate a saved checkpoint, or a PyTorch file given as --checkpoint',
+    'export': 'write the checkpoint as a PyTorch state_dict (.safetensors, .pt, model.json)',
+    'autoattack': 'run the official AutoAttack on the exported model; add it to the results',
+    'audit': 'the gradient-masking audit of a checkpoint (exit status 1 on signs of masking)',
+    'temperature_search': 'LTD\'s two-step search of the teacher temperature',
+}
+USAGE = ('usage: ltd-jax (or python run.py) --config=configs/NAME.py[:VARIANT] '
+         '[--config.a.b=value ...] [--workdir=DIR] [--mode=MODE] [--checkpoint=WHICH]\n\nmodes:\n'
+         + '\n'.join(f'  {name:<19}{text}' for name, text in MODES.items()))
+_MODE = flags.DEFINE_enum('mode', 'train', list(MODES), 'One of the modes above (default train).')
+_CHECKPOINT = flags.DEFINE_string(
+    'checkpoint', 'auto', 'evaluate / export / autoattack / audit: auto (best if kept, else latest), '
+    'best, latest, or the path of a PyTorch .pt/.pth/.safetensors file of config.model.')
+
+
+def _fail(message: str) -> None:
+  print(f'error: {message}', file=sys.stderr)
+  sys.exit(2)
+
+
+def config_spec(argv) -> str | None:
+  """The config file argument, ``--config=PATH[:ARG]`` or ``--config PATH[:ARG]``."""
+  for i, a in enumerate(argv):
+    if a.startswith('--config='):
+      return a.split('=', 1)[1]
+    if a == '--config' and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def print_help() -> None:
+  print(USAGE)
+  print('\nflags:\n' + flags.FLAGS.module_help(sys.modules[__name__]))
+  print('\n--config.KEY=VALUE overrides any config value (keys: ltd_jax/config_lib.py).')
+
+
+def parse_flags(argv):
+  """Checks the config file and every --config.* key before absl parses (and compiles) anything."""
+  if any(a in ('-h', '--help', '--helpshort', '--helpfull') for a in argv[1:]):
+    print_help()
+    sys.exit(0)
+  spec = config_spec(argv)
+  if spec is None:
+    _fail('no config: pass --config=configs/NAME.py (for example configs/trades_digits.py)')
+  try:
+    config_lib.check_override_keys(config_lib.load_config_file(spec), argv)
+  except errors.LtdError as e:
+    _fail(str(e))
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    _fail(str(e).splitlines()[0])
+
+
+def default_workdir(spec: str, checkpoint: str = 'auto') -> str:
+  """workdirs/<config name>[_<variant>], and _<file name> for a PyTorch checkpoint."""
+  path, variant = config_lib.split_config_spec(spec)
+  name = os.path.splitext(os.path.basename(path))[0] + (f'_{variant}' if variant else '')
+  if checkpoint not in ('auto', 'best', 'latest'):
+    name += '_' + os.path.splitext(os.path.basename(checkpoint))[0]
+  return os.path.join('workdirs', name)
+
+
+def main(argv):
+  del argv
+  from ltd_jax import parallel  # pylint: disable=g-import-not-at-top
+  from ltd_jax import runs  # pylint: disable=g-import-not-at-top
+  from ltd_jax import train  # pylint: disable=g-import-not-at-top
+  logging.set_verbosity(logging.WARNING)
+  config = _CONFIG.value
+  workdir = _WORKDIR.value or default_workdir(config_spec(sys.argv), _CHECKPOINT.value)
+  try:
+    parallel.initialize_distributed(config)
+    if _MODE.value == 'train':
+      train.train_and_evaluate(config, workdir)
+    elif _MODE.value == 'evaluate':
+      runs.evaluate_checkpoint(config, workdir, _CHECKPOINT.value)
+    elif _MODE.value == 'export':
+      from ltd_jax import export  # pylint: disable=g-import-not-at-top
+      export.export_checkpoint(config, workdir, _CHECKPOINT.value)
+    elif _MODE.value == 'autoattack':
+      from ltd_jax import autoattack  # pylint: disable=g-import-not-at-top
+      autoattack.autoattack_checkpoint(config, workdir, _CHECKPOINT.value)
+    elif _MODE.value == 'audit':
+      from ltd_jax import audit  # pylint: disable=g-import-not-at-top
+      if not audit.audit_checkpoint(config, workdir, _CHECKPOINT.value)['passed']:
+        print(f'work directory: {os.path.abspath(workdir)}')
+        sys.exit(1)
+    else:
+      from ltd_jax import temperature_search  # pylint: disable=g-import-not-at-top
+      temperature_search.ltd_temperature_search(config, workdir, train.train_and_evaluate)
+  except errors.Preempted as e:
+    print(str(e), file=sys.stderr)
+    sys.exit(128 + e.signum)
+  except KeyboardInterrupt:  # outside the training loop (start-up, final evaluation): no step lost
+    print('interrupted (SIGINT) outside training: checkpoints already written stay valid; rerun '
+          'the same command to go on', file=sys.stderr)
+    sys.exit(130)
+  except errors.LtdError as e:
+    _fail(str(e))
+  print(f'work directory: {os.path.abspath(workdir)}')
+
+
+def run() -> None:
+  """The ``ltd-jax`` console command. Config files import each other as ``configs.NAME``
+  (from the working directory, as ``python run.py`` from the repository root does)."""
+  if os.getcwd() not in sys.path:
+    sys.path.insert(0, os.getcwd())
+  app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == '__main__':
+  run()
