@@ -220,3 +220,56 @@ def test_square_attack_keeps_only_improvements():
     else:
       assert np.all(np.asarray(end) <= np.asarray(start) + 1e-6)
       assert np.any(np.asarray(end) < np.asarray(start) - 1e-3)
+
+
+def test_square_schedule_boundaries_one_by_one():
+  """p halves once per boundary passed: query b + 1 of 10,000 is past boundary b, query b not;
+  budgets are rescaled with integer division (query 2501 of 12,499 counts as 2000)."""
+  import inspect  # pylint: disable=g-import-not-at-top
+  bounds = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
+  for k, b in enumerate(bounds):
+    assert float(attacks.square_fraction(0.8, b, 10000)) == pytest.approx(0.8 / 2 ** k), b
+    assert float(attacks.square_fraction(0.8, b + 1, 10000)) == pytest.approx(0.8 / 2 ** (k + 1)), b
+  assert float(attacks.square_fraction(0.8, 2501, 12499)) == pytest.approx(0.8 / 2 ** 5)
+  assert float(attacks.square_fraction(0.8, 1, 999)) == pytest.approx(0.8)  # 10.01 counts as 10
+  assert inspect.signature(attacks.square_attack).parameters['p_init'].default == 0.8  # the paper's
+
+
+def test_square_proposal_windows_cover_every_place_with_independent_signs():
+  """Over many examples: every window is side x side inside the image, its top-left corner
+  takes every row and column from 0 to h - side, and signs differ across examples and channels."""
+  b, h, w, c, side = 256, 6, 5, 3, 2
+  x = jnp.full((b, h, w, c), 0.5)
+  out = np.asarray(attacks.square_proposal(jax.random.PRNGKey(7), jnp.zeros_like(x), x, 0.25, side))
+  tops, lefts, signs = set(), set(), []
+  for i in range(b):
+    rows, cols = np.nonzero(np.any(out[i] != 0.0, axis=-1))
+    assert len(rows) == side * side
+    tops.add(rows.min())
+    lefts.add(cols.min())
+    signs.append(np.sign(out[i, rows[0], cols[0]] - 0.5))
+  assert tops == set(range(h - side + 1)) and lefts == set(range(w - side + 1))
+  signs = np.array(signs)
+  assert len({tuple(s) for s in signs}) > 4 and (signs[:, 0] != signs[:, 1]).any()
+
+
+def test_square_attack_leaves_ties_and_keeps_only_strict_improvements():
+  """An image whose margin is 0 (a tie: misclassified) is not attacked; a model whose logits
+  ignore the input accepts no proposal (no strict improvement): x_adv is the stripes start; an
+  example with a small positive margin (0.5) is attacked."""
+  zeros = jnp.zeros((2, 4, 4, 1))
+  tie = attacks.square_attack(lambda x: x.reshape(2, -1)[:, :2] * 0.0, zeros, jnp.array([0, 1]),
+                              jax.random.PRNGKey(0), eps=0.3, queries=20)
+  np.testing.assert_array_equal(tie, zeros)
+  x = jnp.full((2, 4, 4, 1), 0.5)
+  constant = lambda z: jnp.tile(jnp.array([[2.0, 0.0]]), (len(z), 1))
+  init_rng, _ = jax.random.split(jax.random.PRNGKey(3))
+  x_adv = attacks.square_attack(constant, x, jnp.array([0, 0]), jax.random.PRNGKey(3), eps=0.2,
+                                queries=20)
+  np.testing.assert_array_equal(x_adv, attacks.square_init(init_rng, x, 0.2))
+  small = lambda z: jnp.stack([0.5 - z.reshape(len(z), -1).sum(-1) + 8.0,
+                               jnp.zeros(len(z))], -1)  # margin 0.5 at x = 0.5, lowered by brighter pixels
+  x_adv = attacks.square_attack(small, x, jnp.array([0, 0]), jax.random.PRNGKey(5), eps=0.2,
+                                queries=30)
+  start = attacks.square_init(jax.random.split(jax.random.PRNGKey(5))[0], x, 0.2)
+  assert float(jnp.max(jnp.abs(x_adv - start))) > 0  # proposals were accepted
