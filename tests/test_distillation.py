@@ -188,6 +188,24 @@ def test_ltd_loss_matches_numpy(batch):
   robust = _np_kl(np_softmax(clean), adv).mean()
   np.testing.assert_allclose(loss, natural + 6.0 * robust, rtol=1e-5)
   np.testing.assert_allclose(aux['loss_natural'], natural, rtol=1e-5)
+  np.testing.assert_allclose(aux['loss_robust'], robust, rtol=1e-5)
+  entropy = -(soft * np.log(soft)).sum(-1).mean()  # H(p_T): natural - H is the KL form
+  np.testing.assert_allclose(aux['teacher_entropy'], entropy, rtol=1e-5)
+  np.testing.assert_allclose(aux['logits_clean'], clean, rtol=1e-5)
+  np.testing.assert_allclose(aux['logits_adv'], adv, rtol=1e-5)
+
+
+def test_absld_epoch_record_is_the_mean_risk_per_class():
+  """Per-class mean risks (NaN for a class not seen this epoch) and the new temperatures."""
+  before = {'risk_adv_sum': np.array([0.0, 2.0, 6.0]), 'risk_adv_count': np.array([0.0, 1.0, 3.0]),
+            'risk_clean_sum': np.array([1.0, 0.0, 3.0]), 'risk_clean_count': np.array([2.0, 0.0, 3.0])}
+  after = {'tau_adv': np.array([1.0, 0.9, 1.1]), 'tau_clean': np.array([2.0, 1.0, 0.5])}
+  kind, values = methods.absld_epoch_record(before, after)
+  assert kind == 'temperatures' and sorted(values) == ['risk_adv', 'risk_clean', 'tau_adv',
+                                                       'tau_clean']
+  np.testing.assert_array_equal(values['risk_adv'], [np.nan, 2.0, 2.0])
+  np.testing.assert_array_equal(values['risk_clean'], [0.5, np.nan, 1.0])
+  assert values['tau_adv'] == [1.0, 0.9, 1.1] and values['tau_clean'] == [2.0, 1.0, 0.5]
 
 
 def test_soft_label_natural_loss_matches_numpy(batch):

@@ -366,6 +366,7 @@ def test_state_dict_helpers_by_hand(tmp_path):
                                       'b.num_batches_tracked': np.array([9]),
                                       'b.running_mean': np.array([100.0])}) == 9
   assert interchange.batches_tracked({'fc.weight': np.zeros((2, 2))}) is None
+  assert interchange.batches_tracked({'bn.num_batches_tracked': np.zeros((0,))}) is None
   # Wrappers, DataParallel prefixes (nested too) and TRADES' unused sub_block1 copy.
   for wrapper in ('state_dict', 'model', 'model_state_dict'):
     sd = interchange.canonical_state_dict({wrapper: {'module.module.conv.weight': 1,
@@ -380,6 +381,7 @@ def test_state_dict_helpers_by_hand(tmp_path):
   assert interchange._first_line(EOFError()) == 'EOFError'
   assert interchange._listing(['c', 'a', 'b']) == 'a, b, c'
   assert interchange._listing([f'k{i}' for i in range(6)], limit=6) == 'k0, k1, k2, k3, k4, k5'
+  assert interchange._listing([f'k{i}' for i in range(7)]).endswith('k5, ... (1 more)')  # 6 shown
   assert interchange._listing([f'k{i}' for i in range(8)], limit=6) == \
       'k0, k1, k2, k3, k4, k5, ... (2 more)'
   # A spec file line: key<TAB>[d0, d1]; 0-d keys have [].
@@ -401,3 +403,13 @@ def test_state_dict_helpers_by_hand(tmp_path):
   assert got.dtype == np.float32 and got.tolist() == [1.5, -2.0]
   assert interchange._tensor_to_numpy(torch.tensor([3])).dtype == np.int64
   assert interchange._tensor_to_numpy('x') == 'x'
+
+
+def test_reading_a_pt_file_without_torch_is_one_line(tmp_path, monkeypatch):
+  import sys  # pylint: disable=g-import-not-at-top
+  path = tmp_path / 'm.pt'
+  path.write_bytes(b'not read')
+  monkeypatch.setitem(sys.modules, 'torch', None)
+  with pytest.raises(CheckpointError, match=r'm.pt needs PyTorch: pip install -r '
+                     r'requirements-torch.txt, or use the .safetensors export'):
+    interchange.load_torch_file(str(path))

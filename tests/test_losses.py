@@ -53,7 +53,13 @@ def test_soft_cross_entropy_is_kl_plus_entropy(logits):
   soft_ce = -(p * np_log_softmax(z.astype(np.float64))).sum(-1)
   np.testing.assert_allclose(losses.soft_cross_entropy(z, p.astype(np.float32), 'none'), soft_ce,
                              rtol=1e-5)
+  for reduction, want in (('sum', soft_ce.sum()), ('batchmean', soft_ce.mean()),
+                          ('elementwise_mean', soft_ce.mean() / 5)):
+    np.testing.assert_allclose(losses.soft_cross_entropy(z, p.astype(np.float32), reduction), want,
+                               rtol=1e-5)
   np.testing.assert_allclose(losses.softmax_t(t, 5.0), p, rtol=1e-5)
+  np.testing.assert_allclose(losses.softmax_t(t), np.exp(np_log_softmax(t.astype(np.float64))),
+                             rtol=1e-5)  # T = 1 by default
 
 
 def test_cw_margin_matches_numpy(logits):
@@ -97,3 +103,20 @@ def test_per_class_sums():
   s, c = methods.per_class_sums(np.array([1., 2., 3., 4.]), np.array([0, 2, 0, 2]), 3)
   np.testing.assert_allclose(s, [4., 0., 6.])
   np.testing.assert_allclose(c, [2., 0., 2.])
+
+
+def test_natural_and_pgd_at_losses_return_the_logits_they_trained_on():
+  """The train accuracies come from the aux logits: natural's on x, PGD-AT's on x_adv."""
+  rng = np.random.default_rng(3)
+  w = rng.normal(size=(3, 4)).astype(np.float32)
+  x, x_adv = rng.normal(size=(5, 3)).astype(np.float32), rng.normal(size=(5, 3)).astype(np.float32)
+  y = np.array([0, 1, 2, 3, 0])
+  inputs = methods.MethodInputs(x, y, None)
+  forward = lambda z: jnp.asarray(z) @ w
+  loss, aux = methods.natural_loss(forward, inputs, x_adv, None)
+  np.testing.assert_allclose(aux['logits_clean'], x @ w, rtol=1e-5)
+  np.testing.assert_allclose(aux['ce_clean'], -np_log_softmax(x @ w)[np.arange(5), y], rtol=1e-5)
+  assert 'logits_adv' not in aux and float(loss) == pytest.approx(float(aux['ce_clean'].mean()))
+  loss, aux = methods.pgd_at_loss(forward, inputs, x_adv, None)
+  np.testing.assert_allclose(aux['logits_adv'], x_adv @ w, rtol=1e-5)
+  assert 'logits_clean' not in aux and float(loss) == pytest.approx(float(aux['ce_adv'].mean()))
