@@ -123,6 +123,12 @@ def square_fraction(p_init: float, query: jax.Array, queries: int) -> jax.Array:
   return p_init / 2.0 ** halvings
 
 
+def square_side(p, h: int, w: int) -> jax.Array:
+  """The window's side for area fraction p of an h x w image: round(sqrt(p h w)), at least 1
+  and at most min(h, w) - 1 (int32)."""
+  return jnp.clip(jnp.round(jnp.sqrt(p * h * w)), 1, min(h, w) - 1).astype(jnp.int32)
+
+
 def square_proposal(rng, x_best, x, eps, side):
   """x_best with one random side x side window (a different place per example) set to
   x + eps * (+-1 per channel), clipped to [0, 1]."""
@@ -152,7 +158,7 @@ def square_attack(logits_fn: LogitsFn, x: jax.Array, labels: jax.Array, rng: jax
   def body(i, carry):
     x_best, best = carry
     p = square_fraction(p_init, i, queries)
-    side = jnp.clip(jnp.round(jnp.sqrt(p * h * w)), 1, min(h, w) - 1).astype(jnp.int32)
+    side = square_side(p, h, w)
     x_new = square_proposal(jax.random.fold_in(loop_rng, i), x_best, x, eps, side)
     new = margin(logits_fn(x_new), labels)
     better = (new < best) & (best > 0)

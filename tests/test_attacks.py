@@ -273,3 +273,36 @@ def test_square_attack_leaves_ties_and_keeps_only_strict_improvements():
                                 queries=30)
   start = attacks.square_init(jax.random.split(jax.random.PRNGKey(5))[0], x, 0.2)
   assert float(jnp.max(jnp.abs(x_adv - start))) > 0  # proposals were accepted
+
+
+def test_square_side_and_defaults_by_hand():
+  for p, h, w, side in ((0.8, 4, 4, 3), (0.8, 8, 8, 7), (0.05, 32, 32, 7), (0.001, 4, 4, 1),
+                        (0.2, 6, 10, 3), (0.5, 32, 16, 15), (0.3, 8, 8, 4)):
+    got = attacks.square_side(p, h, w)
+    assert int(got) == side and got.dtype == jnp.int32, (p, h, w)
+  rng = np.random.default_rng(2)
+  w8 = jnp.asarray(rng.normal(size=(64, 3)), jnp.float32)
+  logits_fn = lambda z: 10 * z.reshape(len(z), -1) @ w8
+  x = jnp.asarray(rng.uniform(size=(16, 8, 8, 1)), jnp.float32)
+  y = jnp.argmax(logits_fn(x), -1)
+  # 1,000 queries: the first ones use p = p_init itself (windows of 7 pixels, 4 at p = 0.3).
+  run = lambda **kw: attacks.square_attack(logits_fn, x, y, jax.random.PRNGKey(1), eps=0.1,
+                                           queries=1000, **kw)
+  np.testing.assert_array_equal(run(), run(p_init=0.8))  # the default is the paper's 0.8
+  assert not np.array_equal(run(), run(p_init=0.3))
+
+
+def test_square_attack_starts_correct_examples_from_stripes_and_uses_every_query():
+  """A margin of 0.5 (correct, close to the boundary): with no query the result is the stripes
+  start; one query (queries=2) already moves some of 64 such examples; proposals are kept while
+  the margin is positive, however small."""
+  x = jnp.full((64, 4, 4, 1), 0.5)
+  y = jnp.zeros(64, jnp.int32)
+  logits_fn = lambda z: jnp.stack([0.5 + 0.01 * (z.reshape(len(z), -1).sum(-1) - 8.0),
+                                   jnp.zeros(len(z))], -1)  # margin 0.5 +- 0.03 over the ball
+  start = attacks.square_init(jax.random.split(jax.random.PRNGKey(2))[0], x, 0.1)
+  none = attacks.square_attack(logits_fn, x, y, jax.random.PRNGKey(2), eps=0.1, queries=1)
+  np.testing.assert_array_equal(none, start)
+  one = attacks.square_attack(logits_fn, x, y, jax.random.PRNGKey(2), eps=0.1, queries=2)
+  moved = np.any(np.asarray(one) != np.asarray(start), axis=(1, 2, 3))
+  assert 0 < moved.sum() < 64

@@ -434,3 +434,14 @@ def test_temperature_update_after_a_milestone_on_8_devices_with_unbalanced_class
     for wrong in ('undecayed', 'by_sums'):  # the test tells these apart
       assert np.abs(np.subtract(k[wrong], k['expected'])).max() > 1e-2, wrong
   assert np.abs(np.subtract(r['adv']['tau_after'], r['clean']['tau_after'])).max() > 0.1
+
+
+def test_register_adds_a_method_by_name():
+  method = methods.Method(methods.pgd_at_adversary, methods.natural_loss)
+  try:
+    methods.register('test_only_method', method)
+    assert methods.get_method('test_only_method') is method
+  finally:
+    methods.METHODS.pop('test_only_method', None)
+  with pytest.raises(ValueError, match="unknown method 'test_only_method'"):
+    methods.get_method('test_only_method')
