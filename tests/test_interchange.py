@@ -215,6 +215,26 @@ def test_files_wrappers_prefixes_and_trades_sub_block1(tiny_state_dict, tmp_path
   assert raw['bn1.num_batches_tracked'].dtype == torch.int64
 
 
+def test_each_kind_of_key_mismatch_alone_is_one_exact_line(tiny_state_dict):
+  params, batch_stats, sd = tiny_state_dict
+  tail = ('): pick the architecture it was saved from (--config.model.name, teacher.model.name) '
+          'or another checkpoint')
+  only_missing = {k: v for k, v in sd.items() if k != 'conv2.weight'}
+  only_unexpected = {**sd, 'head.weight': np.zeros((3, 3), np.float32)}
+  shapes = [k for k, v in sd.items() if np.ndim(v) >= 1]
+  only_misshaped = {k: (np.zeros((1,) * 5, np.float32) if k in shapes else v) for k, v in sd.items()}
+  for bad, middle in ((only_missing, '1 missing: conv2.weight'),
+                      (only_unexpected, '1 unexpected: head.weight')):
+    with pytest.raises(CheckpointError) as e:
+      interchange.from_torch_state_dict(bad, params, batch_stats)
+    assert str(e.value) == f'state_dict does not fit the model ({middle}' + tail
+  with pytest.raises(CheckpointError) as e:
+    interchange.from_torch_state_dict(only_misshaped, params, batch_stats, 'm.pt', 'small_cnn')
+  listed = str(e.value).split('of another shape: ')[1].split('): pick')[0]
+  assert str(e.value).startswith(f'm.pt does not fit small_cnn ({len(shapes)} of another shape: ')
+  assert listed.count(' != ') == 4 and listed.endswith(f'... ({len(shapes) - 4} more)')  # four listed
+
+
 def test_missing_unexpected_and_misshaped_keys_are_listed(tiny_state_dict):
   params, batch_stats, sd = tiny_state_dict
   bad = dict(sd)

@@ -70,6 +70,12 @@ def test_cw_margin_matches_numpy(logits):
   np.testing.assert_allclose(losses.cw_margin(z, y, 50.0, 'none'), per, rtol=1e-5)
   np.testing.assert_allclose(losses.cw_margin(z, y, 0.0, 'sum'),
                              -np.maximum(z[np.arange(6), y] - other, 0).sum(), rtol=1e-5)
+  # Defaults: kappa 50 (the CW-inf of the papers) and a sum over the batch, as the attack uses.
+  np.testing.assert_allclose(losses.cw_margin(z, y), per.sum(), rtol=1e-5)
+  np.testing.assert_allclose(losses.cw_margin(z, y, 50.0, 'elementwise_mean'), per.mean() / 5,
+                             rtol=1e-5)
+  from ltd_jax import attacks  # pylint: disable=g-import-not-at-top
+  np.testing.assert_allclose(attacks.cw_objective(lambda x: x, y)(z), per.sum(), rtol=1e-5)
 
 
 def test_unknown_reduction_raises(logits):
