@@ -68,6 +68,39 @@ def test_temperature_bounds_and_unseen_classes():
   assert got[3] == pytest.approx(1.0)
 
 
+@pytest.mark.parametrize('mode', ['mean', 'sum'])
+def test_temperature_update_on_unbalanced_counts_with_unseen_and_single_samples(mode):
+  """Counts 0, 1, 2, 5, 7, 1: the unseen class keeps its temperature and is left out of the mean
+  risk; 'mean' divides each class's sum by its count (one sample: by 1), 'sum' uses the sums."""
+  tau = np.array([1.2, 0.8, 2.0, 1.5, 3.0, 1.0])
+  sums = np.array([0.0, 2.5, 3.0, 4.0, 14.0, 0.3])
+  counts = np.array([0.0, 1.0, 2.0, 5.0, 7.0, 1.0])
+  seen = counts > 0
+  risk = sums / np.where(seen, counts, 1.0) if mode == 'mean' else sums.copy()
+  want = tau.copy()
+  want[seen] = np_eq10(tau[seen], risk[seen], 0.4, 0.5, 5.0)
+  kw = {} if mode == 'mean' else {'risk': 'sum'}  # 'mean' is the default
+  got = temperatures.absld_update_temperatures(jnp.asarray(tau), jnp.asarray(sums),
+                                               jnp.asarray(counts), 0.4, 0.5, 5.0, **kw)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  risks, mask = temperatures.per_class_risk(jnp.asarray(sums), jnp.asarray(counts))
+  np.testing.assert_allclose(risks, np.where(seen, sums / np.maximum(counts, 1), 0.0), rtol=1e-6)
+  np.testing.assert_array_equal(mask, seen)
+  # One class seen: its gap is 0, so nothing moves.
+  one = temperatures.absld_update_temperatures(jnp.asarray(tau), jnp.asarray(sums),
+                                               jnp.asarray([0.0, 0.0, 3.0, 0.0, 0.0, 0.0]),
+                                               0.4, 0.5, 5.0, **kw)
+  np.testing.assert_allclose(one, tau, rtol=1e-6)
+
+
+def test_class_temperatures_default_to_the_papers_separate_sets():
+  labels = jnp.array([0, 2])
+  t_adv, t_clean = temperatures.class_temperatures(labels, jnp.array([1.0, 2.0, 3.0]),
+                                                   jnp.array([4.0, 5.0, 6.0]))
+  np.testing.assert_allclose(t_adv[:, 0], [1.0, 3.0])
+  np.testing.assert_allclose(t_clean[:, 0], [4.0, 6.0])
+
+
 @pytest.mark.parametrize('risk', [np.full(10, 0.7), np.full(10, 1e-3) + 1e-19 * np.arange(10)])
 def test_equal_risks_skip_the_update_instead_of_nan(risk):
   tau = jnp.linspace(0.8, 1.2, 10)

@@ -54,6 +54,9 @@ def test_stratified_subset_is_balanced_and_fixed():
   assert set(np.bincount(labels[idx])) == {20}
   np.testing.assert_array_equal(idx, evaluate.stratified_subset(labels, 200, seed=0))
   assert len(evaluate.stratified_subset(labels, 0, seed=0)) == len(labels)
+  assert len(evaluate.stratified_subset(labels, 1, seed=0)) == 1
+  np.testing.assert_array_equal(evaluate.stratified_subset(labels, len(labels), seed=3),
+                                np.arange(len(labels)))  # all of it, in order
 
 
 def test_padded_last_batch_gives_the_same_result_as_one_batch():
