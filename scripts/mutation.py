@@ -86,7 +86,7 @@ def collect(repo: str, python: str):
                                                              int(kv[0].rsplit('_', 1)[1]))):
       status = status_by_exit_code[code]
       before = after = ''
-      if status != 'killed':
+      if status not in KILLED and status != 'not checked':
         diff = subprocess.run([python, '-m', 'mutmut', 'show', name], cwd=repo,
                               capture_output=True, text=True).stdout
         before, after = changed_line(diff)
@@ -98,22 +98,26 @@ KILLED = ('killed', 'timeout', 'segfault')  # a timeout or crash is a detected m
 
 
 def write_report(path: str, rows, equivalents: dict, commit: str, seconds: float, tests) -> tuple:
-  total = len(rows)
-  killed = sum(s in KILLED for _, s, _, _ in rows)
-  survivors = [r for r in rows if r[1] not in KILLED]
+  """docs/mutation.md from ``rows``; mutants not checked (a run stopped early) are counted apart
+  and left out of the score."""
+  checked = [r for r in rows if r[1] != 'not checked']
+  total, unchecked = len(checked), len(rows) - len(checked)
+  killed = sum(s in KILLED for _, s, _, _ in checked)
   equivalent, gaps = [], []
-  for name, status, before, after in survivors:
+  for name, status, before, after in checked:
+    if status in KILLED:
+      continue
     reason = equivalents.get(f'{before} -> {after}')
     (equivalent if reason and reason.startswith('equivalent') else gaps).append(
         (name, status, before, after, reason or 'not yet classified'))
-  denominator = total - len(equivalent)
-  score = 100.0 * killed / max(denominator, 1)
+  score = 100.0 * killed / max(total - len(equivalent), 1)
+  cell = lambda text: text.replace('|', '\\|')  # a table cell
   per_module = {}
   for name, status, *_ in rows:
-    m = name.split('.')[1]
-    k = per_module.setdefault(m, [0, 0, 0])
-    k[0] += 1
+    k = per_module.setdefault(name.split('.')[1], [0, 0, 0, 0])
+    k[0] += status != 'not checked'
     k[1] += status in KILLED
+    k[3] += status == 'not checked'
   for name, *_ in equivalent:
     per_module[name.split('.')[1]][2] += 1
   import mutmut  # pylint: disable=g-import-not-at-top
@@ -125,27 +129,30 @@ def write_report(path: str, rows, equivalents: dict, commit: str, seconds: float
       f'    python scripts/mutation.py --report={os.path.relpath(path, ROOT)}', '',
       'Tests run for each mutant: those of ' + ', '.join(f'`{t}`' for t in tests) +
       ' (not slow) that execute the mutated function.', '',
-      f'**{total} mutants, {killed} killed, {len(equivalent)} equivalent, '
-      f'{len(gaps)} surviving non-equivalent: {score:.1f}% of non-equivalent mutants killed.**', '',
-      '| module | mutants | killed | equivalent | killed / non-equivalent |',
-      '|---|---:|---:|---:|---:|']
+      f'**{total} mutants checked, {killed} killed, {len(equivalent)} equivalent, '
+      f'{len(gaps)} surviving non-equivalent: {score:.1f}% of non-equivalent mutants killed.**'
+      + (f' {unchecked} of the {len(rows)} mutants were not checked: the run was stopped before '
+         f'it reached them.' if unchecked else ''), '',
+      '| module | mutants checked | killed | equivalent | killed / non-equivalent | not checked |',
+      '|---|---:|---:|---:|---:|---:|']
   for m in MODULES:
     if m in per_module:
-      n, k, e = per_module[m]
-      lines.append(f'| {m} | {n} | {k} | {e} | {100.0 * k / max(n - e, 1):.1f}% |')
+      n, k, e, u = per_module[m]
+      lines.append(f'| {m} | {n} | {k} | {e} | {100.0 * k / max(n - e, 1):.1f}% | {u} |')
   lines += ['', '## Surviving non-equivalent mutants', '']
   if gaps:
     lines += ['| mutant | status | line | mutated to | why it survives |', '|---|---|---|---|---|']
-    lines += [f'| `{n}` | {s} | `{b}` | `{a}` | {r} |' for n, s, b, a, r in gaps]
+    lines += [f'| `{n}` | {s} | `{cell(b)}` | `{cell(a)}` | {r} |' for n, s, b, a, r in gaps]
   else:
     lines.append('None.')
   lines += ['', '## Equivalent mutants', '',
             'Mutants that cannot change a result the library computes (reason per changed line, '
             'from `scripts/mutation_equivalents.json`).', '',
             '| mutant | line | mutated to | why it is equivalent |', '|---|---|---|---|']
-  lines += [f'| `{n}` | `{b}` | `{a}` | {r[len("equivalent: "):]} |' for n, _, b, a, r in equivalent]
+  lines += [f'| `{n}` | `{cell(b)}` | `{cell(a)}` | {r[len("equivalent: "):]} |'
+            for n, _, b, a, r in equivalent]
   with open(path, 'w') as f:
-    f.write('\n'.join(lines).replace('|`', '| `') + '\n')
+    f.write('\n'.join(lines) + '\n')
   return total, killed, len(equivalent), len(gaps), score
 
 
@@ -164,24 +171,29 @@ def main():
   if not args.report_only:
     repo = copy_tree(args.workdir)
     write_config(repo, modules, TESTS)
+    head = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=ROOT, capture_output=True,
+                          text=True).stdout.strip()
+    with open(os.path.join(args.workdir, 'commit'), 'w') as f:
+      f.write(head)
     env = dict(os.environ, JAX_PLATFORMS='cpu',
                JAX_COMPILATION_CACHE_DIR=os.path.join(args.workdir, 'xla_cache'))
     subprocess.run([sys.executable, '-m', 'mutmut', 'run', '--max-children', str(args.max_children)],
                    cwd=repo, env=env, check=True, stdout=subprocess.DEVNULL)
     with open(os.path.join(args.workdir, 'seconds'), 'w') as f:
       f.write(str((datetime.datetime.now() - start).total_seconds()))
-  with open(os.path.join(args.workdir, 'seconds')) as f:
-    seconds = float(f.read())
-  commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=ROOT, capture_output=True,
-                          text=True).stdout.strip()
-  dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no', 'ltd_jax', 'tests'],
-                         cwd=ROOT, capture_output=True, text=True).stdout.strip()
+  seconds_file = os.path.join(args.workdir, 'seconds')
+  if os.path.exists(seconds_file):
+    with open(seconds_file) as f:
+      seconds = float(f.read())
+  else:  # stopped early: from the workdir's creation to now
+    seconds = datetime.datetime.now().timestamp() - os.path.getmtime(os.path.join(repo, 'setup.cfg'))
+  with open(os.path.join(args.workdir, 'commit')) as f:  # the commit the run copied
+    commit = f.read().strip()
   rows = collect(repo, sys.executable)
   with open(EQUIVALENTS) as f:
     equivalents = json.load(f)
   total, killed, equivalent, gaps, score = write_report(
-      args.report, rows, equivalents, commit + (' + uncommitted changes' if dirty else ''), seconds,
-      TESTS)
+      args.report, rows, equivalents, commit, seconds, TESTS)
   print(f'{total} mutants, {killed} killed, {equivalent} equivalent, {gaps} surviving: '
         f'{score:.1f}% of non-equivalent killed -> {args.report}')
 

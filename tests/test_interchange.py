@@ -248,6 +248,7 @@ def test_missing_unexpected_and_misshaped_keys_are_listed(tiny_state_dict):
   msg = str(e.value)
   assert '\n' not in msg
   assert '1 missing: conv2.weight' in msg and '1 unexpected: head.weight' in msg
+  assert '(1 missing: conv2.weight; 1 unexpected: head.weight; 1 of another shape: ' in msg
   assert 'fc.weight (7, 16) != (10, 16)' in msg and 'x.pt does not fit small_cnn' in msg
 
 
