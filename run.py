@@ -3,5 +3,7 @@
 
 from ltd_jax.cli import default_workdir, main, parse_flags, run  # pylint: disable=unused-import
 
+__all__ = ['default_workdir', 'main', 'parse_flags', 'run']  # tests drive run.parse_flags / main
+
 if __name__ == '__main__':
   run()

@@ -7,10 +7,9 @@ import json
 import os
 import struct
 
-import numpy as np
 import pytest
 
-from tests.conftest import ROOT, run_in_process
+from tests.conftest import run_in_process
 
 TINY = ['--config=configs/trades_digits.py', '--config.num_epochs=2', '--config.model.width=4',
         '--config.attack.steps=2', '--config.eval.every_epochs=2', '--config.eval.subset_size=60',
