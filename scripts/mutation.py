@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import glob
 import json
 import os
 import platform
@@ -72,11 +73,11 @@ def changed_line(diff: str) -> tuple[str, str]:
   return ' / '.join(minus), ' / '.join(plus)
 
 
-def collect(repo: str, python: str):
-  """[(name, status, before, after)] for every mutant."""
+def collect(repo: str, python: str, modules=MODULES):
+  """[(name, status, before, after)] for every mutant of ``modules`` run in ``repo``."""
   from mutmut.stats import status_by_exit_code  # pylint: disable=g-import-not-at-top
   out = []
-  for module in MODULES:
+  for module in modules:
     meta = os.path.join(repo, 'mutants', 'ltd_jax', f'{module}.py.meta')
     if not os.path.exists(meta):
       continue
@@ -97,7 +98,8 @@ def collect(repo: str, python: str):
 KILLED = ('killed', 'timeout', 'segfault')  # a timeout or crash is a detected mutant
 
 
-def write_report(path: str, rows, equivalents: dict, commit: str, seconds: float, tests) -> tuple:
+def write_report(path: str, rows, equivalents: dict, commit: str, seconds: float, tests,
+                 commits: dict | None = None) -> tuple:
   """docs/mutation.md from ``rows``; mutants not checked (a run stopped early) are counted apart
   and left out of the score."""
   checked = [r for r in rows if r[1] != 'not checked']
@@ -133,12 +135,13 @@ def write_report(path: str, rows, equivalents: dict, commit: str, seconds: float
       f'{len(gaps)} surviving non-equivalent: {score:.1f}% of non-equivalent mutants killed.**'
       + (f' {unchecked} of the {len(rows)} mutants were not checked: the run was stopped before '
          f'it reached them.' if unchecked else ''), '',
-      '| module | mutants checked | killed | equivalent | killed / non-equivalent | not checked |',
-      '|---|---:|---:|---:|---:|---:|']
+      '| module | commit | mutants checked | killed | equivalent | killed / non-equivalent | not checked |',
+      '|---|---|---:|---:|---:|---:|---:|']
   for m in MODULES:
     if m in per_module:
       n, k, e, u = per_module[m]
-      lines.append(f'| {m} | {n} | {k} | {e} | {100.0 * k / max(n - e, 1):.1f}% | {u} |')
+      lines.append(f'| {m} | `{(commits or {}).get(m, commit)}` | {n} | {k} | {e} | '
+                   f'{100.0 * k / max(n - e, 1):.1f}% | {u} |')
   lines += ['', '## Surviving non-equivalent mutants', '']
   if gaps:
     lines += ['| mutant | status | line | mutated to | why it survives |', '|---|---|---|---|---|']
@@ -158,7 +161,9 @@ def write_report(path: str, rows, equivalents: dict, commit: str, seconds: float
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--workdir', default='/tmp/ltd_jax_mutation')
+  parser.add_argument('--workdir', default='/tmp/ltd_jax_mutation',
+                      help='with --report-only, several comma-separated runs may be merged: a '
+                           'later one replaces the modules it ran')
   parser.add_argument('--report', default=os.path.join(ROOT, 'docs', 'mutation.md'))
   parser.add_argument('--max-children', type=int, default=2)
   parser.add_argument('--modules', default=','.join(MODULES))
@@ -166,7 +171,6 @@ def main():
                       help='re-classify the results already in --workdir')
   args = parser.parse_args()
   modules = args.modules.split(',')
-  repo = os.path.join(args.workdir, 'repo')
   start = datetime.datetime.now()
   if not args.report_only:
     repo = copy_tree(args.workdir)
@@ -181,19 +185,31 @@ def main():
                    cwd=repo, env=env, check=True, stdout=subprocess.DEVNULL)
     with open(os.path.join(args.workdir, 'seconds'), 'w') as f:
       f.write(str((datetime.datetime.now() - start).total_seconds()))
-  seconds_file = os.path.join(args.workdir, 'seconds')
-  if os.path.exists(seconds_file):
-    with open(seconds_file) as f:
-      seconds = float(f.read())
-  else:  # stopped early: from the workdir's creation to now
-    seconds = datetime.datetime.now().timestamp() - os.path.getmtime(os.path.join(repo, 'setup.cfg'))
-  with open(os.path.join(args.workdir, 'commit')) as f:  # the commit the run copied
-    commit = f.read().strip()
-  rows = collect(repo, sys.executable)
+  by_module, commits, seconds = {}, {}, 0.0
+  for workdir in args.workdir.split(','):
+    repo = os.path.join(workdir, 'repo')
+    with open(os.path.join(workdir, 'commit')) as f:  # the commit the run copied
+      commit = f.read().strip()
+    seconds_file = os.path.join(workdir, 'seconds')
+    if os.path.exists(seconds_file):
+      with open(seconds_file) as f:
+        seconds += float(f.read())
+    else:  # stopped early: from its start to the last result it wrote
+      metas = glob.glob(os.path.join(repo, 'mutants', 'ltd_jax', '*.meta'))
+      seconds += max(map(os.path.getmtime, metas)) - os.path.getmtime(os.path.join(repo, 'setup.cfg'))
+    ran = [m for m in modules
+           if os.path.exists(os.path.join(repo, 'mutants', 'ltd_jax', f'{m}.py.meta'))]
+    rows = collect(repo, sys.executable, ran)
+    for m in ran:
+      module_rows = [r for r in rows if r[0].split('.')[1] == m]
+      if any(r[1] != 'not checked' for r in module_rows) or m not in by_module:
+        by_module[m], commits[m] = module_rows, commit
+  rows = [r for m in MODULES if m in by_module for r in by_module[m]]
   with open(EQUIVALENTS) as f:
     equivalents = json.load(f)
+  label = ', '.join(sorted(set(commits.values())))
   total, killed, equivalent, gaps, score = write_report(
-      args.report, rows, equivalents, commit, seconds, TESTS)
+      args.report, rows, equivalents, label, seconds, TESTS, commits)
   print(f'{total} mutants, {killed} killed, {equivalent} equivalent, {gaps} surviving: '
         f'{score:.1f}% of non-equivalent killed -> {args.report}')
 
