@@ -45,11 +45,16 @@ LOSS_TERMS = ('loss_natural', 'loss_robust', 'teacher_entropy')
 
 def train_step(state: TrainState, images: jax.Array, labels: jax.Array, teacher_variables=None,
                teacher_logits=None, *, method: methods.Method, config, augment_kind: str,
-               num_classes: int, steps_per_epoch: int, teacher_apply_fn=None):
+               num_classes: int, steps_per_epoch: int, teacher_apply_fn=None,
+               return_inputs: bool = False):
   """One optimisation step of ``method`` on a uint8 batch; returns (state, summed metrics).
 
   Distillation methods get the frozen teacher's eval-mode logits on the same augmented
-  images, from ``teacher_variables`` or precomputed in ``teacher_logits``.
+  images, from ``teacher_variables`` or precomputed in ``teacher_logits``. With
+  ``return_inputs`` the metrics also hold what the loss was differentiated on: the augmented
+  images ``x``, the attack's ``x_adv`` (when the method has an adversary) and the teacher's
+  ``teacher_logits`` (tests feed them to a reference step, so that the reference sees the
+  in-step attack's own result rather than another compilation's).
   """
   aug_rng, attack_rng = jax.random.split(jax.random.fold_in(state.rng, state.step))
   x = data.augment(aug_rng, images, augment_kind)
@@ -106,6 +111,9 @@ def train_step(state: TrainState, images: jax.Array, labels: jax.Array, teacher_
   for key in LOSS_TERMS:
     if key in aux:
       metrics[key] = aux[key]
+  if return_inputs:
+    metrics.update(x=x, **({'x_adv': x_adv} if x_adv is not None else {}),
+                   **({'teacher_logits': teacher_logits} if teacher_logits is not None else {}))
   return state.replace(**new), metrics
 
 

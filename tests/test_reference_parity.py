@@ -9,8 +9,10 @@ per-class risks and temperature rule): TRADES ``trades.py`` (yaodongyu/TRADES), 
 teacher's soft labels at T = 5 in the natural term); natural and PGD-AT in the same style.
 
 Both sides start from the same weights (the JAX model exported through the interchange) and the
-same batch; the PyTorch attack starts from the JAX attack's start, and its result is checked
-against the JAX adversarial images, which both losses then use. Asserted: the loss within 1e-4
+same batch. The compiled train step reports the adversarial images its own attack made; the
+PyTorch attack, run from the same start, is checked against them (pixels may differ only where
+float32 rounding can flip a sign), and both updates are then computed on them, so nothing here
+relies on two XLA compilations rounding alike. Asserted: the loss within 1e-4
 relative; every parameter's update within 3x float32 PyTorch's own error against float64
 PyTorch; BatchNorm running statistics (PyTorch keeps the unbiased batch variance, n/(n-1));
 ABSLD's per-class risk sums and updated temperatures.
@@ -48,18 +50,31 @@ def kl_loss(a, b):
   return -a * b + torch.log(b + 1e-5) * b
 
 
-def pgd(model, x, x_start, objective, eps, alpha, steps):
-  """The reference attacks' loop (model already in eval mode), from ``x_start``."""
+def pgd(model, x, x_start, objective, eps, alpha, steps, rounding=None):
+  """The reference attacks' loop (model already in eval mode), from ``x_start``.
+
+  With ``rounding = (model32, objective32)`` it also returns the pixels whose sign(grad) is
+  within float32 rounding of flipping at some step: where |grad| (this model's, float64) is at
+  most 8x the largest |float32 grad - float64 grad| measured at the same iterate (8: another
+  implementation sums in another order). Only those pixels can come out differently from a
+  correct float32 attack; every other sign is the same in any float32 implementation."""
   x_adv = x_start.clone()
+  fragile = torch.zeros_like(x, dtype=torch.bool)
   for _ in range(steps):
     x_adv.requires_grad_()
     with torch.enable_grad():
       loss = objective(model(x_adv))
     grad = torch.autograd.grad(loss, [x_adv])[0]
+    if rounding is not None:
+      model32, objective32 = rounding
+      x32 = x_adv.detach().float().requires_grad_()
+      with torch.enable_grad():
+        grad32 = torch.autograd.grad(objective32(model32(x32)), [x32])[0].to(grad.dtype)
+      fragile |= grad.abs() <= 8 * (grad32 - grad).abs().max()
     x_adv = x_adv.detach() + alpha * torch.sign(grad.detach())
     x_adv = torch.min(torch.max(x_adv, x - eps), x + eps)
     x_adv = torch.clamp(x_adv, 0.0, 1.0)
-  return x_adv
+  return (x_adv, fragile) if rounding is not None else x_adv
 
 
 def trades_kl_objective(model, x):
@@ -87,21 +102,32 @@ class Reference:
     model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in sd.items()}, strict=True)
     return model.to(self.dtype)
 
-  def attack(self, x, y, x_start):
-    """The adversarial images the reference attack finds from ``x_start`` (eval mode)."""
-    m, c, model = self.method, self.c, self.model
+  def objective(self, x, y):
+    """The attack's objective on ``x`` (puts the model in eval mode)."""
+    m, model = self.method, self.model
     model.eval()
     if m == 'pgd_at':
-      objective = lambda logits: F.cross_entropy(logits, y, reduction='sum')
-    elif m in ('trades', 'awp', 'ltd'):
-      objective = trades_kl_objective(model, x)
-    else:  # rslad / absld: KL(teacher target || f(x_adv)), sum
-      target = F.softmax(self._teacher_targets(x, y)[0], dim=1)
-      objective = lambda logits: torch.sum(F.kl_div(F.log_softmax(logits, dim=1), target,
-                                                    reduction='none'))
-    x_adv = pgd(model, x, x_start, objective, c.eps, c.attack.alpha, c.attack.steps)
-    model.train()
-    return x_adv
+      return lambda logits: F.cross_entropy(logits, y, reduction='sum')
+    if m in ('trades', 'awp', 'ltd'):
+      return trades_kl_objective(model, x)
+    # rslad / absld: KL(teacher target || f(x_adv)), sum
+    target = F.softmax(self._teacher_targets(x, y)[0], dim=1)
+    return lambda logits: torch.sum(F.kl_div(F.log_softmax(logits, dim=1), target,
+                                             reduction='none'))
+
+  def attack(self, x, y, x_start, ref32=None):
+    """The adversarial images the reference attack finds from ``x_start`` (eval mode); with
+    the float32 reference ``ref32``, also the pixels within rounding of a sign flip."""
+    c = self.c
+    rounding = None
+    if ref32 is not None:
+      rounding = (ref32.model, ref32.objective(x.float(), y))
+    out = pgd(self.model, x, x_start, self.objective(x, y), c.eps, c.attack.alpha,
+              c.attack.steps, rounding)
+    self.model.train()
+    if ref32 is not None:
+      ref32.model.train()
+    return out
 
   def _teacher_targets(self, x, y):
     """ABSLD's per-sample scaled teacher logits (adv, nat) as resnet18_absld_cifar10.py builds
@@ -285,28 +311,36 @@ def test_train_step_equals_the_reference_pytorch_step(variant):
     teacher_sd = torch_layout(t_params, t_stats)
   sd0 = torch_layout(state.params, state.batch_stats)
 
-  # JAX: the trainer's own step, and its adversarial images (the same pure function of state).
+  # JAX: the trainer's own step, with the images its loss was differentiated on; the reference
+  # steps are fed those, so the comparison of the updates does not depend on two compilations
+  # of the attack rounding alike.
   step = jax.jit(lambda s, t: train.train_step(
       s, images, labels, t, method=method, config=config, augment_kind='none', num_classes=C,
-      steps_per_epoch=5, teacher_apply_fn=model.apply if teacher_vars else None))
+      steps_per_epoch=5, teacher_apply_fn=model.apply if teacher_vars else None,
+      return_inputs=True))
   new, metrics = step(state, teacher_vars)
-  x = jnp.asarray(images, jnp.float32) / 255.0
-  _, attack_rng = jax.random.split(jax.random.fold_in(state.rng, state.step))
-  x_start = attacks.INITS[config.attack.init](attack_rng, x, config.eps)
-  teacher_logits = model.apply(teacher_vars, x, train=False) if teacher_vars else None
-  inputs = methods.MethodInputs(x, jnp.asarray(labels), attack_rng, state.method_state,
-                                teacher_logits)
-  x_adv = method.adversary(train.attack_logits_fn(state), inputs, config)
+  x, x_adv = metrics['x'], metrics.get('x_adv')
+  np.testing.assert_array_equal(x, images / np.float32(255.0))  # augment 'none'
 
   to_t = lambda a, dt: torch.from_numpy(np.asarray(a)).permute(0, 3, 1, 2).to(dt)
   y_t = torch.from_numpy(labels).long()
+  refs = {dt: Reference(config.method, config, sd0, teacher_sd, dt)
+          for dt in (torch.float32, torch.float64)}
+  if x_adv is not None:
+    # The in-step attack against the reference attack from the same start (the start is a
+    # pure function of the step's rng): pixels may differ only through signs that float32
+    # rounding can flip, so at most as many as the reference finds within rounding of a flip.
+    _, attack_rng = jax.random.split(jax.random.fold_in(state.rng, state.step))
+    x_start = attacks.INITS[config.attack.init](attack_rng, x, config.eps)
+    torch_adv, fragile = refs[torch.float64].attack(to_t(x, torch.float64), y_t,
+                                                    to_t(x_start, torch.float64),
+                                                    ref32=refs[torch.float32])
+    differ = ~np.isclose(torch_adv.permute(0, 2, 3, 1).numpy(), np.asarray(x_adv), atol=1e-5)
+    assert differ.sum() <= fragile.sum(), (
+        f'the attacks differ in {differ.sum()} pixels; {fragile.sum()} are within rounding '
+        f'of a sign flip')
   results = {}
-  for dt in (torch.float32, torch.float64):
-    ref = Reference(config.method, config, sd0, teacher_sd, dt)
-    if x_adv is not None:
-      torch_adv = ref.attack(to_t(x, dt), y_t, to_t(x_start, dt))
-      same = np.isclose(torch_adv.permute(0, 2, 3, 1).numpy(), np.asarray(x_adv), atol=1e-5)
-      assert same.mean() > 0.995, f'{dt}: the attacks agree on {same.mean():.2%} of the pixels'
+  for dt, ref in refs.items():
     loss, risks = ref.step(to_t(x, dt), y_t, None if x_adv is None else to_t(x_adv, dt))
     sd = {k: v.detach().numpy().astype(np.float64) for k, v in ref.model.state_dict().items()}
     results[dt] = (loss, risks, sd, ref)
