@@ -326,7 +326,11 @@ def _awp_setup(tiny_config, **awp_kw):
 
 def test_awp_gamma_zero_and_warmup_equal_trades(tiny_config):
   """Same parameters and optimizer state; the running statistics differ by design (AWP's code
-  runs the adversarial forward first: test_reference_parity checks both orders)."""
+  runs the adversarial forward first: test_reference_parity checks both orders). The two steps
+  are two programs, each with its own attack, and a sign(grad) that rounds the other way in one
+  of them would move a pixel by alpha: the attack takes no step here (x_adv is the start, equal
+  in both to rounding), so what is compared is the update alone."""
+  tiny_config.attack.steps = 0
   st, step = _awp_setup(tiny_config, gamma=0.0, warmup_epochs=0)
   trades_cfg = ml_collections.ConfigDict(tiny_config.to_dict())
   trades_cfg.method = 'trades'
@@ -348,6 +352,7 @@ def test_awp_restores_the_weights_exactly_and_changes_the_gradient(tiny_config):
   st = st.replace(opt_state=st.tx.init(st.params))
   got, _ = step('awp', tiny_config)(st)
   for a, b in zip(jax.tree_util.tree_leaves(st.params), jax.tree_util.tree_leaves(got.params)):
+    # Exact by construction: the update is applied to w, not to w + delta, and is 0 at lr = 0.
     np.testing.assert_array_equal(a, b)  # lr = 0: the perturbation is fully undone
   trades_cfg = ml_collections.ConfigDict(tiny_config.to_dict())
   trades_cfg.method = 'trades'
@@ -422,6 +427,9 @@ def test_absld_training_updates_logs_and_checkpoints_temperatures(tiny_config, t
   with pytest.raises(Stop):  # killed mid-epoch 2, after the epoch-1 checkpoint and update
     train.train_and_evaluate(tiny_config, str(tmp_path / 'resumed'), step_hook=stop_at_7)
   resumed = train.train_and_evaluate(tiny_config, str(tmp_path / 'resumed'))
+  # Exact by construction: both runs execute the same compiled step program (same HLO, so the
+  # same executable; the compilation cache hands the resumed run the very same one) on
+  # the same state and batches, and checkpoints restore every bit.
   for a, b in zip(jax.tree_util.tree_leaves((st.params, st.method_state)),
                   jax.tree_util.tree_leaves((resumed.params, resumed.method_state))):
     np.testing.assert_array_equal(a, b)

@@ -91,8 +91,11 @@ def test_unrolled_evaluation_attacks_equal_the_looped_ones():
     program = step.lower({'w': w}, images, labels, jax.random.PRNGKey(3)).as_text()
     loops[unroll] = program.count('stablehlo.while')
   assert loops[False] == loops[True] + 2  # PGD's and CW's loops gone (the rest: threefry)
+  # The two are different programs, which XLA may round differently: an example whose gradient
+  # has a component within rounding of 0 at some step can end either way, so one example per
+  # attack may differ; a wrong unrolling changes most of the 64.
   for name in ('clean', 'pgd20', 'cw'):
-    np.testing.assert_array_equal(out[False][name], out[True][name])
+    assert np.sum(out[False][name] != out[True][name]) <= (0 if name == 'clean' else 1), name
   assert out[True]['pgd20'].sum() < out[True]['clean'].sum()  # the attacks did something
 
 

@@ -119,6 +119,7 @@ def test_exported_model_is_a_torch_teacher(trained):
   config.teacher.source = 'torch'
   config.teacher.path = os.path.join(trained, 'export', 'model.safetensors')  # model.json beside
   got = teacher_lib.prepare_teacher(config, trained, ds, run_stage=None)
+  # Exact by construction: export and import copy arrays, and the logits come from one program.
   for a, b in zip(jax.tree_util.tree_leaves(want.variables), jax.tree_util.tree_leaves(got.variables)):
     np.testing.assert_array_equal(a, b)
   np.testing.assert_array_equal(teacher_lib.precompute_logits(got, ds.test_images[:50]),

@@ -31,6 +31,9 @@ def _leaves(state):
 
 
 def _assert_same_state(a, b):
+  """Bit-identical, by construction: every run executes the same compiled step program on the
+  same state and batches (the batch is a pure function of (seed, step)), and checkpoints
+  restore every bit."""
   for x, y in zip(_leaves(a), _leaves(b)):
     np.testing.assert_array_equal(x, y)
 
