@@ -17,7 +17,7 @@ import gpu_check  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 def test_stage_kills_a_command_at_its_budget_and_skips_what_no_longer_fits(tmp_path):
   log = str(tmp_path / 'stage.log')
-  stage = gpu_check.Stage('x', budget_s=5.0, log_path=log)
+  stage = gpu_check.Stage('x', budget_s=5.0, log_path=log, flag='--budgetX')
   fails = [sys.executable, '-c', 'import sys; print("bad"); sys.exit(3)']
   assert stage.run('fails', fails) is False
   assert stage.run('sleeps', [sys.executable, '-c', 'import time; time.sleep(60)'],
@@ -28,11 +28,19 @@ def test_stage_kills_a_command_at_its_budget_and_skips_what_no_longer_fits(tmp_p
   assert stage.run('late', [sys.executable, '-c', 'import time; time.sleep(60)']) is False
   assert stage.run('never', [sys.executable, '-c', 'print(1)']) is False
   status = [s.split(',')[0] for s in stage.status]
-  assert status == ['fails: failed (exit 3)', 'sleeps: timed out', 'a: ok', 'b: ok',
-                    'late: timed out', 'never: skipped (stage budget spent)']
+  assert status == ['fails: failed (exit 3)', 'sleeps: timed out (raise --budgetX)', 'a: ok',
+                    'b: ok', 'late: timed out (raise --budgetX)',
+                    'never: skipped (stage budget spent; raise --budgetX)']
   text = open(log).read()
   assert 'bad' in text and '===== a: exit 0' in text and text.index('\na\n') < text.index('\nb\n')
   assert not [f for f in os.listdir(tmp_path) if f.endswith('.part')]
+
+
+def test_a_stage_without_budget_sets_no_wall_clock_limit(tmp_path):
+  """The dry run's stages: a command's own timeout is a share of a budget there is none of."""
+  stage = gpu_check.Stage('x', budget_s=float('inf'), log_path=str(tmp_path / 'log'))
+  assert stage.run('slow', [sys.executable, '-c', 'import time; time.sleep(3)'], timeout_s=1.0)
+  assert stage.status[0].startswith('slow: ok')
 
 
 def test_dry_run_goes_through_every_stage(tmp_path):
@@ -46,6 +54,7 @@ def test_dry_run_goes_through_every_stage(tmp_path):
   assert files == ['benchmarks.md', 'comparison.md', 'runs.tar.gz', 'stage1_tests.log',
                    'stage2_benchmarks.log', 'stage3_training.log', 'summary.md']
   summary = (out / 'summary.md').read_text()
+  assert summary.count('(no budget, ') == 3  # no stage of the dry run is timed but by CI
   for label in ('pytest', 'small_cnn_f32', 'attack_loop', 'teacher (TRADES)', 'absld seed 0',
                 'rslad seed 0', 'autoattack absld seed 0', 'autoattack rslad seed 0'):
     assert f'  - {label}: ok' in summary, summary
