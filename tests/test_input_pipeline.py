@@ -280,7 +280,12 @@ def test_absld_tinyimagenet_config_trains_on_mock_data(tiny_root, tmp_path):
   assert os.path.exists(tmp_path / 'run' / 'results.json')
 
 
-def test_ltd_imagenet_resnet50_config_trains_on_mock_data(tmp_path):
+@pytest.mark.parametrize('student', [
+    # ResNet-50's LTD step compiles for about a minute on 2 cores: slow. Its fast equivalent is
+    # the same config and pipeline with a small student, and ResNet-50 itself against
+    # torchvision (keys, shapes, logits) in test_interchange.
+    pytest.param('resnet50', marks=pytest.mark.slow), 'small_cnn'])
+def test_ltd_imagenet_resnet50_config_trains_on_mock_data(tmp_path, student):
   root = str(tmp_path / 'data')
   mock_imagenet(root)
   config = config_lib.load_config_file(os.path.join(ROOT, 'configs', 'ltd_imagenet_resnet50.py'))
@@ -294,6 +299,11 @@ def test_ltd_imagenet_resnet50_config_trains_on_mock_data(tmp_path):
                            'teacher.config': teacher, 'optim.lr': 1e-3,
                            'eval.during_training': ('clean',), 'eval.final': ('clean',),
                            'eval.selection': 'last'})
+  if student != 'resnet50':
+    config.model.name, config.model.width = student, 4
   state = train.train_and_evaluate(config, str(tmp_path / 'run'))
   assert int(state.step) == 2
-  assert state.params['fc']['kernel'].shape == (2048, 1000)
+  if student == 'resnet50':
+    assert state.params['fc']['kernel'].shape == (2048, 1000)
+  else:
+    assert jax.tree_util.tree_leaves(state.params)[-1].shape[-1] == 1000

@@ -33,22 +33,30 @@ def stand_in_teachers(tmp_path_factory):
   return teachers
 
 
-@pytest.mark.parametrize('name,method,model,epochs', [
-    ('absld_cifar10', 'absld', 'resnet18', 300),
-    ('absld_cifar10_mobilenetv2', 'absld', 'mobilenetv2', 300),
-    ('absld_cifar100', 'absld', 'resnet18', 300),
-    ('rslad_cifar10', 'rslad', 'resnet18', 300),
-    # ltd_awp_cifar10 derives from ltd_trades_cifar10 and runs the same WRN-34-10 LTD step plus
-    # AWP: the TRADES-based one is slow, for the suite's time on 2 cores.
-    pytest.param('ltd_trades_cifar10', 'ltd', 'wrn-34-10', 120, marks=pytest.mark.slow),
-    ('ltd_awp_cifar10', 'ltd', 'wrn-34-10', 120),
-    pytest.param('ltd_awp_cifar10_wrn34_20', 'ltd', 'wrn-34-20', 120, marks=pytest.mark.slow),
-    pytest.param('ltd_awp_cifar100', 'ltd', 'wrn-34-10', 120, marks=pytest.mark.slow),
+# The suite's time on 2 cores: the WRN-34-x steps and MobileNetV2's are slow (half a minute or
+# more of compilation each); their fast equivalents run by default: LTD-AWP's config on a
+# WRN-10-1 (the same step on the same WideResNet code, 1 block per group), and MobileNetV2's
+# forward and BatchNorm modes in test_models / its PyTorch layout in test_interchange.
+@pytest.mark.parametrize('name,method,model,epochs,student', [
+    ('absld_cifar10', 'absld', 'resnet18', 300, None),
+    pytest.param('absld_cifar10_mobilenetv2', 'absld', 'mobilenetv2', 300, None,
+                 marks=pytest.mark.slow),
+    ('absld_cifar100', 'absld', 'resnet18', 300, None),
+    ('rslad_cifar10', 'rslad', 'resnet18', 300, None),
+    # ltd_awp_cifar10 derives from ltd_trades_cifar10 and runs the same LTD step plus AWP.
+    pytest.param('ltd_trades_cifar10', 'ltd', 'wrn-34-10', 120, None, marks=pytest.mark.slow),
+    pytest.param('ltd_awp_cifar10', 'ltd', 'wrn-34-10', 120, None, marks=pytest.mark.slow),
+    ('ltd_awp_cifar10', 'ltd', 'wrn-34-10', 120, 'wrn-10-1'),
+    pytest.param('ltd_awp_cifar10_wrn34_20', 'ltd', 'wrn-34-20', 120, None,
+                 marks=pytest.mark.slow),
+    pytest.param('ltd_awp_cifar100', 'ltd', 'wrn-34-10', 120, None, marks=pytest.mark.slow),
 ])
-def test_paper_distillation_config_runs_a_step(name, method, model, epochs, stand_in_teachers,
-                                                tmp_path):
+def test_paper_distillation_config_runs_a_step(name, method, model, epochs, student,
+                                                stand_in_teachers, tmp_path):
   config = config_lib.load_config_file(os.path.join(ROOT, 'configs', f'{name}.py'))
   assert (config.method, config.model.name, config.num_epochs) == (method, model, epochs)
+  if student:
+    config.model.name = student
   assert config.teacher.source == 'train' and os.path.exists(os.path.join(ROOT, config.teacher.config))
   config.data.dir = _data_dir(config.data.name)
   config.teacher.source, config.teacher.path = 'workdir', stand_in_teachers[config.data.name]
