@@ -77,7 +77,17 @@ def pytest_addoption(parser):
   parser.addoption('--runslow', action='store_true', help='also run tests marked slow')
 
 
+# The modules whose tests take longest (CI's --durations), run first: with two test processes
+# (README's command: pytest-xdist, a module's tests in one process) the long ones start at once
+# and the short ones fill in beside them, rather than one long module running alone at the end.
+LONGEST_MODULES_FIRST = ('test_gpu_check.py', 'test_parallel.py', 'test_faults.py',
+                         'test_input_pipeline.py', 'test_distillation.py', 'test_export_autoattack.py',
+                         'test_teacher.py', 'test_paper_configs.py')
+
+
 def pytest_collection_modifyitems(config, items):
+  rank = {name: i for i, name in enumerate(LONGEST_MODULES_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order kept within
   if config.getoption('--runslow'):
     return
   skip = pytest.mark.skip(reason='paper-scale smoke run: pass --runslow')
