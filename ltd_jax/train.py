@@ -52,9 +52,9 @@ def train_step(state: TrainState, images: jax.Array, labels: jax.Array, teacher_
   Distillation methods get the frozen teacher's eval-mode logits on the same augmented
   images, from ``teacher_variables`` or precomputed in ``teacher_logits``. With
   ``return_inputs`` the metrics also hold what the loss was differentiated on: the augmented
-  images ``x``, the attack's ``x_adv`` (when the method has an adversary) and the teacher's
-  ``teacher_logits`` (tests feed them to a reference step, so that the reference sees the
-  in-step attack's own result rather than another compilation's).
+  images ``x`` and the attack's ``x_adv`` (when the method has an adversary); tests feed them to
+  a reference step, so that the reference sees the in-step attack's own result rather than
+  another compilation's.
   """
   aug_rng, attack_rng = jax.random.split(jax.random.fold_in(state.rng, state.step))
   x = data.augment(aug_rng, images, augment_kind)
@@ -112,8 +112,9 @@ def train_step(state: TrainState, images: jax.Array, labels: jax.Array, teacher_
     if key in aux:
       metrics[key] = aux[key]
   if return_inputs:
-    metrics.update(x=x, **({'x_adv': x_adv} if x_adv is not None else {}),
-                   **({'teacher_logits': teacher_logits} if teacher_logits is not None else {}))
+    metrics['x'] = x
+    if x_adv is not None:
+      metrics['x_adv'] = x_adv
   return state.replace(**new), metrics
 
 

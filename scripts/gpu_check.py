@@ -62,6 +62,11 @@ class Stage:
   def left(self) -> float:
     return self.budget_s - (time.monotonic() - self.start)
 
+  def left_but(self, reserve: float) -> float | None:
+    """Seconds left once ``reserve`` (a share of the budget) is kept for later commands; None
+    (no limit) without a budget."""
+    return None if self.budget_s == float('inf') else self.left() - reserve * self.budget_s
+
   def _log(self, text: str) -> None:
     with open(self.log_path, 'a') as f:
       f.write(text)
@@ -251,8 +256,7 @@ def stage3(args, log: str, work: str, data_dir: str) -> tuple[Stage, dict]:
                     f'--config.teacher.path={teacher_dir}', f'--config.seed={seed}',
                     *over['student']],
                    {'XLA_PYTHON_CLIENT_MEM_FRACTION': share}))
-  done = stage.run_parallel(jobs, None if args.budget3 == float('inf')
-                            else stage.left() - 0.25 * args.budget3)
+  done = stage.run_parallel(jobs, stage.left_but(0.25))
   aa = [f'--config.autoattack.n_examples={args.aa_examples}',
         f'--config.autoattack.device={"cpu" if args.dry_run else "cuda"}']
   aa_jobs = [(f'autoattack {method} seed {seed}',
