@@ -11,6 +11,9 @@ donated, the training set on the devices, the batch sharded over every device) a
   * achieved TFLOP/s and its share of the matrix-multiply peak measured on this machine;
   * memory: XLA's compiled estimate of the step (arguments + outputs + temporaries) and the
     device's peak bytes in use where it reports them (GPU/TPU; peak since the process started);
+  * with ``--predict=TARGET`` (h200, h100, ...), the same step compiled for compile-only devices
+    of that target, as ``--mode=compile`` does without a GPU: its compile seconds and memory
+    estimate beside the device's, which calibrates docs/gpu_plan.md on the first lent GPU;
   * the same step in PyTorch (``benchmarks/torch_reference.py``), eager and / or with
     ``torch.compile`` (``--torch=eager,compile``), measured in the same run: images/s, the first
     (compiling) step's seconds and the JAX / PyTorch images/s ratio.
@@ -43,11 +46,11 @@ from ltd_jax import train  # pylint: disable=g-import-not-at-top
 ALL_METHODS = ('natural', 'pgd_at', 'trades', 'awp', 'rslad', 'absld', 'ltd')
 
 
-def minimal_passes(method: str, k: int, teacher_ratio: float) -> float:
-  """Forward-pass equivalents a method cannot do without (see the module docstring)."""
-  return {'natural': 3, 'pgd_at': 2 * k + 3, 'trades': 2 * k + 7, 'awp': 2 * k + 13,
-          'rslad': 2 * k + 6 + teacher_ratio, 'absld': 2 * k + 6 + teacher_ratio,
-          'ltd': 2 * k + 7 + teacher_ratio}[method]
+def minimal_passes(config, teacher_ratio: float) -> float:
+  """Forward-pass equivalents a method cannot do without (``Method.minimal_passes``, plus the
+  teacher's forward in student-forward units)."""
+  m = methods.get_method(config.method)
+  return m.minimal_passes(config) + (teacher_ratio if m.needs_teacher else 0.0)
 
 
 def matmul_peak(dtype, n: int, reps: int = 5) -> float:
@@ -127,9 +130,10 @@ def bench_jax(args, method: str, mesh) -> dict:
     state, metrics = compiled(state, batch_of(i + 1), device_data, teacher_vars)
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - t0)
+  predicted = predict(args, c, kwargs, state, batch_of(0), device_data, teacher_vars, mesh)
   stats = jax.devices()[0].memory_stats() or {}
   step_s = statistics.median(times)
-  passes = minimal_passes(method, args.attack_steps, teacher_ratio)
+  passes = minimal_passes(c, teacher_ratio)
   return {
       'method': method, 'compile_s': compile_s, 'step_ms': 1000 * step_s,
       'images_per_s': args.batch / step_s,
@@ -142,7 +146,29 @@ def bench_jax(args, method: str, mesh) -> dict:
       'device_peak_mib': stats['peak_bytes_in_use'] / 2**20 if 'peak_bytes_in_use' in stats
                          else float('nan'),
       'loss': float(metrics['loss']),
+      **predicted,
   }
+
+
+def predict(args, config, kwargs, state, batch, device_data, teacher_vars, mesh) -> dict:
+  """The step compiled for ``args.predict``'s compile-only devices (as many as ``mesh`` has):
+  compile seconds and XLA's memory estimate (MiB), as ``--mode=compile`` predicts them."""
+  if not args.predict:
+    return {}
+  from ltd_jax import compile_plan  # pylint: disable=g-import-not-at-top
+  from ltd_jax import targets  # pylint: disable=g-import-not-at-top
+  target_mesh = parallel.make_mesh(targets.compile_only_devices(
+      targets.get(args.predict), mesh.devices.size))
+  as_abstract = lambda tree, sharded: (
+      parallel.abstract_batch if sharded else parallel.abstract_replicated)(
+          jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree),
+          target_mesh)
+  lowered = train.make_train_step_fn(target_mesh, config=config, **kwargs).lower(
+      as_abstract(state, False), as_abstract(batch, True), as_abstract(device_data, False),
+      as_abstract(teacher_vars, False) if teacher_vars is not None else None)
+  compiled = compile_plan.compile_lowered(lowered)
+  return {'predicted_compile_s': compiled.seconds,
+          'predicted_mib': compiled.need(0) / 2**20}
 
 
 def bench_torch(args, method: str, compile: bool = False) -> dict | None:
@@ -192,16 +218,20 @@ def table_lines(args, rows, peak, torch_modes) -> list[str]:
   ]
   head = ('| method | compile s | step ms | images/s | GFLOP/image | min passes | FLOPs / minimal '
           '| TFLOP/s | % of matmul peak | XLA MiB | device peak MiB |')
+  if args.predict:
+    head += f' {args.predict} deviceless compile s | {args.predict} deviceless MiB |'
   for mode in torch_modes:
     name = 'PyTorch' if mode == 'eager' else 'torch.compile'
     head += f' {name} images/s | {name} first step s | {name} peak MiB | JAX / {name} |'
-  lines += [head, '|---|' + '---:|' * (10 + 4 * len(torch_modes))]
+  lines += [head, '|---|' + '---:|' * (10 + 2 * bool(args.predict) + 4 * len(torch_modes))]
   for r in rows:
     pct = 100 * r['tflops'] * 1e12 / peak[peak_key] / jax.device_count()
     line = (f'| {r["method"]} | {r["compile_s"]:.1f} | {r["step_ms"]:.1f} | '
             f'{r["images_per_s"]:.1f} | {r["gflop_per_image"]:.2f} | {r["min_passes"]:.1f} '
             f'| {r["flop_ratio"]:.2f} | {r["tflops"]:.3f} | {pct:.0f} '
             f'| {r["xla_mib"]:.0f} | {r["device_peak_mib"]:.0f} |')
+    if args.predict:
+      line += f' {r["predicted_compile_s"]:.1f} | {r["predicted_mib"]:.0f} |'
     for mode in torch_modes:
       t = r.get(f'torch_{mode}')
       line += (' - | - | - | - |' if t is None else
@@ -227,6 +257,8 @@ def main():
                  help='PyTorch references to time beside JAX: eager, compile (torch.compile), '
                       'both as eager,compile, or none')
   p.add_argument('--no_torch', action='store_true', help='same as --torch=none')
+  p.add_argument('--predict', default='', help='also compile each step for compile-only '
+                 'devices of this target (ltd_jax/targets.py) and report its memory estimate')
   p.add_argument('--out', default='', help='also write the table to this Markdown file '
                  '(rewritten after every method, so a run cut short keeps its rows)')
   args = p.parse_args()

@@ -38,19 +38,21 @@ def init_none(rng, x, eps):
 INITS = {'uniform': init_uniform, 'normal': init_normal, 'none': init_none}
 
 # Whether an attack's K steps are written out in the program (True) or run as a lax.fori_loop,
-# per JAX backend, for ``attack.unroll`` / ``eval.unroll`` left at None. XLA:CPU ran the training
+# per platform of the devices the step is compiled for (``parallel.platform(mesh)``: 'cpu',
+# 'gpu', 'tpu'; a deviceless GPU topology is 'gpu'), for ``attack.unroll`` / ``eval.unroll``
+# left at None. XLA:CPU ran the training
 # attack's loop body 2.2x slower than the unrolled steps, while evaluation on small models is
 # compile-bound (benchmarks/README.md); on GPUs the choice is set from the loop-vs-unrolled rows
 # of scripts/gpu_check.sh (until measured: loops, which compile once per step).
 UNROLL_DEFAULTS = {'train': {'cpu': True}, 'eval': {'cpu': False}}
 
 
-def resolve_unroll(value: bool | None, use: str, backend: str | None = None) -> bool:
-  """``value`` when set, else the default of ``use`` ('train' or 'eval') on ``backend``
-  (default: JAX's default backend)."""
+def resolve_unroll(value: bool | None, use: str, platform: str | None = None) -> bool:
+  """``value`` when set, else the default of ``use`` ('train' or 'eval') on ``platform``
+  (default: JAX's default backend, for steps not built over a mesh)."""
   if value is not None:
     return bool(value)
-  return UNROLL_DEFAULTS[use].get(backend or jax.default_backend(), False)
+  return UNROLL_DEFAULTS[use].get(platform or jax.default_backend(), False)
 
 
 def project_linf(x_adv, x, eps):

@@ -25,6 +25,8 @@ MODES = {
     'autoattack': 'run the official AutoAttack on the exported model; add it to the results',
     'audit': 'the gradient-masking audit of a checkpoint (exit status 1 on signs of masking)',
     'temperature_search': 'LTD\'s two-step search of the teacher temperature',
+    'compile': 'compile the run\'s steps for --config.compile.target (h200, h100, a100, '
+               'rtx3090, tpu-v5e, ...) without one: memory, FLOPs, time of the run',
 }
 USAGE = ('usage: ltd-jax (or python run.py) --config=configs/NAME.py[:VARIANT] '
          '[--config.a.b=value ...] [--workdir=DIR] [--mode=MODE] [--checkpoint=WHICH]\n\nmodes:\n'
@@ -85,6 +87,9 @@ def default_workdir(spec: str, checkpoint: str = 'auto') -> str:
 
 def main(argv):
   del argv
+  if _MODE.value == 'compile':
+    from ltd_jax import compile_plan  # pylint: disable=g-import-not-at-top
+    compile_plan.enable_deviceless()
   from ltd_jax import parallel  # pylint: disable=g-import-not-at-top
   from ltd_jax import runs  # pylint: disable=g-import-not-at-top
   from ltd_jax import train  # pylint: disable=g-import-not-at-top
@@ -92,6 +97,9 @@ def main(argv):
   config = _CONFIG.value
   workdir = _WORKDIR.value or default_workdir(config_spec(sys.argv), _CHECKPOINT.value)
   try:
+    if _MODE.value == 'compile':
+      compile_plan.compile_and_report(config, workdir, runs.run_title(config))
+      return
     parallel.initialize_distributed(config)
     if _MODE.value == 'train':
       train.train_and_evaluate(config, workdir)

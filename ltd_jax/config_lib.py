@@ -17,6 +17,7 @@ from ltd_jax import datasets
 from ltd_jax import evaluate
 from ltd_jax import losses
 from ltd_jax import methods
+from ltd_jax import targets
 from ltd_jax.errors import ConfigError
 
 EVAL_ATTACKS = evaluate.ATTACKS
@@ -199,12 +200,36 @@ def default_config() -> ml_collections.ConfigDict:
   # (start, stop): a JAX profiler trace of steps start .. stop - 1 in WORKDIR/profile.
   c.profile = ml_collections.ConfigDict()
   c.profile.steps = ()
+
+  # --mode=compile: the run's steps compiled for an accelerator that is not here
+  # (ltd_jax/compile_plan.py, docs/gpu_plan.md).
+  c.compile = ml_collections.ConfigDict()
+  c.compile.target = 'h200'  # ltd_jax/targets.py: h100 | h200 | a100 | rtx3090 | tpu-v5e | tpu-v5p
+  c.compile.devices_per_host = 1  # GPUs per host (a TPU target: its topology's chips)
+  c.compile.hosts = 1
+  c.compile.memory_fraction = 0.75  # JAX's default XLA_PYTHON_CLIENT_MEM_FRACTION
+  c.compile.workspace_margin_gib = 1.0  # for the cuDNN workspaces a compile does not see
+  c.compile.mfu = 0.4  # the second time estimate runs at this fraction of the peak
+  c.compile.flops = True  # FLOPs per image and the run's time (CPU lowerings, no compile)
+  c.compile.max_batch = False  # also search the largest global batch that fits (tens of compiles)
   return c
 
 
 def eval_eps(config) -> float:
   """The eps of evaluation attacks: ``eval.eps``, else the training ``eps``."""
   return float(config.eps if config.eval.eps is None else config.eval.eps)
+
+
+def for_platform(config: ml_collections.ConfigDict, platform: str) -> ml_collections.ConfigDict:
+  """A copy of ``config`` whose attack loop forms (``attack.unroll``, ``eval.unroll``) left at
+  None take the defaults of ``platform`` (``attacks.UNROLL_DEFAULTS``)."""
+  if config.attack.unroll is not None and config.eval.unroll is not None:
+    return config
+  c = config.copy_and_resolve_references()
+  with c.unlocked():
+    c.attack.unroll = attacks.resolve_unroll(c.attack.unroll, 'train', platform)
+    c.eval.unroll = attacks.resolve_unroll(c.eval.unroll, 'eval', platform)
+  return c
 
 
 def split_config_spec(spec: str) -> tuple[str, str | None]:
@@ -384,6 +409,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(config.checkpoint.keep > 0, f'checkpoint.keep must be > 0, got {config.checkpoint.keep}')
   _require(config.checkpoint.every_steps >= 0, 'checkpoint.every_steps must be >= 0')
   _require(config.log_every_steps > 0, 'log_every_steps must be > 0')
+  cc = config.compile
+  _require(cc.target in targets.TARGETS, f'unknown compile target {cc.target!r}: set '
+           f'--config.compile.target to one of {", ".join(targets.TARGETS)}')
+  _require(cc.devices_per_host > 0 and cc.hosts > 0,
+           'compile.devices_per_host and compile.hosts must be > 0')
+  _require(0 < cc.memory_fraction <= 1 and cc.workspace_margin_gib >= 0 and 0 < cc.mfu <= 1,
+           'compile.memory_fraction and compile.mfu must lie in (0, 1], '
+           'compile.workspace_margin_gib >= 0')
   p = tuple(config.profile.steps)
   _require(p == () or (len(p) == 2 and 0 <= p[0] < p[1]),
            f'profile.steps must be (start, stop) with 0 <= start < stop, or (), got {p}')

@@ -24,13 +24,16 @@ class DatasetSpec:
   """``load(config.data, spec)`` returns a ``data.Dataset`` (in memory) or an
   ``input_pipeline.StreamingDataset`` (``streaming``); ``image_shape`` is the shape trained on
   (streamed: at the default ``data.image_size``); ``options`` is the loader's own (the folder
-  and tfds names of a streamed dataset)."""
+  and tfds names of a streamed dataset). ``train_size`` and ``test_size`` are the official
+  splits' sizes, which ``--mode=compile`` plans with before any image is on disk."""
   num_classes: int
   image_shape: tuple[int, int, int]
   augment: str
   load: Callable[[Any, 'DatasetSpec'], Any]
   streaming: bool = False
   options: Any = None
+  train_size: int = 0
+  test_size: int = 0
 
 
 REGISTRY: dict[str, DatasetSpec] = {}
@@ -65,13 +68,19 @@ def default_augmentation(name: str) -> str:
   return get(name).augment
 
 
-register('digits', DatasetSpec(10, (8, 8, 1), 'none', lambda config, spec: data.load_digits()))
-register('cifar10', DatasetSpec(10, (32, 32, 3), 'crop_flip', data.load_cifar))
-register('cifar100', DatasetSpec(100, (32, 32, 3), 'crop_flip', data.load_cifar))
+register('digits', DatasetSpec(10, (8, 8, 1), 'none', lambda config, spec: data.load_digits(),
+                               train_size=1797 - data.DIGITS_TEST_SIZE,
+                               test_size=data.DIGITS_TEST_SIZE))
+register('cifar10', DatasetSpec(10, (32, 32, 3), 'crop_flip', data.load_cifar, train_size=50000,
+                                test_size=10000))
+register('cifar100', DatasetSpec(100, (32, 32, 3), 'crop_flip', data.load_cifar, train_size=50000,
+                                 test_size=10000))
 register('imagenet', DatasetSpec(
     1000, (224, 224, 3), 'none', input_pipeline.load_streaming, streaming=True,
     options=input_pipeline.StreamingSource('imagenet', 'imagenet2012', 224, 'random_resized_crop',
-                                           'center_crop')))
+                                           'center_crop'),
+    train_size=1281167, test_size=50000))
 register('tiny_imagenet', DatasetSpec(
     200, (64, 64, 3), 'crop_flip', input_pipeline.load_streaming, streaming=True,
-    options=input_pipeline.StreamingSource('tiny-imagenet-200', None, 64, 'none', 'none')))
+    options=input_pipeline.StreamingSource('tiny-imagenet-200', None, 64, 'none', 'none'),
+    train_size=100000, test_size=10000))

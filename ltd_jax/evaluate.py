@@ -24,13 +24,15 @@ from ltd_jax import parallel
 ATTACKS = ('clean', 'fgsm', 'pgd20', 'cw')  # the names attack_images knows
 
 
-def attack_images(name: str, logits_fn, x, y, rng, *, eps: float, eval_config):
-  """Adversarial (or clean) images for evaluation attack ``name``."""
+def attack_images(name: str, logits_fn, x, y, rng, *, eps: float, eval_config,
+                  platform: str | None = None):
+  """Adversarial (or clean) images for evaluation attack ``name``; the PGD loops follow
+  ``eval.unroll`` or the default of ``platform`` (``attacks.resolve_unroll``)."""
   if name == 'clean':
     return x
   if name == 'fgsm':
     return attacks.fgsm_attack(attacks.ce_objective(logits_fn, y), x, eps=eps)
-  unroll = attacks.resolve_unroll(eval_config.unroll, 'eval')
+  unroll = attacks.resolve_unroll(eval_config.unroll, 'eval', platform)
   if name == 'pgd20':
     return attacks.pgd_attack(attacks.ce_objective(logits_fn, y), x, rng, eps=eps,
                               alpha=eval_config.alpha, steps=eval_config.pgd_steps, init='uniform',
@@ -61,10 +63,13 @@ def make_attack_eval_step(apply_fn, attack_fns: dict[str, Callable]):
   return eval_step
 
 
-def make_eval_step(apply_fn, attack_names: Sequence[str], *, eps: float, eval_config):
-  """``make_attack_eval_step`` for the named evaluation attacks (``attack_images``)."""
+def make_eval_step(apply_fn, attack_names: Sequence[str], *, eps: float, eval_config,
+                   platform: str | None = None):
+  """``make_attack_eval_step`` for the named evaluation attacks (``attack_images``), built for
+  the devices of ``platform`` (``parallel.platform(mesh)``; default: JAX's default backend)."""
   return make_attack_eval_step(apply_fn, {
-      name: functools.partial(attack_images, name, eps=eps, eval_config=eval_config)
+      name: functools.partial(attack_images, name, eps=eps, eval_config=eval_config,
+                              platform=platform)
       for name in attack_names})
 
 

@@ -103,6 +103,19 @@ class Method(NamedTuple):
   # the running BatchNorm statistics the reference code's forwards give (config
   # ``reference_bn_passes``): TRADES clean, adv, clean; TRADES-AWP adv, clean, clean.
   reference_bn_passes: tuple[str, ...] = ()
+  # ``minimal_passes(config)``: the student passes of one step that the method cannot do without,
+  # in forward-pass units (forward 1, backward to the input 1, backward to the weights 2), the
+  # teacher's forward not included: what ``--mode=compile`` and benchmarks/train_step.py divide
+  # the step's FLOPs by (None: not stated).
+  minimal_passes: Callable[[Any], float] | None = None
+
+
+def _passes(base: Callable[[int], float]):
+  """``minimal_passes`` of a method with ``base(K)`` passes for a K-step training attack, plus
+  one forward per statistics-only replay when ``reference_bn_passes`` is on."""
+  def count(config, replays: int = 0) -> float:
+    return base(config.attack.steps) + (replays if config.reference_bn_passes else 0)
+  return count
 
 
 def _pgd(objective, inputs: MethodInputs, config, init: str | None = None):
@@ -298,23 +311,33 @@ ABSLD_PLOTS = (PlotSpec('temperatures.png', 'ABSLD class temperatures', 'tempera
                          ('tau_clean', 'teacher temperature, clean targets')), 'temperature'),)
 
 
+# Pass counts: natural forward + backward (3); PGD-AT K attack steps (2K) + 3; TRADES the clean
+# eval forward of the attack's target (1), 2K, two train forwards with backward (6); AWP adds its
+# proxy's two forwards and backward (6); RSLAD / ABSLD 2K + 6 (the teacher gives the target).
+_TRADES_PASSES = lambda k: 2 * k + 7
 METHODS: dict[str, Method] = {
-    'natural': Method(no_adversary, natural_loss),
-    'pgd_at': Method(pgd_at_adversary, pgd_at_loss),
-    'trades': Method(trades_adversary, trades_loss, reference_bn_passes=('x',)),
+    'natural': Method(no_adversary, natural_loss, minimal_passes=_passes(lambda k: 3)),
+    'pgd_at': Method(pgd_at_adversary, pgd_at_loss, minimal_passes=_passes(lambda k: 2 * k + 3)),
+    'trades': Method(trades_adversary, trades_loss, reference_bn_passes=('x',),
+                     minimal_passes=lambda c: _passes(_TRADES_PASSES)(c, 1)),
     'awp': Method(trades_adversary, awp_loss, uses_awp=lambda config: True,
-                  reference_bn_passes=('x',)),
+                  reference_bn_passes=('x',),
+                  minimal_passes=lambda c: _passes(lambda k: 2 * k + 13)(c, 1)),
     'ltd': Method(trades_adversary, ltd_loss, needs_teacher=True,
                   uses_awp=lambda config: config.ltd.base == 'awp',
-                  awp_proxy_loss=ltd_awp_proxy_loss, reference_bn_passes=('x',)),
+                  awp_proxy_loss=ltd_awp_proxy_loss, reference_bn_passes=('x',),
+                  minimal_passes=lambda c: _passes(_TRADES_PASSES)(c, 1)
+                  + (6 if c.ltd.base == 'awp' else 0)),
     'rslad': Method(functools.partial(distillation_adversary, per_class=False),
-                    functools.partial(distillation_loss, per_class=False), needs_teacher=True),
+                    functools.partial(distillation_loss, per_class=False), needs_teacher=True,
+                    minimal_passes=_passes(lambda k: 2 * k + 6)),
     'absld': Method(functools.partial(distillation_adversary, per_class=True),
                     functools.partial(distillation_loss, per_class=True), needs_teacher=True,
                     init_state=absld_init_state, accumulate=absld_accumulate,
                     epoch_end=absld_epoch_end, epoch_record=absld_epoch_record,
-                    plots=ABSLD_PLOTS),
-    'soft_label_natural': Method(no_adversary, soft_label_natural_loss, needs_teacher=True),
+                    plots=ABSLD_PLOTS, minimal_passes=_passes(lambda k: 2 * k + 6)),
+    'soft_label_natural': Method(no_adversary, soft_label_natural_loss, needs_teacher=True,
+                                 minimal_passes=_passes(lambda k: 3)),
 }
 
 

@@ -45,6 +45,12 @@ def make_mesh(devices=None) -> Mesh:
   return Mesh(np.asarray(devices), (DATA_AXIS,))
 
 
+def platform(mesh: Mesh) -> str:
+  """The platform of the mesh's devices ('cpu', 'gpu', 'tpu'), compile-only devices included:
+  backend-dependent defaults follow it rather than the local backend."""
+  return mesh.devices.flat[0].platform
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
@@ -79,6 +85,21 @@ def replicate(tree, mesh: Mesh):
     host = np.array(x, copy=True)  # no two leaves may share one (donated) device buffer
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
   return jax.tree_util.tree_map(put, tree)
+
+
+def abstract_replicated(tree, mesh: Mesh):
+  """Shape-only leaves (``jax.ShapeDtypeStruct``) of ``tree`` replicated over ``mesh``: what a
+  step is lowered for when there is no device (``--mode=compile``) or no data yet."""
+  sharding = replicated(mesh)
+  return jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+
+
+def abstract_batch(tree, mesh: Mesh):
+  """Shape-only leaves of a global batch split along ``data``."""
+  sharding = batch_sharded(mesh)
+  return jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
 
 
 def shard_global_batch(tree, mesh: Mesh):

@@ -127,10 +127,10 @@ def final_evaluation(config, workdir: str, state: TrainState, ds: data.Dataset,
   subset = evaluate.stratified_subset(labels, config.eval.final_subset_size, config.seed)
   images, labels = images[subset], labels[subset]
   eps = config_lib.eval_eps(config)
-  eval_step = evaluate.make_eval_step(state.apply_fn, config.eval.final, eps=eps,
-                                      eval_config=config.eval)
-  rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 2)
   mesh = parallel.make_mesh()
+  eval_step = evaluate.make_eval_step(state.apply_fn, config.eval.final, eps=eps,
+                                      eval_config=config.eval, platform=parallel.platform(mesh))
+  rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 2)
   attacks = evaluate.evaluate(eval_step, parallel.replicate(state.variables, mesh), images, labels,
                               ds.num_classes, config.eval.batch_size, rng, mesh=mesh)
   results = {

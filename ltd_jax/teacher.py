@@ -126,11 +126,30 @@ def torch_teacher_model(config: ml_collections.ConfigDict) -> ml_collections.Con
     return ml_collections.ConfigDict(json.load(f)['model'])
 
 
-def load_torch_teacher(config: ml_collections.ConfigDict, ds: data.Dataset) -> Teacher:
-  """A frozen teacher from the PyTorch checkpoint ``teacher.path``."""
+def torch_teacher_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The config that builds the architecture of the PyTorch teacher ``teacher.path``."""
   tc = config_lib.default_config()
   tc.model.update(torch_teacher_model(config).to_dict())
   tc.data = ml_collections.ConfigDict(config.data.to_dict())
+  return tc
+
+
+def teacher_model_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The config whose ``model`` and ``dtype`` build the configured teacher (its stage's config
+  for ``source=train``), read without loading any weights (``--mode=compile``)."""
+  source = config.teacher.source
+  if source == 'train':
+    return teacher_stage_config(config)
+  if source == 'workdir':
+    return load_workdir_config(config.teacher.path)
+  if source == 'torch':
+    return torch_teacher_config(config)
+  raise ConfigError(f'method {config.method} has no teacher: set --config.teacher.source')
+
+
+def load_torch_teacher(config: ml_collections.ConfigDict, ds: data.Dataset) -> Teacher:
+  """A frozen teacher from the PyTorch checkpoint ``teacher.path``."""
+  tc = torch_teacher_config(config)
   model = state_lib.build_model(tc, ds.num_classes)
   params, batch_stats = jax.eval_shape(  # shapes only: every value comes from the file
       lambda r: models.init_variables(model, r, ds.image_shape), jax.random.PRNGKey(0))

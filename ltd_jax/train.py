@@ -139,7 +139,10 @@ def make_train_step_fn(mesh, **step_kwargs):
   -> (state, metrics)``. ``batch`` holds either the global batch (``images``, ``labels``,
   optional ``teacher_logits``) or only its ``index`` into ``device_data``, the training set kept
   on the devices. The state's buffers are donated (updated in place) and every output is
-  replicated."""
+  replicated. Backend-dependent defaults (the attack's loop form) follow the mesh's platform,
+  which may be that of compile-only devices (``--mode=compile``), not the local backend."""
+  step_kwargs['config'] = config_lib.for_platform(step_kwargs['config'], parallel.platform(mesh))
+
   def step(state, batch, device_data, teacher_variables):
     if 'index' in batch:
       batch = {k: v[batch['index']] for k, v in device_data.items()}
@@ -287,7 +290,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   subset = evaluate.stratified_subset(sel_labels, config.eval.subset_size, config.seed)
   periodic_eval = evaluate.make_eval_step(state.apply_fn, config.eval.during_training,
                                           eps=config_lib.eval_eps(config),
-                                          eval_config=config.eval)
+                                          eval_config=config.eval,
+                                          platform=parallel.platform(mesh))
   eval_rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1)
 
   total_steps = _total_steps(config, steps_per_epoch)

@@ -25,7 +25,8 @@ def test_train_step_flops_are_the_minimal_pass_count(method):
   # One extra forward pass would be 1/11 (TRADES) to 1/17 (AWP) too many, 1/3 for natural;
   # measured ratios are 0.985-0.99 (elementwise work XLA counts beside the convolutions).
   args = argparse.Namespace(model='small_cnn', teacher_model='', batch=8, image=32,
-                            attack_steps=2, steps=1, dtype='float32', loop_attack=False)
+                            attack_steps=2, steps=1, dtype='float32', loop_attack=False,
+                            predict='')
   row = bench.bench_jax(args, method, parallel.make_mesh())
   assert row['min_passes'] == HAND_COUNTED[method]
   assert row['flop_ratio'] == pytest.approx(1.0, abs=0.04), row
