@@ -28,7 +28,9 @@ workspaces, and the achieved fraction of the peak (docs/gpu_plan.md).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import json
 import math
 import os
 import re
@@ -319,10 +321,11 @@ def while_trip_counts(hlo: str) -> list[int]:
 
 
 def attack_form(hlo: str, steps) -> str:
-  """'loop' when a ``while`` of one of the attacks' step counts is in the program (the attack
-  runs as a loop), else 'unrolled' (written out; the RNG's own small loops aside)."""
+  """'loop' when a ``while`` of one of the attacks' step counts (or one XLA gives no trip count,
+  as XLA:TPU does) is in the program, else 'unrolled' (written out; the RNG's own small loops
+  of known count aside)."""
   counts = while_trip_counts(hlo)
-  return 'loop' if any(s in counts for s in steps if s > 1) else 'unrolled'
+  return 'loop' if -1 in counts or any(s in counts for s in steps if s > 1) else 'unrolled'
 
 
 def collective_summary(hlo: str) -> dict:
@@ -353,9 +356,10 @@ def _budget(config, target) -> tuple[int, int]:
 
 def largest_batch(fits, start: int, unit: int, limit: int, max_compiles: int = 40):
   """The largest multiple of ``unit`` up to ``limit`` for which ``fits(b) -> (ok, need)``
-  holds, from a first guess ``start``: doubling to a bracket, then steps that alternate linear
-  interpolation on ``need`` (memory grows about linearly with the batch) and bisection, until the
-  bracket is one ``unit`` wide. Returns (batch or 0, {batch: need} of every compile)."""
+  holds, from a first guess ``start``: to a bracket by doubling, then by extrapolating ``need``
+  linearly through the two largest batches that fit (memory grows about linearly with the
+  batch), then steps that alternate linear interpolation and bisection, until the bracket is one
+  ``unit`` wide. Returns (batch or 0, {batch: need} of every compile)."""
   tried: dict[int, tuple[bool, int]] = {}
 
   def test(b):
@@ -376,7 +380,12 @@ def largest_batch(fits, start: int, unit: int, limit: int, max_compiles: int = 4
       if b >= limit:
         hi = limit + unit
         break
-      b = min(2 * b, limit)
+      b = 2 * b
+      fitting = sorted((k, v[1]) for k, v in tried.items() if v[0])
+      if len(fitting) >= 2 and fitting[-1][1] > fitting[-2][1]:
+        (b1, n1), (b2, n2) = fitting[-2:]
+        b = round_down(int(b2 + (fits.budget - n2) * (b2 - b1) / (n2 - n1)))
+      b = min(max(b, lo + unit), limit)
     else:
       hi = b
       break
@@ -463,8 +472,21 @@ def plan_stage(stage: Stage, target, mesh, config) -> dict:
   return out
 
 
-def compile_plan(config: ml_collections.ConfigDict) -> dict:
-  """The report of every stage of ``config``'s run on ``compile.target``."""
+def _cached_stage(cache, stage, target, mesh, config) -> dict:
+  """``plan_stage``, reused from ``cache`` for a stage of the same config already planned for
+  the same target (the TRADES WRN-34-10 teacher stage of several configs)."""
+  if cache is None:
+    return plan_stage(stage, target, mesh, config)
+  key = (json.dumps(stage.config.to_dict(), sort_keys=True, default=str), target.name,
+         int(mesh.devices.size), config.compile.max_batch, config.compile.flops)
+  if key not in cache:
+    cache[key] = plan_stage(stage, target, mesh, config)
+  return {**copy.deepcopy(cache[key]), 'stage': stage.name}
+
+
+def compile_plan(config: ml_collections.ConfigDict, stage_cache: dict | None = None) -> dict:
+  """The report of every stage of ``config``'s run on ``compile.target`` (``stage_cache``: see
+  ``_cached_stage``)."""
   config_lib.validate(config)
   target, mesh = target_mesh(config)
   report = {
@@ -474,8 +496,9 @@ def compile_plan(config: ml_collections.ConfigDict) -> dict:
       'budget_gib': _budget(config, target)[0] / GIB,
       'workspace_margin_gib': config.compile.workspace_margin_gib,
       'memory_fraction': config.compile.memory_fraction,
-      'peak_tflops': target.peak_flops[config.dtype] / 1e12, 'mfu': config.compile.mfu,
-      'stages': [plan_stage(s, target, mesh, config) for s in run_stages(config)],
+      'dtype': config.dtype, 'peak_tflops': target.peak_flops[config.dtype] / 1e12,
+      'mfu': config.compile.mfu,
+      'stages': [_cached_stage(stage_cache, s, target, mesh, config) for s in run_stages(config)],
   }
   if config.compile.flops:
     add_time(report, [s['flops'] for s in report['stages']], config)
@@ -493,15 +516,23 @@ def add_time(report: dict, flops_by_stage: list[dict], config) -> None:
   report['hours_at_mfu'] = sum(s['time']['hours_at_mfu'] for s in report['stages'])
 
 
+def duration(hours: float) -> str:
+  """Hours in the unit that reads best: s, min, h or days."""
+  s = hours * 3600
+  return (f'{s:.0f} s' if s < 90 else f'{s / 60:.0f} min' if s < 5400 else
+          f'{hours:.1f} h' if hours < 48 else f'{hours / 24:.1f} days')
+
+
 def format_report(report: dict, title: str = '') -> str:
   """The report as Markdown: one table row per stage and step."""
   lines = [f'# {title} compiled for {report["devices"]} x {report["device"]}'
            if title else f'# compiled for {report["devices"]} x {report["device"]}', '',
-           f'memory {report["memory_gib"]:.1f} GiB per device; budget '
-           f'{report["budget_gib"]:.1f} GiB ({report["memory_fraction"]:.0%}), of which a '
-           f'{report["workspace_margin_gib"]:g} GiB margin for cuDNN workspaces; '
-           f'peak {report["peak_tflops"]:.1f} TFLOP/s per device (target facts: '
-           f'{report["source"]})', '',
+           f'memory {report["memory_gib"]:.1f} GiB per device, budget '
+           f'{report["budget_gib"]:.1f} GiB ({report["memory_fraction"]:.0%}); need = arguments '
+           f'+ temporaries + outputs not aliased to donated arguments + a '
+           f'{report["workspace_margin_gib"]:g} GiB margin (cuDNN workspaces, which a compile '
+           f'without the device does not see); peak {report["peak_tflops"]:.1f} TFLOP/s per '
+           f'device for {report["dtype"]} (target facts: {report["source"]})', '',
            '| stage | step | batch | compile s | args GiB | temp GiB | need GiB | fits | attack |'
            ' largest batch | GFLOP/image | FLOPs / minimal |',
            '|---|---|---:|---:|---:|---:|---:|---|---|---:|---:|---:|']
@@ -525,10 +556,10 @@ def format_report(report: dict, title: str = '') -> str:
     for s in report['stages']:
       t = s['time']
       lines.append(f'- {s["stage"]}: {t["steps"]} steps and {t["evaluations"]} periodic '
-                   f'evaluations, {t["total_pflop"]:.1f} PFLOP: {t["hours_at_peak"]:.2f} h at '
-                   f'peak, {t["hours_at_mfu"]:.2f} h at {report["mfu"]:.0%} of peak')
-    lines.append(f'- whole run: {report["hours_at_peak"]:.2f} h at peak, '
-                 f'{report["hours_at_mfu"]:.2f} h at {report["mfu"]:.0%} of peak, on '
+                   f'evaluations, {t["total_pflop"]:.4g} PFLOP: {duration(t["hours_at_peak"])} '
+                   f'at peak, {duration(t["hours_at_mfu"])} at {report["mfu"]:.0%} of peak')
+    lines.append(f'- whole run: {duration(report["hours_at_peak"])} at peak, '
+                 f'{duration(report["hours_at_mfu"])} at {report["mfu"]:.0%} of peak, on '
                  f'{report["devices"]} device(s)')
   return '\n'.join(lines) + '\n'
 

@@ -35,10 +35,6 @@ def paper_configs() -> list[str]:
   return [n for n in names if n != '__init__' and not n.endswith('_digits')]
 
 
-def hours(h: float) -> str:
-  return f'{h * 60:.0f} min' if h < 1 else f'{h:.1f} h' if h < 48 else f'{h / 24:.1f} d'
-
-
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument('--configs', default='')
@@ -50,6 +46,7 @@ def main():
   compile_plan.enable_deviceless()
   names = args.configs.split(',') if args.configs else paper_configs()
   results = json.load(open(args.json)) if args.json and os.path.exists(args.json) else {}
+  stage_cache = {}
   for name in names:
     flops_by_stage = None
     for target in args.targets.split(','):
@@ -63,7 +60,7 @@ def main():
       config.compile.flops = flops_by_stage is None
       t0 = time.perf_counter()
       try:
-        report = compile_plan.compile_plan(config)
+        report = compile_plan.compile_plan(config, stage_cache)
       except Exception as e:  # pylint: disable=broad-except
         results[key] = {'error': f'{type(e).__name__}: {str(e).splitlines()[0][:300]}'}
         traceback.print_exc()
@@ -103,7 +100,8 @@ def table(results: dict, names, target_names) -> str:
             f'{s["batch_size"]} | {st["arguments_gib"] + st["temp_gib"]:.2f} | '
             f'{"yes" if st["fits"] else "no"} | {largest} | {f["train_gflop_per_image"]:.1f} | '
             f'{f.get("flops_per_minimal", float("nan")):.2f} | {st["compile_s"]:.0f} | '
-            f'{hours(t["hours_at_peak"])} | {hours(t["hours_at_mfu"])} |')
+            f'{compile_plan.duration(t["hours_at_peak"])} | '
+            f'{compile_plan.duration(t["hours_at_mfu"])} |')
   return '\n'.join(lines) + '\n'
 
 
