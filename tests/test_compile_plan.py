@@ -87,9 +87,10 @@ def test_platform_defaults_of_the_attack_loop():
 
 def test_largest_batch_search_against_brute_force():
   """The bracketed search returns what a scan of every multiple of the unit returns, for memory
-  curves that are linear, convex and stepped, in fewer calls than the scan."""
+  curves that are linear, convex and stepped, in fewer calls than the scan; on a linear curve in
+  four at most (the extrapolation through two fitting batches lands on the answer)."""
   curves = [lambda b: 100 + 7 * b, lambda b: 50 + b * b // 40, lambda b: 300 + 64 * (b // 24)]
-  for curve in curves:
+  for i, curve in enumerate(curves):
     for budget in (150, 900, 4000):
       for start, unit, limit in ((16, 8, 1000), (128, 8, 1000), (8, 4, 64)):
         calls = []
@@ -101,7 +102,7 @@ def test_largest_batch_search_against_brute_force():
         best, tried = compile_plan.largest_batch(fits, start, unit, limit)
         scan = [b for b in range(unit, limit // unit * unit + 1, unit) if curve(b) <= budget]
         assert best == (max(scan) if scan else 0), (budget, start, unit)
-        assert len(calls) == len(set(calls)) == len(tried) <= 20
+        assert len(calls) == len(set(calls)) == len(tried) <= (4 if i == 0 else 12)
 
 
 def test_collective_parser_on_hand_written_hlo():
