@@ -153,7 +153,7 @@ def bench_jax(args, method: str, mesh) -> dict:
 def predict(args, config, kwargs, state, batch, device_data, teacher_vars, mesh) -> dict:
   """The step compiled for ``args.predict``'s compile-only devices (as many as ``mesh`` has):
   compile seconds and XLA's memory estimate (MiB), as ``--mode=compile`` predicts them."""
-  if not args.predict:
+  if not getattr(args, 'predict', ''):  # benchmarks/attack_loop.py's args have no --predict
     return {}
   from ltd_jax import compile_plan  # pylint: disable=g-import-not-at-top
   from ltd_jax import targets  # pylint: disable=g-import-not-at-top
@@ -218,19 +218,20 @@ def table_lines(args, rows, peak, torch_modes) -> list[str]:
   ]
   head = ('| method | compile s | step ms | images/s | GFLOP/image | min passes | FLOPs / minimal '
           '| TFLOP/s | % of matmul peak | XLA MiB | device peak MiB |')
-  if args.predict:
+  if getattr(args, 'predict', ''):
     head += f' {args.predict} deviceless compile s | {args.predict} deviceless MiB |'
   for mode in torch_modes:
     name = 'PyTorch' if mode == 'eager' else 'torch.compile'
     head += f' {name} images/s | {name} first step s | {name} peak MiB | JAX / {name} |'
-  lines += [head, '|---|' + '---:|' * (10 + 2 * bool(args.predict) + 4 * len(torch_modes))]
+  lines += [head, '|---|' + '---:|' * (10 + 2 * bool(getattr(args, 'predict', ''))
+                                         + 4 * len(torch_modes))]
   for r in rows:
     pct = 100 * r['tflops'] * 1e12 / peak[peak_key] / jax.device_count()
     line = (f'| {r["method"]} | {r["compile_s"]:.1f} | {r["step_ms"]:.1f} | '
             f'{r["images_per_s"]:.1f} | {r["gflop_per_image"]:.2f} | {r["min_passes"]:.1f} '
             f'| {r["flop_ratio"]:.2f} | {r["tflops"]:.3f} | {pct:.0f} '
             f'| {r["xla_mib"]:.0f} | {r["device_peak_mib"]:.0f} |')
-    if args.predict:
+    if getattr(args, 'predict', ''):
       line += f' {r["predicted_compile_s"]:.1f} | {r["predicted_mib"]:.0f} |'
     for mode in torch_modes:
       t = r.get(f'torch_{mode}')

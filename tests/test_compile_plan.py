@@ -25,7 +25,14 @@ from ltd_jax import targets
 from ltd_jax import train
 from ltd_jax.errors import ConfigError
 
-HAS_CUDA_PLUGIN = importlib.util.find_spec('jax_plugins.xla_cuda12') is not None
+def _has_cuda_plugin() -> bool:
+  try:
+    return importlib.util.find_spec('jax_plugins.xla_cuda12') is not None
+  except ModuleNotFoundError:  # no jax_plugins package at all
+    return False
+
+
+HAS_CUDA_PLUGIN = _has_cuda_plugin()
 needs_cuda_plugin = pytest.mark.skipif(not HAS_CUDA_PLUGIN,
                                        reason='jax-cuda12-plugin not installed')
 
