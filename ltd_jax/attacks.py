@@ -65,19 +65,54 @@ def sign_ascent_step(x_adv, grad, alpha):
   return x_adv + alpha * jnp.sign(grad)
 
 
-def pgd_attack(objective: Objective, x: jax.Array, rng: jax.Array, *, eps: float, alpha: float,
+def per_sample(value):
+  """A per-sample [B] eps or step size as [B, 1, 1, 1], to broadcast over NHWC images
+  (scalars as they are): FRL's and CFA's class-wise margins, eps[y_i] per image."""
+  if isinstance(value, (int, float)) or jnp.ndim(value) == 0:
+    return value
+  return jnp.reshape(value, (-1, 1, 1, 1))
+
+
+def pgd_attack(objective: Objective, x: jax.Array, rng: jax.Array, *, eps, alpha,
                steps: int, init: str = 'uniform', step_fn=sign_ascent_step,
-               project=project_linf, unroll: bool = False) -> jax.Array:
+               project=project_linf, unroll: bool = False, state=None, track=None):
   """K steps of ``x_adv <- project(step_fn(x_adv, grad objective, alpha), x, eps)`` from
-  ``init(x)``; the defaults are L-inf PGD (signed ascent, eps-ball then [0, 1] box).
-  ``unroll`` writes the K steps out in the program (XLA's cost analysis counts a loop body
-  once; the FLOP count of the benchmark needs them unrolled)."""
+  ``init(x)``; the defaults are L-inf PGD (signed ascent, eps-ball then [0, 1] box). ``eps``
+  and ``alpha`` may be scalars or per-sample [B, 1, 1, 1]. ``unroll`` writes the K steps out in
+  the program (XLA's cost analysis counts a loop body once; the FLOP count of the benchmark
+  needs them unrolled).
+
+  With ``state`` (what the objective's forwards change: a train-mode attack's BatchNorm
+  statistics), ``objective(x_adv, state) -> (value, state)`` and the state is threaded from
+  step to step. ``track = (tracked, update)`` follows the iterates: before each step k (0..K-1)
+  ``tracked = update(tracked, k, x_k, state_k)``, with ``state_k`` what the objective left on
+  x_k (``state`` must then hold what ``update`` reads, such as x_k's logits). Returns x_K, then
+  ``tracked`` with ``track``, then the final state with ``state``."""
   if init not in INITS:
     raise ValueError(f'unknown attack init {init!r}: use one of {sorted(INITS)}')
-  grad_fn = jax.grad(objective)
   x_adv = INITS[init](rng, x, eps)
-  body = lambda _, xa: project(step_fn(xa, grad_fn(xa), alpha), x, eps)
-  return lax.stop_gradient(lax.fori_loop(0, steps, body, x_adv, unroll=True if unroll else 1))
+  stateful = state is not None
+  grad_fn = jax.grad(objective, has_aux=stateful)
+  tracked, update = track if track is not None else (None, None)
+
+  def body(k, carry):
+    xa, s, t = carry
+    if stateful:
+      g, s = grad_fn(xa, s)
+    else:
+      g = grad_fn(xa)
+    if update is not None:
+      t = update(t, k, xa, s)
+    return project(step_fn(xa, g, alpha), x, eps), s, t
+
+  x_adv, state, tracked = lax.fori_loop(0, steps, body, (x_adv, state, tracked),
+                                        unroll=True if unroll else 1)
+  out = (lax.stop_gradient(x_adv),)
+  if track is not None:
+    out += (lax.stop_gradient(tracked),)
+  if stateful:
+    out += (lax.stop_gradient(state),)
+  return out[0] if len(out) == 1 else out
 
 
 def fgsm_attack(objective: Objective, x: jax.Array, *, eps: float) -> jax.Array:

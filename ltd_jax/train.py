@@ -62,11 +62,17 @@ def train_step(state: TrainState, images: jax.Array, labels: jax.Array, teacher_
     teacher_logits = teacher_apply_fn(teacher_variables, x, train=False)
   if teacher_logits is not None:
     teacher_logits = jax.lax.stop_gradient(teacher_logits.astype(jnp.float32))
-  inputs = methods.MethodInputs(x, labels, attack_rng, state.method_state, teacher_logits)
-  x_adv = method.adversary(attack_logits_fn(state, config.attack.bn_mode), inputs, config)
+  teacher_fn = None
+  if method.teacher_on_inputs:
+    teacher_fn = lambda z: teacher_apply_fn(teacher_variables, z, train=False).astype(jnp.float32)
+  inputs = methods.MethodInputs(x, labels, attack_rng, state.method_state, teacher_logits,
+                                teacher_fn, epoch=state.step // steps_per_epoch)
+  student = methods.AttackStudent.of(state, config.attack.bn_mode)
+  x_adv = method.adversary(student, inputs, config)
+  start_stats = student.batch_stats  # moved by a train-mode attack
 
   def loss_fn(params):
-    forward = methods.TrainForward(state.apply_fn, params, state.batch_stats)
+    forward = methods.TrainForward(state.apply_fn, params, start_stats)
     loss, aux = method.loss(forward, inputs, x_adv, config)
     return loss, (aux, forward.batch_stats)
 
@@ -75,7 +81,7 @@ def train_step(state: TrainState, images: jax.Array, labels: jax.Array, teacher_
     proxy_loss = method.awp_proxy_loss or method.loss
 
     def proxy_loss_fn(params):
-      forward = methods.TrainForward(state.apply_fn, params, state.batch_stats)
+      forward = methods.TrainForward(state.apply_fn, params, start_stats)
       return proxy_loss(forward, inputs, x_adv, config)[0]
 
     # Computed every step and zeroed during the warm-up rather than skipped with lax.cond:
@@ -116,14 +122,6 @@ def train_step(state: TrainState, images: jax.Array, labels: jax.Array, teacher_
     if x_adv is not None:
       metrics['x_adv'] = x_adv
   return state.replace(**new), metrics
-
-
-def attack_logits_fn(state: TrainState, bn_mode: str = 'eval'):
-  """The model as the training attack sees it: ``eval`` uses the running BatchNorm statistics;
-  ``train`` uses the batch's statistics (as some reference code does) without updating any."""
-  if bn_mode == 'train':
-    return lambda x: state.apply_fn(state.variables, x, train=True, mutable=['batch_stats'])[0]
-  return lambda x: state.apply_fn(state.variables, x, train=False)
 
 
 def end_of_epoch(state: TrainState, epochs_completed, *, method: methods.Method,

@@ -28,7 +28,8 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-MODULES = ('losses', 'methods', 'attacks', 'temperatures', 'awp', 'evaluate', 'interchange')
+MODULES = ('losses', 'methods/base', 'methods/adversarial', 'methods/distillation',
+           'methods/fairness', 'attacks', 'temperatures', 'awp', 'evaluate', 'interchange')
 # The fast tests (seconds each) that exercise those modules in-process. Whole training runs
 # (test_train, test_teacher, test_audit) are left out: each would run for every surviving
 # mutant of every function it touches.
@@ -98,6 +99,13 @@ def collect(repo: str, python: str, modules=MODULES):
 KILLED = ('killed', 'timeout', 'segfault')  # a timeout or crash is a detected mutant
 
 
+def module_of(mutant: str) -> str:
+  """The module of a mutant's name: 'ltd_jax.losses.x_f__mutmut_1' -> 'losses',
+  'ltd_jax.methods.base.x_f__mutmut_1' -> 'methods/base' (a package's module)."""
+  parts = mutant.split('.')
+  return f'{parts[1]}/{parts[2]}' if f'{parts[1]}/{parts[2]}' in MODULES else parts[1]
+
+
 def write_report(path: str, rows, equivalents: dict, commit: str, seconds: float, tests,
                  commits: dict | None = None) -> tuple:
   """docs/mutation.md from ``rows``; mutants not checked (a run stopped early) are counted apart
@@ -116,12 +124,12 @@ def write_report(path: str, rows, equivalents: dict, commit: str, seconds: float
   cell = lambda text: text.replace('|', '\\|')  # a table cell
   per_module = {}
   for name, status, *_ in rows:
-    k = per_module.setdefault(name.split('.')[1], [0, 0, 0, 0])
+    k = per_module.setdefault(module_of(name), [0, 0, 0, 0])
     k[0] += status != 'not checked'
     k[1] += status in KILLED
     k[3] += status == 'not checked'
   for name, *_ in equivalent:
-    per_module[name.split('.')[1]][2] += 1
+    per_module[module_of(name)][2] += 1
   import mutmut  # pylint: disable=g-import-not-at-top
   lines = [
       '# Mutation testing of the core modules', '',
@@ -201,7 +209,7 @@ def main():
            if os.path.exists(os.path.join(repo, 'mutants', 'ltd_jax', f'{m}.py.meta'))]
     rows = collect(repo, sys.executable, ran)
     for m in ran:
-      module_rows = [r for r in rows if r[0].split('.')[1] == m]
+      module_rows = [r for r in rows if module_of(r[0]) == m]
       if any(r[1] != 'not checked' for r in module_rows) or m not in by_module:
         by_module[m], commits[m] = module_rows, commit
   rows = [r for m in MODULES if m in by_module for r in by_module[m]]

@@ -80,7 +80,7 @@ def main(out_path):
     x = np.asarray(data.to_float(images[sl]))
     inputs = methods.MethodInputs(x, labels[sl], attack_rng, host.method_state,
                                   teacher_logits[sl])
-    x_adv = np.asarray(method.adversary(train.attack_logits_fn(host), inputs, c))
+    x_adv = np.asarray(method.adversary(methods.AttackStudent.of(host), inputs, c))
     assert np.abs(x_adv - x).max() > 0.1
     for kind, batch in (('clean', x), ('adv', x_adv)):
       logits, _ = model.apply(host.variables, batch, train=True, mutable=['batch_stats'])

@@ -9,6 +9,7 @@ from ltd_jax import attacks
 from ltd_jax import data
 from ltd_jax import datasets
 from ltd_jax import evaluate
+from ltd_jax import methods
 from ltd_jax import state as state_lib
 from ltd_jax import train
 
@@ -133,15 +134,42 @@ def test_custom_projection_and_step_compose(linear):
 
 
 def test_training_attack_batchnorm_modes(tiny_config):
+  """eval: the running statistics, unchanged; train: the batch's statistics, and every attack
+  forward moves the running ones, as K chained train-mode forwards on the iterates would."""
   ds = data.load_digits()
   model = state_lib.build_model(tiny_config, 10)
   state = state_lib.create_train_state(tiny_config, model, ds.image_shape, 10, 5)
   state = state.replace(batch_stats=jax.tree_util.tree_map(lambda a: a + 0.5, state.batch_stats))
-  x = data.to_float(ds.train_images[:32])
-  eval_logits = train.attack_logits_fn(state, 'eval')(x)
-  np.testing.assert_allclose(eval_logits, state.apply_fn(state.variables, x, train=False))
-  train_logits = train.attack_logits_fn(state, 'train')(x)
-  assert not np.allclose(eval_logits, train_logits)
+  x, y = data.to_float(ds.train_images[:32]), ds.train_labels[:32]
+  inputs = methods.MethodInputs(x, y, jax.random.PRNGKey(3))
+  evaluator = methods.AttackStudent.of(state, 'eval')
+  np.testing.assert_allclose(evaluator(x), state.apply_fn(state.variables, x, train=False))
+  mover = methods.AttackStudent.of(state, 'train')
+  assert not np.allclose(evaluator(x), mover(x))
+  once = methods.TrainForward(state.apply_fn, state.params, state.batch_stats)
+  once(x)
+  chex_equal = lambda a, b: jax.tree_util.tree_map(np.testing.assert_allclose, a, b)
+  chex_equal(mover.batch_stats, once.batch_stats)  # one forward outside the attack moved them
+
+  record = (jnp.zeros((tiny_config.attack.steps,) + x.shape), lambda t, k, xk, logits: t.at[k].set(xk))
+  for student in (methods.AttackStudent.of(state, 'eval'), methods.AttackStudent.of(state, 'train')):
+    x_adv, iterates = methods.pgd(student, lambda f: attacks.ce_objective(f, y), inputs,
+                                  tiny_config, track=record)
+    replay = methods.TrainForward(state.apply_fn, state.params, state.batch_stats)
+    for k in range(tiny_config.attack.steps):
+      replay(iterates[k])
+    moved = jax.tree_util.tree_leaves(student.batch_stats)
+    if student.moves_statistics:
+      chex_equal(student.batch_stats, replay.batch_stats)
+    else:
+      chex_equal(student.batch_stats, state.batch_stats)
+    assert not np.allclose(moved[0], jax.tree_util.tree_leaves(replay.batch_stats)[0]) or \
+        student.moves_statistics
+    # The same attack as the plain loop (eval) from the same start.
+    if not student.moves_statistics:
+      plain = methods.pgd(methods.AttackStudent.of(state), lambda f: attacks.ce_objective(f, y),
+                          inputs, tiny_config)
+      np.testing.assert_array_equal(plain, x_adv)
 
 
 def test_square_schedule_halves_p_at_the_papers_boundaries():

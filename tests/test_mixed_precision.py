@@ -41,7 +41,7 @@ def test_bf16_train_step_keeps_images_losses_and_statistics_in_float32(tiny_conf
   method = methods.get_method('trades')
   inputs = methods.MethodInputs(data.to_float(ds.train_images[:16]), ds.train_labels[:16],
                                 jax.random.PRNGKey(0), st.method_state)
-  x_adv = method.adversary(train.attack_logits_fn(st), inputs, config)
+  x_adv = method.adversary(methods.AttackStudent.of(st), inputs, config)
   assert x_adv.dtype == jnp.float32
   assert float(jnp.max(jnp.abs(x_adv - inputs.x))) <= config.eps + 1e-6
   step = jax.jit(lambda s, x, y: train.train_step(

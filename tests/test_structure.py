@@ -16,20 +16,27 @@ from tests.conftest import ROOT, make_tiny_config
 
 
 def import_graph() -> dict[str, set[str]]:
-  """{module: ltd_jax modules it imports anywhere in its source}."""
+  """{module: ltd_jax modules it imports anywhere in its source}; a subpackage (methods/) is
+  one node, the union of its files, and ``ltd_jax.methods.base`` counts as ``methods``."""
   package = os.path.join(ROOT, 'ltd_jax')
-  names = {f[:-3] for f in os.listdir(package) if f.endswith('.py') and f != '__init__.py'}
+  sources = {f[:-3]: [os.path.join(package, f)] for f in os.listdir(package)
+             if f.endswith('.py') and f != '__init__.py'}
+  for sub in os.listdir(package):
+    folder = os.path.join(package, sub)
+    if os.path.isfile(os.path.join(folder, '__init__.py')):
+      sources[sub] = [os.path.join(folder, f) for f in os.listdir(folder) if f.endswith('.py')]
+  names = set(sources)
   graph = {}
   for name in names:
-    tree = ast.parse(open(os.path.join(package, f'{name}.py')).read())
     deps = set()
-    for node in ast.walk(tree):
-      if isinstance(node, ast.ImportFrom) and node.module == 'ltd_jax':
-        deps.update(a.name for a in node.names)
-      elif isinstance(node, ast.ImportFrom) and (node.module or '').startswith('ltd_jax.'):
-        deps.add(node.module.split('.')[1])
-      elif isinstance(node, ast.Import):
-        deps.update(a.name.split('.')[1] for a in node.names if a.name.startswith('ltd_jax.'))
+    for path in sources[name]:
+      for node in ast.walk(ast.parse(open(path).read())):
+        if isinstance(node, ast.ImportFrom) and node.module == 'ltd_jax':
+          deps.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and (node.module or '').startswith('ltd_jax.'):
+          deps.add(node.module.split('.')[1])
+        elif isinstance(node, ast.Import):
+          deps.update(a.name.split('.')[1] for a in node.names if a.name.startswith('ltd_jax.'))
     graph[name] = deps & names - {name}
   return graph
 
