@@ -24,6 +24,11 @@ def init_uniform(rng, x, eps):
   return jnp.clip(x + jax.random.uniform(rng, x.shape, x.dtype, -eps, eps), 0.0, 1.0)
 
 
+def init_uniform_unclipped(rng, x, eps):
+  """x + U(-eps, eps), not clipped to [0, 1] before the first step (the ARD / IAD code)."""
+  return x + jax.random.uniform(rng, x.shape, x.dtype, -eps, eps)
+
+
 def init_normal(rng, x, eps):
   """x + 0.001 N(0, 1) (TRADES / AWP / RSLAD / ABSLD training attacks)."""
   del eps
@@ -35,7 +40,8 @@ def init_none(rng, x, eps):
   return x
 
 
-INITS = {'uniform': init_uniform, 'normal': init_normal, 'none': init_none}
+INITS = {'uniform': init_uniform, 'uniform_unclipped': init_uniform_unclipped,
+         'normal': init_normal, 'none': init_none}
 
 # Whether an attack's K steps are written out in the program (True) or run as a lax.fori_loop,
 # per platform of the devices the step is compiled for (``parallel.platform(mesh)``: 'cpu',

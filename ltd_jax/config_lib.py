@@ -125,6 +125,29 @@ def default_config() -> ml_collections.ConfigDict:
   # script; equal updates when the classes are balanced).
   c.absld.risk = 'mean'
 
+  # ABSLD Table 6 "Manual" (method absld_manual): fixed teacher temperatures per class, the same
+  # for clean and adversarial targets. CIFAR-10's usual hard classes: bird, cat, deer, dog.
+  c.absld.manual_hard_classes = (2, 3, 4, 5)
+  c.absld.manual_hard_temperature = 0.5
+  c.absld.manual_easy_temperature = 5.0
+
+  c.adaad = ml_collections.ConfigDict()  # AdaAD (boyellow/AdaAD)
+  c.adaad.alpha = 1.0  # weight of KL(t(x') || f(x')); 1 - alpha on KL(t(x) || f(x))
+  # The code's KLDivLoss: its default elementwise mean on CIFAR-10, sum / B ('batchmean') on
+  # CIFAR-100.
+  c.adaad.reduction = 'elementwise_mean'
+
+  # ARD (goldblum/AdversariallyRobustDistillation) and the methods built on it (IAD, Fair-ARD):
+  # alpha T^2 KL(t(x)/T || f(x')/T) + (1 - alpha) CE(f(x), y).
+  c.ard = ml_collections.ConfigDict()
+  c.ard.alpha = 1.0
+  c.ard.temperature = 30.0
+  c.ard.reduction = 'elementwise_mean'  # ARD's KLDivLoss(); IAD and Fair-ARD: batchmean
+
+  c.iad = ml_collections.ConfigDict()  # IAD-I (ZFancy/IAD)
+  c.iad.beta = 0.1  # reliability softmax(t(x'))[y]^beta
+  c.iad.begin_epoch = 60  # the introspection term from this 0-indexed epoch on
+
   c.teacher = ml_collections.ConfigDict()
   c.teacher.source = 'none'  # none | train | workdir | torch
   c.teacher.config = ''  # source=train: config file of the teacher stage (run in WORKDIR/teacher)
@@ -374,6 +397,25 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(a.tau_min <= a.tau_init <= a.tau_max,
            f'absld.tau_init ({a.tau_init}) must lie in [tau_min, tau_max] = [{a.tau_min}, {a.tau_max}]')
   _require(a.beta >= 0, f'absld.beta must be >= 0, got {a.beta}')
+  hard = tuple(a.manual_hard_classes)
+  _require(all(isinstance(k, int) and k >= 0 for k in hard) and len(set(hard)) == len(hard),
+           f'absld.manual_hard_classes must be distinct class indices, got {hard}')
+  if config.data.name in datasets.REGISTRY:
+    n = datasets.REGISTRY[config.data.name].num_classes
+    _require(all(k < n for k in hard), f'absld.manual_hard_classes {hard} names classes outside '
+                                       f'0..{n - 1} of {config.data.name}')
+  _require(a.manual_hard_temperature > 0 and a.manual_easy_temperature > 0,
+           'absld.manual_hard_temperature and absld.manual_easy_temperature must be > 0')
+  _require(config.adaad.reduction in batch_reductions,
+           f'adaad.reduction must be one of {", ".join(batch_reductions)}, got '
+           f'{config.adaad.reduction!r}')
+  _require(0 <= config.adaad.alpha <= 1, f'adaad.alpha must lie in [0, 1], got {config.adaad.alpha}')
+  _require(config.ard.reduction in batch_reductions,
+           f'ard.reduction must be one of {", ".join(batch_reductions)}, got {config.ard.reduction!r}')
+  _require(0 <= config.ard.alpha <= 1 and config.ard.temperature > 0,
+           'ard.alpha must lie in [0, 1] and ard.temperature be > 0')
+  _require(config.iad.beta >= 0 and config.iad.begin_epoch >= 0,
+           'iad.beta and iad.begin_epoch must be >= 0')
   _require(config.awp.gamma >= 0 and config.awp.warmup_epochs >= 0, 'awp.gamma and awp.warmup_epochs must be >= 0')
   _require(config.teacher.source in TEACHER_SOURCES,
            f'teacher.source must be one of {", ".join(TEACHER_SOURCES)}, '
@@ -397,6 +439,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   augment = config.data.augment
   if augment == 'auto':
     augment = datasets.default_augmentation(config.data.name)
+  _require(not (config.teacher.cache_logits and methods.METHODS[config.method].teacher_on_inputs),
+           f'method {config.method} runs the teacher on the images its attack makes, which no '
+           f'cache holds: set --config.teacher.cache_logits=False')
   _require(not config.teacher.cache_logits or augment == 'none',
            'teacher.cache_logits caches one soft label per image: it needs --config.data.augment=none')
   au = config.audit

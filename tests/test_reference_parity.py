@@ -63,13 +63,13 @@ def pgd(model, x, x_start, objective, eps, alpha, steps, rounding=None):
   for _ in range(steps):
     x_adv.requires_grad_()
     with torch.enable_grad():
-      loss = objective(model(x_adv))
+      loss = objective(model(x_adv), x_adv)
     grad = torch.autograd.grad(loss, [x_adv])[0]
     if rounding is not None:
       model32, objective32 = rounding
       x32 = x_adv.detach().float().requires_grad_()
       with torch.enable_grad():
-        grad32 = torch.autograd.grad(objective32(model32(x32)), [x32])[0].to(grad.dtype)
+        grad32 = torch.autograd.grad(objective32(model32(x32), x32), [x32])[0].to(grad.dtype)
       fragile |= grad.abs() <= 8 * (grad32 - grad).abs().max()
     x_adv = x_adv.detach() + alpha * torch.sign(grad.detach())
     x_adv = torch.min(torch.max(x_adv, x - eps), x + eps)
@@ -81,7 +81,7 @@ def trades_kl_objective(model, x):
   """trades.py / perturb_input: KL(softmax(f(x)) || f(x_adv)), reduction sum (eval mode)."""
   with torch.no_grad():
     clean = F.softmax(model(x), dim=1)
-  return lambda logits: F.kl_div(F.log_softmax(logits, dim=1), clean, reduction='sum')
+  return lambda logits, x_adv: F.kl_div(F.log_softmax(logits, dim=1), clean, reduction='sum')
 
 
 class Reference:
@@ -105,15 +105,21 @@ class Reference:
   def objective(self, x, y):
     """The attack's objective on ``x`` (puts the model in eval mode)."""
     m, model = self.method, self.model
+    if m in TRAIN_MODE_ATTACKS:  # ARD's AttackPGD inside net.train(): the statistics move
+      model.train()
+      return lambda logits, x_adv: F.cross_entropy(logits, y, size_average=False)
     model.eval()
     if m == 'pgd_at':
-      return lambda logits: F.cross_entropy(logits, y, reduction='sum')
+      return lambda logits, x_adv: F.cross_entropy(logits, y, reduction='sum')
+    if m == 'adaad':  # adaad_inner_loss: KLDivLoss(none) summed; the teacher's graph kept
+      return lambda logits, x_adv: torch.sum(F.kl_div(
+          F.log_softmax(logits, dim=1), F.softmax(self.teacher(x_adv), dim=1), reduction='none'))
     if m in ('trades', 'awp', 'ltd'):
       return trades_kl_objective(model, x)
     # rslad / absld: KL(teacher target || f(x_adv)), sum
     target = F.softmax(self._teacher_targets(x, y)[0], dim=1)
-    return lambda logits: torch.sum(F.kl_div(F.log_softmax(logits, dim=1), target,
-                                             reduction='none'))
+    return lambda logits, x_adv: torch.sum(F.kl_div(F.log_softmax(logits, dim=1), target,
+                                                    reduction='none'))
 
   def attack(self, x, y, x_start, ref32=None):
     """The adversarial images the reference attack finds from ``x_start`` (eval mode); with
@@ -219,6 +225,46 @@ class Reference:
       loss1 = kl_loss(log(sm(adv_logits, dim=1)), F.softmax(t_adv, dim=1)).mean()
       loss2 = kl_loss(log(sm(nat_logits, dim=1)), F.softmax(t_nat, dim=1)).mean()
       loss = 5.0 / 6.0 * loss1 + 1.0 / 6.0 * loss2
+    elif m == 'adaad':  # main.py: net(inputs), net(adv_inputs), then the teacher under no_grad
+      self.opt.zero_grad()
+      ori_outputs, adv_outputs = model(x), model(x_adv)
+      with torch.no_grad():
+        t_ori, t_adv = self.teacher(x), self.teacher(x_adv)
+      if c.adaad.reduction == 'elementwise_mean':  # CIFAR-10: nn.KLDivLoss() (mean)
+        kl = lambda s, t: torch.nn.KLDivLoss()(F.log_softmax(s, dim=1), F.softmax(t, dim=1))
+      else:  # CIFAR-100: (1 / B) * sum KLDivLoss(reduce=False)
+        kl = lambda s, t: (1.0 / len(s)) * torch.sum(torch.nn.KLDivLoss(reduction='none')(
+            F.log_softmax(s, dim=1), F.softmax(t, dim=1)))
+      loss = c.adaad.alpha * kl(adv_outputs, t_adv) + (1 - c.adaad.alpha) * kl(ori_outputs, t_ori)
+    elif m == 'ard':  # main.py: outputs (the attack's last forward, on x'), teacher, clean
+      self.opt.zero_grad()
+      t = c.ard.temperature
+      outputs = model(x_adv)
+      teacher_outputs = self.teacher(x)
+      basic_outputs = model(x)
+      loss = (c.ard.alpha * t * t * torch.nn.KLDivLoss()(F.log_softmax(outputs / t, dim=1),
+                                                         F.softmax(teacher_outputs / t, dim=1))
+              + (1.0 - c.ard.alpha) * F.cross_entropy(basic_outputs, y))
+    elif m == 'iad':  # IAD-I.py
+      self.opt.zero_grad()
+      t, a = c.ard.temperature, c.ard.alpha
+      kl = torch.nn.KLDivLoss(reduction='none')
+      with torch.no_grad():
+        teacher_outputs = self.teacher(x)
+      outputs = model(x_adv)
+      model(x_adv).detach()  # basicop
+      guide = self.teacher(x_adv)
+      alpha_w = torch.ones(len(x), dtype=self.dtype)
+      for pp in range(len(x)):
+        alpha_w[pp] = (F.softmax(guide, dim=1)[pp][y[pp].item()]).pow(c.iad.beta).item()
+      first = a * t * t * (1 / len(outputs)) * torch.sum(
+          kl(F.log_softmax(outputs / t, dim=1), F.softmax(teacher_outputs / t, dim=1)).sum(dim=1))
+      if 0 >= c.iad.begin_epoch:  # the step is in epoch 0
+        loss = (first + a * (1 / len(outputs)) * torch.sum(
+            kl(F.log_softmax(outputs, dim=1), F.softmax(model(x), dim=1)).sum(dim=1).mul(1 - alpha_w))
+                + (1.0 - a) * F.cross_entropy(model(x), y))
+      else:
+        loss = first + (1.0 - a) * F.cross_entropy(model(x), y)
     elif m == 'pgd_at':
       self.opt.zero_grad()
       loss = F.cross_entropy(model(x_adv), y)
@@ -253,7 +299,21 @@ VARIANTS = {
     'rslad': {},
     'absld': {},
     'absld_released': {'method': 'absld', 'absld.released_code_aliasing': True},
+    # alpha < 1 so that the clean term counts (the code's default 1 leaves it to BatchNorm only)
+    'adaad': {'adaad.alpha': 0.7},
+    'adaad_cifar100': {'method': 'adaad', 'adaad.alpha': 0.7, 'adaad.reduction': 'batchmean'},
+    # ARD's attack: train mode, unclipped uniform start; alpha < 1 and T != 1 so every term counts
+    'ard': {'attack.bn_mode': 'train', 'attack.init': 'uniform_unclipped', 'ard.alpha': 0.8,
+            'ard.temperature': 4.0},
+    'iad': {'attack.bn_mode': 'train', 'attack.init': 'uniform_unclipped', 'ard.alpha': 0.8,
+            'ard.temperature': 2.0, 'ard.reduction': 'batchmean', 'iad.begin_epoch': 0,
+            'iad.beta': 0.5},
+    'iad_before_begin': {'method': 'iad', 'attack.bn_mode': 'train',
+                         'attack.init': 'uniform_unclipped', 'ard.alpha': 0.8,
+                         'ard.temperature': 2.0, 'ard.reduction': 'batchmean',
+                         'iad.begin_epoch': 1},
 }
+TRAIN_MODE_ATTACKS = ('ard', 'iad')
 
 
 def make_config(variant):
@@ -357,7 +417,8 @@ def test_train_step_equals_the_reference_pytorch_step(variant):
     assert err(sd_jax) <= 3 * err32 + 1e-6, (key, err(sd_jax), err32)
 
   # BatchNorm: k train-mode forwards from running var 1; PyTorch folds in n/(n-1) x the batch var.
-  k = {'natural': 1, 'pgd_at': 1, 'rslad': 2, 'absld': 2}.get(config.method, 3)
+  k = {'natural': 1, 'pgd_at': 1, 'rslad': 2, 'absld': 2, 'adaad': 2, 'ard': K + 2,
+       'iad': K + (4 if config.iad.begin_epoch == 0 else 3)}.get(config.method, 3)
   for layer in bn_layers(sd0):
     np.testing.assert_allclose(sd_jax[f'{layer}.running_mean'], sd64[f'{layer}.running_mean'],
                                rtol=1e-4, atol=1e-6)

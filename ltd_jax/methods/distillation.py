@@ -166,6 +166,97 @@ def absld_manual_init_state(config, num_classes: int) -> dict:
   return {'tau_adv': tau, 'tau_clean': tau}
 
 
+def ard_adversary(student, inputs: MethodInputs, config):
+  """ARD's attack (Goldblum et al. 2020, main.py ``AttackPGD``): PGD on sum CE(f(x'), y), the
+  student alone; the code runs it in train mode (``attack.bn_mode='train'``: the running
+  statistics move with each of the K forwards) from x + U(-eps, eps), unclipped
+  (``attack.init='uniform_unclipped'``)."""
+  return pgd(student, lambda f: attacks.ce_objective(f, inputs.y), inputs, config)
+
+
+def ard_teacher_term(logits_adv, teacher_logits, config, reduction=None):
+  """alpha T^2 KL(softmax(t(x) / T) || softmax(f(x') / T)), reduced by ``ard.reduction`` (ARD's
+  KLDivLoss(): the elementwise mean; IAD's sum / B: 'batchmean')."""
+  c = config.ard
+  t = c.temperature
+  kl = losses.kl_divergence(losses.softmax_t(teacher_logits, t), logits_adv / t,
+                            reduction or c.reduction)
+  return c.alpha * t * t * kl
+
+
+def ard_loss(forward: TrainForward, inputs: MethodInputs, x_adv, config):
+  """alpha T^2 KL(t(x)/T || f(x')/T) + (1 - alpha) CE(f(x), y): the adversarial forward first
+  (the attack's last forward, on x'), then the clean one, which the code runs also at alpha = 1."""
+  logits_adv = forward(x_adv)
+  logits_clean = forward(inputs.x)
+  robust = ard_teacher_term(logits_adv, inputs.teacher_logits, config)
+  natural = losses.cross_entropy(logits_clean, inputs.y)
+  aux = loss_aux(inputs.y, logits_clean, logits_adv)
+  aux.update(loss_natural=natural, loss_robust=robust)
+  return robust + (1.0 - config.ard.alpha) * natural, aux
+
+
+def iad_reliability(inputs: MethodInputs, x_adv, config) -> jax.Array:
+  """IAD's per-sample teacher reliability (Zhu et al. 2022, IAD-I.py): softmax(t(x'))[y]^beta,
+  a constant of the step."""
+  probs = jax.nn.softmax(inputs.teacher_fn(x_adv), axis=-1)
+  p_y = jnp.take_along_axis(probs, inputs.y[:, None], axis=-1)[:, 0]
+  return jax.lax.stop_gradient(p_y ** config.iad.beta)
+
+
+def iad_loss(forward: TrainForward, inputs: MethodInputs, x_adv, config):
+  """IAD-I: ARD's teacher term (``ard.reduction`` 'batchmean', T = 1 by default) + from epoch
+  ``iad.begin_epoch`` (0-indexed) the student's own introspection alpha (1/B) sum_i (1 - w_i)
+  KL(softmax(f(x_i)) || softmax(f(x'_i))), with w_i = ``iad_reliability`` and the target not
+  stopped, + (1 - alpha) CE(f(x), y). The code's forwards: x' (the attack's last), x' again
+  (statistics only), x for the introspection target (from ``begin_epoch``), x for the CE."""
+  c = config.ard
+  logits_adv = forward(x_adv)
+  forward(jax.lax.stop_gradient(x_adv))  # basic_net(pert_inputs).detach(): statistics only
+  logits_self = forward(inputs.x)
+  after_self = forward.batch_stats
+  logits_clean = forward(inputs.x)
+  active = inputs.epoch >= config.iad.begin_epoch
+  # Before begin_epoch the code runs one clean forward, not two: the statistics it leaves are
+  # after_self (both clean forwards see the same batch).
+  forward.batch_stats = jax.tree_util.tree_map(lambda a, b: jnp.where(active, a, b),
+                                               forward.batch_stats, after_self)
+  weight = iad_reliability(inputs, x_adv, config)
+  robust = ard_teacher_term(logits_adv, inputs.teacher_logits, config)
+  introspection = jnp.mean((1.0 - weight) * losses.kl_from_logits(logits_self, logits_adv, 'none'))
+  natural = losses.cross_entropy(logits_clean, inputs.y)
+  aux = loss_aux(inputs.y, logits_clean, logits_adv)
+  aux.update(loss_natural=natural, loss_robust=robust)
+  return (robust + jnp.where(active, c.alpha * introspection, 0.0)
+          + (1.0 - c.alpha) * natural), aux
+
+
+def adaad_adversary(student, inputs: MethodInputs, config):
+  """AdaAD's inner maximisation (Huang et al. 2023, AT_helper.py ``adaad_inner_loss``): PGD on
+  sum KL(softmax(t(x')) || softmax(f(x'))) with the teacher and the student on x', the gradient
+  through both (both in eval mode)."""
+  def make_objective(logits_fn):
+    return lambda x_adv: losses.kl_divergence(jax.nn.softmax(inputs.teacher_fn(x_adv), axis=-1),
+                                              logits_fn(x_adv), 'sum')
+  return pgd(student, make_objective, inputs, config)
+
+
+def adaad_loss(forward: TrainForward, inputs: MethodInputs, x_adv, config):
+  """alpha KL(t(x') || f(x')) + (1 - alpha) KL(t(x) || f(x)), reduced by ``adaad.reduction``
+  (the code: KLDivLoss's elementwise mean on CIFAR-10, sum / B on CIFAR-100); the code's clean
+  forward runs first, also at alpha = 1, where only BatchNorm's statistics see it."""
+  logits_clean = forward(inputs.x)
+  logits_adv = forward(x_adv)
+  teacher_adv = jax.lax.stop_gradient(inputs.teacher_fn(x_adv))
+  c = config.adaad
+  robust = losses.kl_divergence(jax.nn.softmax(teacher_adv, axis=-1), logits_adv, c.reduction)
+  natural = losses.kl_divergence(jax.nn.softmax(inputs.teacher_logits, axis=-1), logits_clean,
+                                 c.reduction)
+  aux = loss_aux(inputs.y, logits_clean, logits_adv)
+  aux.update(loss_natural=natural, loss_robust=robust)
+  return c.alpha * robust + (1.0 - c.alpha) * natural, aux
+
+
 # Pass counts: RSLAD / ABSLD 2K + 6 (the teacher gives the target).
 register('ltd', Method(trades_adversary, ltd_loss, needs_teacher=True,
                        uses_awp=lambda config: config.ltd.base == 'awp',
@@ -181,5 +272,14 @@ register('absld', Method(absld_adversary, absld_loss, needs_teacher=True,
 register('absld_manual', Method(absld_adversary, absld_loss, needs_teacher=True,
                                 init_state=absld_manual_init_state,
                                 minimal_passes=passes(lambda k: 2 * k + 6)))
+# ARD: 2K + 6; IAD adds a statistics-only forward of x' and the introspection target's forward
+# and backward.
+register('ard', Method(ard_adversary, ard_loss, needs_teacher=True,
+                       minimal_passes=passes(lambda k: 2 * k + 6)))
+register('iad', Method(ard_adversary, iad_loss, needs_teacher=True, teacher_on_inputs=True,
+                       minimal_passes=passes(lambda k: 2 * k + 10)))
+# AdaAD: 2K attack passes (the teacher's backward to the input not counted), 6 for the loss.
+register('adaad', Method(adaad_adversary, adaad_loss, needs_teacher=True, teacher_on_inputs=True,
+                         minimal_passes=passes(lambda k: 2 * k + 6)))
 register('soft_label_natural', Method(no_adversary, soft_label_natural_loss, needs_teacher=True,
                                       minimal_passes=passes(lambda k: 3)))
