@@ -35,13 +35,18 @@ def init_normal(rng, x, eps):
   return x + 0.001 * jax.random.normal(rng, x.shape, x.dtype)
 
 
+def init_normal_clipped(rng, x, eps):
+  """clip(x + 0.001 N(0, 1), 0, 1) (BAT's early-stopped attacks)."""
+  return jnp.clip(init_normal(rng, x, eps), 0.0, 1.0)
+
+
 def init_none(rng, x, eps):
   del rng, eps
   return x
 
 
 INITS = {'uniform': init_uniform, 'uniform_unclipped': init_uniform_unclipped,
-         'normal': init_normal, 'none': init_none}
+         'normal': init_normal, 'normal_clipped': init_normal_clipped, 'none': init_none}
 
 # Whether an attack's K steps are written out in the program (True) or run as a lax.fori_loop,
 # per platform of the devices the step is compiled for (``parallel.platform(mesh)``: 'cpu',

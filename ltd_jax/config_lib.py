@@ -148,6 +148,18 @@ def default_config() -> ml_collections.ConfigDict:
   c.iad.beta = 0.1  # reliability softmax(t(x'))[y]^beta
   c.iad.begin_epoch = 60  # the introspection term from this 0-indexed epoch on
 
+  # Fair-ARD / Fair-RSLAD (NISP-official/Fair-ARD): class weights from kappa, the per-class mean
+  # count of attack iterates still classified correctly: (1 / (kappa + guard))^beta scaled to sum
+  # to C, clipped to [clip_min, clip_max]. Fair-RSLAD's code has no guard (0).
+  c.fair = ml_collections.ConfigDict()
+  c.fair.beta = 2.0
+  c.fair.kappa_guard = 1e-5
+  c.fair.clip_min = 5 / 6
+  c.fair.clip_max = 5 / 2
+
+  c.bat = ml_collections.ConfigDict()  # BAT: x_fa is the (tau + 1)-th misclassified iterate
+  c.bat.tau = 1
+
   c.teacher = ml_collections.ConfigDict()
   c.teacher.source = 'none'  # none | train | workdir | torch
   c.teacher.config = ''  # source=train: config file of the teacher stage (run in WORKDIR/teacher)
@@ -416,6 +428,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
            'ard.alpha must lie in [0, 1] and ard.temperature be > 0')
   _require(config.iad.beta >= 0 and config.iad.begin_epoch >= 0,
            'iad.beta and iad.begin_epoch must be >= 0')
+  f = config.fair
+  _require(f.beta >= 0 and f.kappa_guard >= 0 and 0 < f.clip_min <= f.clip_max,
+           'fair.beta and fair.kappa_guard must be >= 0 and 0 < fair.clip_min <= fair.clip_max')
+  _require(config.bat.tau >= 0, f'bat.tau must be >= 0, got {config.bat.tau}')
   _require(config.awp.gamma >= 0 and config.awp.warmup_epochs >= 0, 'awp.gamma and awp.warmup_epochs must be >= 0')
   _require(config.teacher.source in TEACHER_SOURCES,
            f'teacher.source must be one of {", ".join(TEACHER_SOURCES)}, '

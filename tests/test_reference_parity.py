@@ -42,6 +42,7 @@ from ltd_jax import train  # pylint: disable=wrong-import-position
 B, HW, C, WIDTH, K = 20, 8, 10, 4, 3  # two images per class; 3-step attacks
 TAU_ADV = np.linspace(0.6, 2.0, C).astype(np.float32)  # distinct per class, and adv != clean
 TAU_CLEAN = np.linspace(1.7, 0.8, C).astype(np.float32)
+CLASS_WEIGHT = np.linspace(2.4, 0.9, C).astype(np.float32)  # Fair-ARD / Fair-RSLAD, distinct
 
 
 # ----------------------------------------------------------------------------- the references
@@ -50,7 +51,8 @@ def kl_loss(a, b):
   return -a * b + torch.log(b + 1e-5) * b
 
 
-def pgd(model, x, x_start, objective, eps, alpha, steps, rounding=None):
+def pgd(model, x, x_start, objective, eps, alpha, steps, rounding=None, predictions=None,
+        iterates=None):
   """The reference attacks' loop (model already in eval mode), from ``x_start``.
 
   With ``rounding = (model32, objective32)`` it also returns the pixels whose sign(grad) is
@@ -63,7 +65,12 @@ def pgd(model, x, x_start, objective, eps, alpha, steps, rounding=None):
   for _ in range(steps):
     x_adv.requires_grad_()
     with torch.enable_grad():
-      loss = objective(model(x_adv), x_adv)
+      logits = model(x_adv)
+      loss = objective(logits, x_adv)
+    if predictions is not None:  # Fair-ARD: ``predict = student_out_pgd.max(1)`` of this forward
+      predictions.append(logits.detach().argmax(1))
+    if iterates is not None:
+      iterates.append(x_adv.detach().clone())
     grad = torch.autograd.grad(loss, [x_adv])[0]
     if rounding is not None:
       model32, objective32 = rounding
@@ -96,6 +103,8 @@ class Reference:
                                weight_decay=o.weight_decay, nesterov=o.nesterov)
     self.tau_adv = torch.tensor(TAU_ADV, dtype=dtype)
     self.tau_nat = torch.tensor(TAU_CLEAN, dtype=dtype)
+    self.reweight = torch.tensor(CLASS_WEIGHT, dtype=dtype)
+    self.predictions = []
 
   def _load(self, sd):
     model = torch_models.build_torch_model('small_cnn', C, 3, width=WIDTH)
@@ -129,18 +138,55 @@ class Reference:
     if ref32 is not None:
       rounding = (ref32.model, ref32.objective(x.float(), y))
     out = pgd(self.model, x, x_start, self.objective(x, y), c.eps, c.attack.alpha,
-              c.attack.steps, rounding)
+              c.attack.steps, rounding, self.predictions)
     self.model.train()
     if ref32 is not None:
       ref32.model.train()
     return out
+
+  def bat_attacks(self, x, y, starts, ref32):
+    """BAT's stop_to_lastclean and stop_to_firstadv (train_mode/), each from its own start, as a
+    masked full batch: in eval mode the samples are independent, so dropping stopped ones (the
+    code's shrinking batch, regrouped by stop iterate) changes no remaining one. Returns x_lc,
+    x_fa and the pixels within rounding of a sign flip on either trajectory."""
+    c, model = self.c, self.model
+    model.eval()
+    ref32.model.eval()
+    with torch.no_grad():
+      clean = F.softmax(model(x), dim=1)
+      clean32 = F.softmax(ref32.model(x.float()), dim=1)
+    objective = lambda p: lambda logits, x_adv: F.kl_div(F.log_softmax(logits, dim=1), p,
+                                                        reduction='sum')
+    out, fragile = [], torch.zeros_like(x, dtype=torch.bool)
+    for start, kind in zip(starts, ('lc', 'fa')):
+      predictions, iterates = [], []
+      x_final, frag = pgd(model, x, start, objective(clean), c.eps, c.attack.alpha,
+                          c.attack.steps, (ref32.model, objective(clean32)), predictions, iterates)
+      fragile |= frag
+      iterates.append(x_final)
+      wrong = torch.stack([p != y for p in predictions])  # [K, B]: m_i(k)
+      chosen, stops = [], []
+      for i in range(len(y)):
+        ks = torch.nonzero(wrong[:, i]).flatten().tolist()
+        if kind == 'lc':
+          k = c.attack.steps if not ks else max(ks[0] - 1, 0)
+        else:
+          k = c.attack.steps if len(ks) <= c.bat.tau else ks[c.bat.tau]
+        chosen.append(iterates[k][i])
+        stops.append(k)
+      # The batch tells the rules apart: samples stop at different iterates, some never.
+      assert len(set(stops)) >= 3 and c.attack.steps in stops, (kind, stops)
+      out.append(torch.stack(chosen))
+    model.train()
+    ref32.model.train()
+    return out[0], out[1], fragile
 
   def _teacher_targets(self, x, y):
     """ABSLD's per-sample scaled teacher logits (adv, nat) as resnet18_absld_cifar10.py builds
     them; with released aliasing both names are one tensor, divided in place twice."""
     with torch.no_grad():
       t = self.teacher(x).detach()
-    if self.method == 'rslad':
+    if self.method in ('rslad', 'fair_rslad'):
       return t, t
     if self.c.absld.released_code_aliasing:
       t_adv = t.detach()
@@ -265,6 +311,45 @@ class Reference:
                 + (1.0 - a) * F.cross_entropy(model(x), y))
       else:
         loss = first + (1.0 - a) * F.cross_entropy(model(x), y)
+    elif m == 'fair_ard':  # Fair-ARD.py train(): per-sample KLDivLoss() over dim 0, x reweight[y]
+      self.opt.zero_grad()
+      t = c.ard.temperature
+      outputs = model(x_adv)
+      teacher_outputs = self.teacher(x)
+      basic_outputs = model(x)
+      kl_class, ce_class = [], []
+      for i in range(len(outputs)):
+        kl_class.append(torch.nn.KLDivLoss()(F.log_softmax(outputs[i] / t, dim=0),
+                                             F.softmax(teacher_outputs[i] / t, dim=0)))
+        ce_class.append(torch.nn.CrossEntropyLoss()(basic_outputs[i].unsqueeze(0), y[i].unsqueeze(0)))
+        kl_class[i] = kl_class[i] * self.reweight[y[i]]
+        ce_class[i] = ce_class[i] * self.reweight[y[i]]
+      kl1 = (1 / len(outputs)) * torch.sum(torch.stack(kl_class))
+      ce = (1 / len(outputs)) * torch.sum(torch.stack(ce_class))
+      loss = c.ard.alpha * t * t * kl1 + (1.0 - c.ard.alpha) * ce
+    elif m == 'fair_rslad':  # Fair-RSLAD.py: kl_loss per sample (dim 0) x reweight[y], / B, mean
+      t_adv, _ = self._teacher_targets(x, y)
+      self.opt.zero_grad()
+      adv_logits, nat_logits = model(x_adv), model(x)
+      soft = F.softmax(t_adv, dim=1)
+      terms = []
+      for logits in (adv_logits, nat_logits):
+        per = [kl_loss(F.log_softmax(logits[i], dim=0), soft[i]) * self.reweight[y[i]]
+               for i in range(len(logits))]
+        terms.append(((1.0 / len(logits)) * sum(per)).mean())
+      loss = 5.0 / 6.0 * terms[0] + 1.0 / 6.0 * terms[1]
+    elif m == 'bat':  # train.py BAT_loss: forwards x_lc, x_fa, x
+      self.opt.zero_grad()
+      x_lc, x_fa = x_adv
+      lastclean_logits, firstadv_logits, clean_logits = model(x_lc), model(x_fa), model(x)
+      kl = torch.nn.KLDivLoss(size_average=False)
+      b = len(y)
+      uniform_logits = torch.ones_like(firstadv_logits) * 0.1
+      loss_natural = torch.nn.CrossEntropyLoss(reduction='mean')(lastclean_logits, y)
+      u1 = (1.0 / b) * kl(F.log_softmax(uniform_logits, dim=1), F.softmax(lastclean_logits, dim=1))
+      u2 = (1.0 / b) * kl(F.log_softmax(uniform_logits, dim=1), F.softmax(firstadv_logits, dim=1))
+      robust = (1.0 / b) * kl(F.log_softmax(firstadv_logits, dim=1), F.softmax(clean_logits, dim=1))
+      loss = c.trades.beta * robust + loss_natural + (u1 + u2)
     elif m == 'pgd_at':
       self.opt.zero_grad()
       loss = F.cross_entropy(model(x_adv), y)
@@ -312,8 +397,12 @@ VARIANTS = {
                          'attack.init': 'uniform_unclipped', 'ard.alpha': 0.8,
                          'ard.temperature': 2.0, 'ard.reduction': 'batchmean',
                          'iad.begin_epoch': 1},
+    'fair_ard': {'attack.bn_mode': 'train', 'attack.init': 'uniform_unclipped', 'ard.alpha': 0.8,
+                 'ard.temperature': 4.0},
+    'fair_rslad': {},
+    'bat': {'attack.init': 'normal_clipped', 'eps': 0.1, 'attack.alpha': 0.03, 'attack.steps': 5},
 }
-TRAIN_MODE_ATTACKS = ('ard', 'iad')
+TRAIN_MODE_ATTACKS = ('ard', 'iad', 'fair_ard')
 
 
 def make_config(variant):
@@ -359,10 +448,18 @@ def test_train_step_equals_the_reference_pytorch_step(variant):
   method = methods.get_method(config.method)
   model = models.create_model('small_cnn', C, width=WIDTH)
   state = state_lib.create_train_state(config, model, (HW, HW, 3), C, steps_per_epoch=5)
+  if config.method in ('fair_ard', 'fair_rslad'):
+    state = state.replace(method_state={**state.method_state,
+                                        'class_weight': jnp.asarray(CLASS_WEIGHT)})
   if config.method == 'absld':
     state = state.replace(method_state={**state.method_state, 'tau_adv': jnp.asarray(TAU_ADV),
                                         'tau_clean': jnp.asarray(TAU_CLEAN)})
   images, labels = batch()
+  if config.method == 'bat':
+    # Labels the untrained model gets right on clean images, so that the early-stopped attacks
+    # stop at different iterates (the reference asserts it).
+    labels = np.asarray(jnp.argmax(model.apply(state.variables, images / np.float32(255.0),
+                                               train=False), -1)).astype(np.int32)
   teacher_vars = teacher_sd = None
   if method.needs_teacher:
     t_params, t_stats = models.init_variables(model, jax.random.PRNGKey(7), (HW, HW, 3))
@@ -386,11 +483,25 @@ def test_train_step_equals_the_reference_pytorch_step(variant):
   y_t = torch.from_numpy(labels).long()
   refs = {dt: Reference(config.method, config, sd0, teacher_sd, dt)
           for dt in (torch.float32, torch.float64)}
-  if x_adv is not None:
+  kappa = None
+  if isinstance(x_adv, dict) and 'kappa' in x_adv:
+    x_adv, kappa = x_adv['x_adv'], x_adv['kappa']
+  _, attack_rng = jax.random.split(jax.random.fold_in(state.rng, state.step))
+  if config.method == 'bat':
+    # Each early-stopped attack against the reference's from the same start: the iterate each
+    # sample stops at and its pixels (only those within rounding of a sign flip may differ).
+    starts = [to_t(attacks.INITS[config.attack.init](r, x, config.eps), torch.float64)
+              for r in jax.random.split(attack_rng)]
+    x_lc, x_fa, fragile = refs[torch.float64].bat_attacks(to_t(x, torch.float64), y_t, starts,
+                                                           refs[torch.float32])
+    for name, want in (('x_lc', x_lc), ('x_fa', x_fa)):
+      differ = ~np.isclose(want.permute(0, 2, 3, 1).numpy(), np.asarray(x_adv[name]), atol=1e-5)
+      assert differ.sum() <= fragile.sum(), (name, differ.sum(), fragile.sum())
+    x_adv = (np.asarray(x_adv['x_lc']), np.asarray(x_adv['x_fa']))
+  elif x_adv is not None:
     # The in-step attack against the reference attack from the same start (the start is a
     # pure function of the step's rng): pixels may differ only through signs that float32
     # rounding can flip, so at most as many as the reference finds within rounding of a flip.
-    _, attack_rng = jax.random.split(jax.random.fold_in(state.rng, state.step))
     x_start = attacks.INITS[config.attack.init](attack_rng, x, config.eps)
     torch_adv, fragile = refs[torch.float64].attack(to_t(x, torch.float64), y_t,
                                                     to_t(x_start, torch.float64),
@@ -399,9 +510,15 @@ def test_train_step_equals_the_reference_pytorch_step(variant):
     assert differ.sum() <= fragile.sum(), (
         f'the attacks differ in {differ.sum()} pixels; {fragile.sum()} are within rounding '
         f'of a sign flip')
+  if kappa is not None:  # Fair-ARD's Kappa: iterates x_0 .. x_{K-1} still classified correctly
+    want = sum((p == y_t).double() for p in refs[torch.float64].predictions)
+    np.testing.assert_array_equal(np.asarray(kappa), want.numpy())
+    assert 0 < want.sum() < K * B  # some iterates correct, some not: the count is not trivial
   results = {}
   for dt, ref in refs.items():
-    loss, risks = ref.step(to_t(x, dt), y_t, None if x_adv is None else to_t(x_adv, dt))
+    adv = (None if x_adv is None else tuple(to_t(a, dt) for a in x_adv)
+           if isinstance(x_adv, tuple) else to_t(x_adv, dt))
+    loss, risks = ref.step(to_t(x, dt), y_t, adv)
     sd = {k: v.detach().numpy().astype(np.float64) for k, v in ref.model.state_dict().items()}
     results[dt] = (loss, risks, sd, ref)
 
@@ -418,6 +535,7 @@ def test_train_step_equals_the_reference_pytorch_step(variant):
 
   # BatchNorm: k train-mode forwards from running var 1; PyTorch folds in n/(n-1) x the batch var.
   k = {'natural': 1, 'pgd_at': 1, 'rslad': 2, 'absld': 2, 'adaad': 2, 'ard': K + 2,
+       'fair_ard': K + 2, 'fair_rslad': 2, 'bat': 3,
        'iad': K + (4 if config.iad.begin_epoch == 0 else 3)}.get(config.method, 3)
   for layer in bn_layers(sd0):
     np.testing.assert_allclose(sd_jax[f'{layer}.running_mean'], sd64[f'{layer}.running_mean'],

@@ -1,0 +1,103 @@
+"""The robust-fairness methods' pieces against hand computation and NumPy transcriptions of
+their released code: BAT's stop iterates, Fair-ARD's kappa and class weights, ABSLD's Manual
+temperatures (the full steps are in test_reference_parity.py)."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ltd_jax import config_lib
+from ltd_jax.methods import distillation
+from ltd_jax.methods import fairness
+from ltd_jax.errors import ConfigError
+
+# m_i(k): whether sample i is misclassified at iterate k (k = 0 .. K-1), K = 4.
+WRONG = np.array([[0, 0, 0, 0],   # never: x_lc = x_fa = x_K
+                  [1, 0, 1, 0],   # wrong at the start: x_lc = x_0; 2nd wrong at k = 2: x_fa = x_2
+                  [0, 0, 1, 1],   # first wrong at 2: x_lc = x_1; 2nd wrong at 3: x_fa = x_3
+                  [0, 1, 0, 0]],  # first wrong at 1: x_lc = x_0; wrong once only: x_fa = x_K
+                 bool)
+K = WRONG.shape[1]
+
+
+def run_tracker(tracker, labels):
+  """Feeds iterates x_k (every pixel of sample i: 10 k + i) and logits that are wrong where
+  WRONG says through ``tracker``, as ``pgd`` would; returns the tracked state and x_K."""
+  tracked, update = tracker
+  for k in range(K):
+    x_k = jnp.asarray(10.0 * k + np.arange(4), jnp.float32).reshape(4, 1, 1, 1) * jnp.ones((4, 2, 2, 1))
+    right = np.eye(3)[labels]
+    logits = jnp.asarray(np.where(WRONG[:, k, None], 1.0 - right, right), jnp.float32)
+    tracked = update(tracked, k, x_k, logits)
+  x_final = jnp.asarray(10.0 * K + np.arange(4), jnp.float32).reshape(4, 1, 1, 1) * jnp.ones((4, 2, 2, 1))
+  return tracked, x_final
+
+
+def picked(images) -> list[int]:
+  """Which iterate k each sample's image is (pixel = 10 k + i)."""
+  return [int(round((float(images[i, 0, 0, 0]) - i) / 10)) for i in range(len(images))]
+
+
+def test_bat_last_clean_and_misclassified_stop_iterates_by_hand():
+  labels = np.array([0, 1, 2, 0])
+  x = jnp.zeros((4, 2, 2, 1))
+  lc, x_final = run_tracker(fairness.last_clean_tracker(x, labels), labels)
+  assert picked(fairness.finish(lc, x_final)) == [K, 0, 1, 0]
+  fa, x_final = run_tracker(fairness.misclassified_count_tracker(x, labels, tau=1), labels)
+  assert picked(fairness.finish(fa, x_final)) == [K, 2, 3, K]
+  first, x_final = run_tracker(fairness.misclassified_count_tracker(x, labels, tau=0), labels)
+  assert picked(fairness.finish(first, x_final)) == [K, 0, 2, 1]  # tau = 0: the first wrong one
+
+
+def test_fair_ard_kappa_counts_the_correct_iterates():
+  labels = np.array([0, 1, 2, 0])
+  kappa, _ = run_tracker(fairness.correct_count_tracker(jnp.asarray(labels)), labels)
+  np.testing.assert_array_equal(kappa, (~WRONG).sum(1))
+
+
+def weight_assign(kappa, beta, guard, num_classes):
+  """Fair-ARD.py's weight_assign, in NumPy (float32 as the code's tensors)."""
+  reweight = (1 / (kappa + guard)) ** beta
+  reweight = reweight * (num_classes / np.sum(reweight))
+  return np.clip(reweight, 5 / 6, 5 / 2).astype(np.float32)
+
+
+def test_fair_class_weights_against_the_code_on_unbalanced_classes_with_one_absent():
+  config = config_lib.default_config()
+  rng = np.random.default_rng(0)
+  counts = np.array([30, 5, 12, 0, 40, 8, 20, 3, 17, 9], np.float32)  # class 3 absent
+  kappa = rng.uniform(0, 10, size=10).astype(np.float32) * (counts > 0)
+  sums = kappa * counts
+  got = fairness.fair_class_weights(jnp.asarray(sums), jnp.asarray(counts), config)
+  np.testing.assert_allclose(got, weight_assign(kappa, 2.0, 1e-5, 10), rtol=1e-5)
+  assert float(got[3]) == pytest.approx(5 / 2)  # an absent class reads kappa 0: the largest weight
+  state = fairness.fair_init_state(config, 10)
+  state = {**state, 'kappa_sum': jnp.asarray(sums), 'kappa_count': jnp.asarray(counts)}
+  ended = fairness.fair_epoch_end(state, 1, config)
+  np.testing.assert_allclose(ended['class_weight'], got)
+  assert float(jnp.sum(ended['kappa_sum'])) == 0 and float(jnp.sum(ended['kappa_count'])) == 0
+  # The weights are per class: a wrong class index shows.
+  config.fair.kappa_guard = 0.0
+  np.testing.assert_allclose(
+      fairness.fair_class_weights(jnp.asarray(sums[:3]), jnp.asarray(counts[:3]), config),
+      weight_assign(kappa[:3], 2.0, 0.0, 3), rtol=1e-5)
+
+
+def test_fair_accumulate_sums_kappa_per_class():
+  state = fairness.fair_init_state(None, 4)
+  labels = jnp.asarray([0, 2, 2, 3, 0])
+  out = fairness.fair_accumulate(state, {'kappa': jnp.asarray([1., 2., 3., 4., 5.])}, labels, 4)
+  np.testing.assert_array_equal(out['kappa_sum'], [6, 0, 5, 4])
+  np.testing.assert_array_equal(out['kappa_count'], [2, 0, 2, 1])
+
+
+def test_manual_temperatures_name_the_hard_classes():
+  config = config_lib.default_config()
+  tau = distillation.manual_temperatures(config, 10)
+  np.testing.assert_array_equal(tau, [5, 5, 0.5, 0.5, 0.5, 0.5, 5, 5, 5, 5])  # bird, cat, deer, dog
+  state = distillation.absld_manual_init_state(config, 10)
+  np.testing.assert_array_equal(state['tau_adv'], tau)
+  np.testing.assert_array_equal(state['tau_clean'], tau)
+  config.absld.manual_hard_classes = (1, 12)
+  with pytest.raises(ConfigError, match='manual_hard_classes'):
+    config_lib.validate(config)
