@@ -160,6 +160,42 @@ def default_config() -> ml_collections.ConfigDict:
   c.bat = ml_collections.ConfigDict()  # BAT: x_fa is the (tau + 1)-th misclassified iterate
   c.bat.tau = 1
 
+  # FRL reweight + remargin (hannxu123/fair_robust frlrmrw.py, utils_frl2.py), fine-tuning from a
+  # warm start (``init``) against a held-out validation split (``data.val_size``).
+  c.frl = ml_collections.ConfigDict()
+  c.frl.beta = 1.5  # weight of the boundary term
+  c.frl.tau_nat = 0.07  # fairness constraints (the code's bound0 / bound1; ABSLD A.3: 0.05)
+  c.frl.tau_bndy = 0.07
+  c.frl.rate1 = 0.05  # lambda_nat step (x2 for lambda_bndy), halved every rate1_halve_every epochs
+  c.frl.rate1_halve_every = 40
+  c.frl.rate2 = 0.2  # lambda_margin step
+  c.frl.limit = 0.5  # the code's lim: lambda_nat and lambda_bndy rescaled to sum <= limit
+  c.frl.margin_exponent = 2.0  # eps factor clip(exp(2 lambda_margin), 0.98, 3)
+  c.frl.margin_min = 0.98
+  c.frl.margin_max = 3.0
+  c.frl.step_size = 'max_eps_quarter'  # max_eps_quarter (the code) | config (attack.alpha)
+  c.frl.validation_pgd_steps = 20
+
+  # CFA (PKU-ML/CFA train.py): class-wise calibrated margins (CCM), class-wise TRADES weights
+  # (CCR) and the fairness-aware weight average (FAWA) on a held-out validation split.
+  c.cfa = ml_collections.ConfigDict()
+  c.cfa.lambda_1 = 0.5  # eps_c = (lambda_1 + A_c) eps
+  c.cfa.lambda_2 = 0.5  # b_c = (lambda_2 + A_c) beta / (1 + (lambda_2 + A_c) beta)
+  c.cfa.begin_epoch = 10  # 0-indexed epoch from which the class-wise values apply
+  c.cfa.fawa_threshold = 0.24  # the code's default (its README's AT+CFA command: 0.2)
+  c.cfa.fawa_decay = 0.88
+  c.cfa.fawa_worst = 'worst'  # worst | worst10 (ABSLD A.3, CIFAR-100: the worst 10% of classes)
+  c.cfa.fawa_pgd_steps = 10
+
+  # A warm start of the student (FRL's hot start): from a run of this project trained first as a
+  # stage in WORKDIR/init (``source=train`` with ``init.config``) or from ``init.path``; a run
+  # that already has its own checkpoint resumes from that instead.
+  c.init = ml_collections.ConfigDict()
+  c.init.source = 'none'  # none | train | workdir
+  c.init.config = ''
+  c.init.path = ''
+  c.init.checkpoint = 'auto'  # auto | best | latest
+
   c.teacher = ml_collections.ConfigDict()
   c.teacher.source = 'none'  # none | train | workdir | torch
   c.teacher.config = ''  # source=train: config file of the teacher stage (run in WORKDIR/teacher)
@@ -432,6 +468,29 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(f.beta >= 0 and f.kappa_guard >= 0 and 0 < f.clip_min <= f.clip_max,
            'fair.beta and fair.kappa_guard must be >= 0 and 0 < fair.clip_min <= fair.clip_max')
   _require(config.bat.tau >= 0, f'bat.tau must be >= 0, got {config.bat.tau}')
+  fr = config.frl
+  _require(fr.step_size in ('max_eps_quarter', 'config'),
+           f'frl.step_size must be max_eps_quarter or config, got {fr.step_size!r}')
+  _require(fr.rate1 >= 0 and fr.rate2 >= 0 and fr.limit > 0 and fr.rate1_halve_every > 0
+           and 0 < fr.margin_min <= fr.margin_max and fr.validation_pgd_steps > 0,
+           'frl rates must be >= 0, frl.limit and frl.rate1_halve_every > 0, '
+           '0 < frl.margin_min <= frl.margin_max, frl.validation_pgd_steps > 0')
+  cf = config.cfa
+  _require(cf.fawa_worst in ('worst', 'worst10'),
+           f'cfa.fawa_worst must be worst or worst10, got {cf.fawa_worst!r}')
+  _require(0 <= cf.fawa_decay < 1 and cf.begin_epoch >= 0 and cf.fawa_pgd_steps > 0,
+           'cfa.fawa_decay must lie in [0, 1), cfa.begin_epoch >= 0, cfa.fawa_pgd_steps > 0')
+  method = methods.METHODS.get(config.method)
+  if method is not None and method.validation is not None:
+    _require(config.data.val_size > 0,
+             f'method {config.method} adapts to a held-out validation split: set '
+             f'--config.data.val_size=N (e.g. 1000 of CIFAR-10, 100 per class)')
+  _require(config.init.source in ('none', 'train', 'workdir'),
+           f'init.source must be none, train or workdir, got {config.init.source!r}')
+  _require(config.init.source != 'train' or config.init.config,
+           'init.source=train needs --config.init.config=configs/NAME.py for the warm-start stage')
+  _require(config.init.source != 'workdir' or config.init.path,
+           'init.source=workdir needs --config.init.path=WORKDIR of a trained run')
   _require(config.awp.gamma >= 0 and config.awp.warmup_epochs >= 0, 'awp.gamma and awp.warmup_epochs must be >= 0')
   _require(config.teacher.source in TEACHER_SOURCES,
            f'teacher.source must be one of {", ".join(TEACHER_SOURCES)}, '

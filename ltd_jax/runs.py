@@ -108,7 +108,17 @@ def select_checkpoint(config, state: TrainState, store: checkpoints.CheckpointSt
     else:
       raise CheckpointError(f'no best checkpoint in {os.path.join(store.workdir, "best")}: train '
                             f'first or evaluate with --checkpoint=latest')
-  return state, which
+  return deployed(config, state), which
+
+
+def deployed(config, state: TrainState) -> TrainState:
+  """``state`` with the weights its method is evaluated and exported with: a weight average it
+  keeps (CFA's FAWA), else unchanged."""
+  method = methods.get_method(config.method)
+  if method.weight_average is None:
+    return state
+  variables = methods.evaluated_variables(method, state)
+  return state.replace(params=variables['params'], batch_stats=variables['batch_stats'])
 
 
 def final_evaluation(config, workdir: str, state: TrainState, ds: data.Dataset,

@@ -72,7 +72,11 @@ def create_train_state(config, model, image_shape, num_classes: int,
   init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
   params, batch_stats = models.init_variables(model, init_rng, image_shape)
   tx = make_optimizer(config.optim, steps_per_epoch)
-  method_state = methods.get_method(config.method).init_state(config, num_classes)
+  method = methods.get_method(config.method)
+  method_state = method.init_state(config, num_classes)
+  if method.weight_average is not None:  # its own buffers: the step donates the state's
+    method_state = {**method_state, 'average': jax.tree_util.tree_map(
+        jnp.copy, {'params': params, 'batch_stats': batch_stats})}
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
                     opt_state=tx.init(params), rng=state_rng, method_state=method_state,
                     apply_fn=model.apply, tx=tx)

@@ -27,6 +27,7 @@ from ltd_jax import checkpoints
 from ltd_jax import config_lib
 from ltd_jax import data
 from ltd_jax import interchange
+from ltd_jax import methods
 from ltd_jax import models
 from ltd_jax import state as state_lib
 from ltd_jax.errors import CheckpointError, ConfigError
@@ -60,12 +61,15 @@ def resolve_config_path(spec: str) -> str:
   raise ConfigError(f'teacher.config {path} not found (tried it and {os.path.join(REPO_ROOT, path)})')
 
 
-def teacher_stage_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The teacher stage's config: ``teacher.config`` with the student's data, seed and display."""
-  tc = config_lib.load_config_file(resolve_config_path(config.teacher.config))
+def teacher_stage_config(config: ml_collections.ConfigDict,
+                         section: str = 'teacher') -> ml_collections.ConfigDict:
+  """The teacher stage's config: ``teacher.config`` (or ``init.config``, the warm-start stage)
+  with the student's data, seed and display."""
+  spec = config[section].config
+  tc = config_lib.load_config_file(resolve_config_path(spec))
   if tc.teacher.source != 'none':
-    raise ConfigError(f'teacher.config {config.teacher.config} itself needs a teacher: '
-                      f'a teacher stage must train without one')
+    raise ConfigError(f'{section}.config {spec} itself needs a teacher: '
+                      f'a {section} stage must train without one')
   tc.data = ml_collections.ConfigDict(config.data.to_dict())
   tc.seed = config.seed
   tc.progress_bar = config.progress_bar
@@ -111,7 +115,8 @@ def load_teacher(workdir: str, num_classes: int, image_shape, which: str = 'auto
   if restored is None:
     raise CheckpointError(f'no {which} checkpoint of the teacher in {os.path.abspath(workdir)}: '
                           f'train it first or point --config.teacher.path at a trained run')
-  return Teacher(model.apply, restored.variables, tc, workdir, int(restored.step))
+  variables = methods.evaluated_variables(methods.get_method(tc.method), restored)  # CFA: FAWA
+  return Teacher(model.apply, variables, tc, workdir, int(restored.step))
 
 
 def torch_teacher_model(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -180,6 +185,24 @@ def prepare_teacher(config: ml_collections.ConfigDict, workdir: str, ds: data.Da
     raise ConfigError(f'the teacher in {teacher_dir} was trained on {tc.data.name}, the student '
                       f'trains on {ds.name}: use a teacher of the same dataset')
   return load_teacher(teacher_dir, ds.num_classes, ds.image_shape, config.teacher.checkpoint)
+
+
+def warm_start_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """Where the warm start's run lives: WORKDIR/init (``init.source=train``) or ``init.path``."""
+  return os.path.join(workdir, 'init') if config.init.source == 'train' else config.init.path
+
+
+def warm_start_variables(config: ml_collections.ConfigDict, workdir: str, ds: data.Dataset,
+                         run_stage: Callable[[ml_collections.ConfigDict, str], Any]):
+  """The weights a warm-started student begins from (``init``): the stage ``init.config`` trained
+  (or resumed, or found complete) in WORKDIR/init, or the run ``init.path``; its best checkpoint
+  by default (``init.checkpoint``)."""
+  directory = warm_start_dir(config, workdir)
+  if config.init.source == 'train':
+    run_stage(teacher_stage_config(config, 'init'), directory)
+  elif load_workdir_config(directory).data.name != ds.name:
+    raise ConfigError(f'the warm start {directory} was trained on another dataset than {ds.name}')
+  return load_teacher(directory, ds.num_classes, ds.image_shape, config.init.checkpoint).variables
 
 
 def precompute_logits(teacher: Teacher, images: np.ndarray, batch_size: int = 512) -> np.ndarray:

@@ -103,6 +103,11 @@ def train_step(state: TrainState, images: jax.Array, labels: jax.Array, teacher_
     batch_stats = jax.lax.stop_gradient(replay.batch_stats)
   updates, opt_state = state.tx.update(grads, state.opt_state, at)
   params = optax.apply_updates(state.params, updates)  # AWP: the perturbation is restored exactly
+  if config.reference_bn_passes and method.post_update_bn_passes:
+    replay = methods.TrainForward(state.apply_fn, jax.lax.stop_gradient(params), batch_stats)
+    for name in method.post_update_bn_passes:
+      replay(x if name == 'x' else x_adv)
+    batch_stats = jax.lax.stop_gradient(replay.batch_stats)
 
   new = dict(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
   finite = [jnp.all(jnp.isfinite(p)) for p in jax.tree_util.tree_leaves((params, batch_stats))]
@@ -124,12 +129,17 @@ def train_step(state: TrainState, images: jax.Array, labels: jax.Array, teacher_
   return state.replace(**new), metrics
 
 
-def end_of_epoch(state: TrainState, epochs_completed, *, method: methods.Method,
-                 config) -> TrainState:
-  """The method's epoch-end update of its state (ABSLD's temperatures), if it has one."""
+def end_of_epoch(state: TrainState, epochs_completed, validation=None, *,
+                 method: methods.Method, config) -> TrainState:
+  """The method's epoch-end update of its state (ABSLD's temperatures), if it has one; a method
+  with ``validation`` also gets the validation split's accuracies and the weights."""
   if method.epoch_end is None:
     return state
-  return state.replace(method_state=method.epoch_end(state.method_state, epochs_completed, config))
+  if method.validation is None:
+    return state.replace(method_state=method.epoch_end(state.method_state, epochs_completed,
+                                                       config))
+  return state.replace(method_state=method.epoch_end(state.method_state, epochs_completed, config,
+                                                     validation, state.variables))
 
 
 def make_train_step_fn(mesh, **step_kwargs):
@@ -247,6 +257,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   except CheckpointError:
     store.close()
     raise
+  if restored is None and config.init.source != 'none':
+    state = _warm_start(state, config, workdir, ds)
   if restored is not None:
     state = restored
     if parallel.is_primary():
@@ -284,6 +296,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   epoch_end_fn = jax.jit(functools.partial(end_of_epoch, method=method, config=config),
                          out_shardings=parallel.replicated(mesh))
 
+  validation = None
+  if method.validation is not None:
+    val_images, val_labels = ds.split('val')
+    val_step = evaluate.make_attack_eval_step(state.apply_fn, method.validation(config))
+    validation = lambda st, epoch: _validate(val_step, st, val_images, val_labels, ds.num_classes,
+                                             config, epoch, mesh, writer, epoch * steps_per_epoch)
   sel_images, sel_labels = ds.split(config.eval.selection_split)
   subset = evaluate.stratified_subset(sel_labels, config.eval.subset_size, config.seed)
   periodic_eval = evaluate.make_eval_step(state.apply_fn, config.eval.during_training,
@@ -299,6 +317,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   progress = _Progress(config, steps_per_epoch)
   records = _TrainRecords(writer, store, progress, config.optim, steps_per_epoch)
   stop = preemption.StopRequest(sync_every=config.log_every_steps)
+  if step == 0 and method.validate_before_training:  # FRL: multipliers of the warm start
+    state = _run_epoch_end(state, 0, 0, method, epoch_end_fn, writer, validation)
   try:
     with stop:
       while step < total_steps:
@@ -325,10 +345,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           records.flush(step)
         if end_of_an_epoch:
           progress.close()
-          state = _run_epoch_end(state, epoch, step, method, epoch_end_fn, writer)
+          state = _run_epoch_end(state, epoch, step, method, epoch_end_fn, writer, validation)
         if end_of_an_epoch and (evaluate.is_evaluation_epoch(epoch, config.eval)
                                 or step == total_steps):
-          ev = evaluate.evaluate(periodic_eval, state.variables, sel_images[subset],
+          ev = evaluate.evaluate(periodic_eval, methods.evaluated_variables(method, state),
+                                 sel_images[subset],
                                  sel_labels[subset], ds.num_classes, config.eval.batch_size,
                                  jax.random.fold_in(eval_rng, epoch), mesh=mesh)
           _record_evaluation(ev, state, step, epoch, config, store, writer)
@@ -425,10 +446,41 @@ class _TrainRecords:
       self.last = out
 
 
-def _run_epoch_end(state, epoch: int, step: int, method: methods.Method, epoch_end_fn, writer):
-  """The method's epoch-end update, and its record (ABSLD: risks and temperatures)."""
+def _validate(val_step, state, images, labels, num_classes: int, config, epoch: int, mesh, writer,
+              step: int) -> dict:
+  """The validation split's per-class accuracies under the method's validation attacks, written
+  as a 'validation' record; ``{name: {'per_class': [C], 'avg': scalar}}`` for its epoch end."""
+  rng = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(config.seed), 3), epoch)
+  ev = evaluate.evaluate(val_step, state.variables, images, labels, num_classes,
+                         config.eval.batch_size, rng, mesh=mesh)
+  writer.write('validation', step, epoch=epoch,
+               **{f'{a}/{k}': v for a, r in ev.items() for k, v in r.items()})
+  return {a: {'per_class': jnp.asarray(r['per_class'], jnp.float32),
+              'avg': jnp.asarray(r['avg'], jnp.float32)} for a, r in ev.items()}
+
+
+def _warm_start(state: TrainState, config, workdir: str, ds) -> TrainState:
+  """The student's weights from ``init`` (a stage trained in WORKDIR/init, or ``init.path``)."""
+  variables = teacher_lib.warm_start_variables(config, workdir, ds, train_and_evaluate)
+  shapes = lambda tree: jax.tree_util.tree_map(jnp.shape, tree)
+  if shapes(variables) != shapes(state.variables):
+    raise ConfigError(f'the warm start in {teacher_lib.warm_start_dir(config, workdir)} is not a '
+                      f'{config.model.name} with these widths: set --config.init.config (or '
+                      f'init.path) to a run of the same model')
+  if parallel.is_primary():
+    print(f'warm start from {teacher_lib.warm_start_dir(config, workdir)}', flush=True)
+  return state.replace(params=variables['params'], batch_stats=variables['batch_stats'])
+
+
+def _run_epoch_end(state, epoch: int, step: int, method: methods.Method, epoch_end_fn, writer,
+                   validation=None):
+  """The method's epoch-end update, and its record (ABSLD: risks and temperatures); a method with
+  validation attacks first evaluates the validation split."""
   before = jax.device_get(state.method_state) if method.epoch_record else None
-  state = epoch_end_fn(state, epoch)
+  if validation is not None:
+    state = epoch_end_fn(state, epoch, validation(state, epoch))
+  else:
+    state = epoch_end_fn(state, epoch)
   if method.epoch_record is not None:
     kind, values = method.epoch_record(before, jax.device_get(state.method_state))
     writer.write(kind, step, epoch=epoch, **values)

@@ -101,3 +101,87 @@ def test_manual_temperatures_name_the_hard_classes():
   config.absld.manual_hard_classes = (1, 12)
   with pytest.raises(ConfigError, match='manual_hard_classes'):
     config_lib.validate(config)
+
+
+def normalize_lambda(lmb, lim):
+  """utils_frl2.normalize_lambda in NumPy."""
+  lmb = np.maximum(lmb, 0)
+  return lim * lmb / np.sum(lmb) if np.sum(lmb) > lim else lmb
+
+
+def test_frl_multipliers_and_margins_against_the_code():
+  config = config_lib.default_config()
+  config.eps = 8 / 255
+  rng = np.random.default_rng(1)
+  acc_c = rng.uniform(0.5, 1.0, 10)
+  adv_c = acc_c * rng.uniform(0.2, 0.8, 10)
+  acc_c[4] = adv_c[4] = np.nan  # a class absent from the split: its multipliers stay
+  counts = np.array([30, 10, 50, 20, 0, 40, 25, 35, 15, 45])  # unbalanced
+  acc, adv = np.nansum(acc_c * counts) / counts.sum(), np.nansum(adv_c * counts) / counts.sum()
+  lam = [rng.uniform(0, 0.05, 10), rng.uniform(0, 0.05, 10), rng.normal(0, 0.2, 10)]
+  state = dict(zip(('lambda_nat', 'lambda_bndy', 'lambda_margin'), map(jnp.asarray, lam)))
+  validation = {'clean': {'per_class': jnp.asarray(acc_c, jnp.float32), 'avg': jnp.float32(acc)},
+                'pgd': {'per_class': jnp.asarray(adv_c, jnp.float32), 'avg': jnp.float32(adv)}}
+  for epochs_completed, rate1 in ((3, 0.05), (39, 0.025)):  # t = 40: rate1 halved
+    got = fairness.frl_epoch_end(state, epochs_completed, config, validation, None)
+    tau = config.frl.tau_nat
+    gamma0 = np.nan_to_num((1 - acc_c) - (1 - acc) - tau)
+    gamma1 = np.nan_to_num((acc_c - adv_c) - (acc - adv) - tau)
+    want = (normalize_lambda(lam[0] + rate1 * np.maximum(gamma0, -1000), 0.5),
+            normalize_lambda(lam[1] + rate1 * 2 * np.maximum(gamma1, -1000), 0.5),
+            lam[2] + 0.2 * gamma1)
+    for key, w in zip(('lambda_nat', 'lambda_bndy', 'lambda_margin'), want):
+      np.testing.assert_allclose(got[key], w, rtol=1e-5, atol=1e-7)
+    assert float(got['lambda_margin'][4]) == pytest.approx(lam[2][4], rel=1e-6)
+  w0, w1, m = fairness.frl_costs(got, config)
+  np.testing.assert_allclose(w0, 0.1 + want[0] - 0.1 * want[0].sum(), rtol=1e-5)
+  np.testing.assert_allclose(w1, 0.1 + want[1] - 0.1 * want[1].sum(), rtol=1e-5)
+  np.testing.assert_allclose(m, np.clip(np.exp(2 * want[2]), 0.98, 3), rtol=1e-5)
+  # Clean and PGD accuracies swapped (a miswiring) give other multipliers.
+  swapped = fairness.frl_epoch_end(state, 3, config, {'clean': validation['pgd'],
+                                                      'pgd': validation['clean']}, None)
+  assert not np.allclose(swapped['lambda_margin'], got['lambda_margin'])
+
+
+def test_cfa_margins_beta_and_fawa_against_the_code():
+  config = config_lib.default_config()
+  config.eps, config.trades.beta = 8 / 255, 6.0
+  state = fairness.cfa_init_state(config, 10)
+  np.testing.assert_allclose(state['class_beta'], 6 / 7)
+  counts = np.array([30, 10, 50, 20, 0, 40, 25, 35, 15, 45], np.float32)
+  robust = np.round(counts * np.linspace(0.1, 0.7, 10))
+  variables = {'params': {'w': jnp.full((3,), 2.0)}, 'batch_stats': {'m': jnp.full((2,), 4.0)}}
+  average = {'params': {'w': jnp.zeros((3,))}, 'batch_stats': {'m': jnp.zeros((2,))}}
+  state = {**state, 'robust_sum': jnp.asarray(robust), 'robust_count': jnp.asarray(counts),
+           'average': average}
+  pgd_c = np.linspace(0.25, 0.6, 10).astype(np.float32)  # classes 1..9: at least 0.289
+  val = lambda worst: {'clean': {'per_class': jnp.ones(10), 'avg': jnp.float32(1)},
+                       'pgd': {'per_class': jnp.asarray(np.r_[worst, pgd_c[1:]], jnp.float32),
+                               'avg': jnp.float32(0.3)}}
+  before = fairness.cfa_epoch_end(state, 9, config, val(0.3), variables)  # epoch 9 -> 10 not on
+  np.testing.assert_allclose(before['class_eps'], 8 / 255)
+  ended = fairness.cfa_epoch_end(state, 10, config, val(0.3), variables)
+  a = robust / np.maximum(counts, 1)
+  np.testing.assert_allclose(ended['class_eps'], (0.5 + a) * 8 / 255, rtol=1e-6)
+  np.testing.assert_allclose(ended['class_beta'], (0.5 + a) * 6 / (1 + (0.5 + a) * 6), rtol=1e-6)
+  # FAWA: worst class 0.23 >= 0.24? no -> unchanged; 0.3 -> first a copy, then the 0.88 average.
+  low = fairness.cfa_epoch_end(state, 10, config, val(0.23), variables)
+  assert not bool(low['average_started'])
+  np.testing.assert_array_equal(low['average']['params']['w'], 0.0)
+  assert bool(ended['average_started'])
+  np.testing.assert_array_equal(ended['average']['params']['w'], 2.0)
+  again = fairness.cfa_epoch_end(ended, 11, config, val(0.3),
+                                 {'params': {'w': jnp.full((3,), 1.0)},
+                                  'batch_stats': {'m': jnp.full((2,), 1.0)}})
+  np.testing.assert_allclose(again['average']['params']['w'], 0.88 * 2 + 0.12 * 1, rtol=1e-6)
+  np.testing.assert_allclose(again['average']['batch_stats']['m'], 0.88 * 4 + 0.12, rtol=1e-6)
+  np.testing.assert_allclose(fairness.cfa_weight_average(again, variables)['params']['w'],
+                             again['average']['params']['w'])
+  np.testing.assert_array_equal(fairness.cfa_weight_average(low, variables)['params']['w'], 2.0)
+  # The worst 10% of 10 classes is the worst class; NaN (absent) classes never count as worst.
+  config.cfa.fawa_worst = 'worst10'
+  absent = fairness.cfa_epoch_end(state, 10, config, val(np.nan), variables)
+  assert bool(absent['average_started'])  # the worst present class: 0.289 >= 0.24
+  config.cfa.fawa_threshold = 0.29
+  assert not bool(fairness.cfa_epoch_end(state, 10, config, val(np.nan),
+                                         variables)['average_started'])

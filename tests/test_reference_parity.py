@@ -43,6 +43,12 @@ B, HW, C, WIDTH, K = 20, 8, 10, 4, 3  # two images per class; 3-step attacks
 TAU_ADV = np.linspace(0.6, 2.0, C).astype(np.float32)  # distinct per class, and adv != clean
 TAU_CLEAN = np.linspace(1.7, 0.8, C).astype(np.float32)
 CLASS_WEIGHT = np.linspace(2.4, 0.9, C).astype(np.float32)  # Fair-ARD / Fair-RSLAD, distinct
+# FRL's multipliers (natural, boundary, margin) and CFA's class eps factors and TRADES weights.
+FRL_LAMBDA = (np.linspace(0.0, 0.08, C).astype(np.float32),
+              np.linspace(0.06, 0.0, C).astype(np.float32),
+              np.linspace(-0.1, 0.5, C).astype(np.float32))
+CFA_EPS_FACTOR = np.linspace(0.6, 1.4, C).astype(np.float32)
+CFA_BETA = np.linspace(0.5, 0.9, C).astype(np.float32)
 
 
 # ----------------------------------------------------------------------------- the references
@@ -123,7 +129,7 @@ class Reference:
     if m == 'adaad':  # adaad_inner_loss: KLDivLoss(none) summed; the teacher's graph kept
       return lambda logits, x_adv: torch.sum(F.kl_div(
           F.log_softmax(logits, dim=1), F.softmax(self.teacher(x_adv), dim=1), reduction='none'))
-    if m in ('trades', 'awp', 'ltd'):
+    if m in ('trades', 'awp', 'ltd', 'frl', 'cfa'):
       return trades_kl_objective(model, x)
     # rslad / absld: KL(teacher target || f(x_adv)), sum
     target = F.softmax(self._teacher_targets(x, y)[0], dim=1)
@@ -137,12 +143,35 @@ class Reference:
     rounding = None
     if ref32 is not None:
       rounding = (ref32.model, ref32.objective(x.float(), y))
-    out = pgd(self.model, x, x_start, self.objective(x, y), c.eps, c.attack.alpha,
+    eps, alpha = self.attack_eps(y)
+    out = pgd(self.model, x, x_start, self.objective(x, y), eps, alpha,
               c.attack.steps, rounding, self.predictions)
     self.model.train()
     if ref32 is not None:
       ref32.model.train()
     return out
+
+  def frl_costs(self):
+    """utils_frl2 cost_sensitive: the class weights built as the code builds them (float32 loop)."""
+    lam0, lam1, lam2 = (torch.tensor(l) for l in FRL_LAMBDA)
+    diff0 = torch.ones(C) * 1 / C
+    diff1 = torch.ones(C) * 1 / C
+    for j in range(C):
+      diff0 = diff0 + lam0[j] * (torch.eye(C)[j] - 1 / C)  # 1/C + lam0_j - sum(lam0) / C
+      diff1 = diff1 + lam1[j] * (torch.eye(C)[j] - 1 / C)
+    diff2 = torch.clamp(torch.exp(2 * lam2), min=0.98, max=3)
+    return diff0.to(self.dtype), diff1.to(self.dtype), diff2.to(self.dtype)
+
+  def attack_eps(self, y):
+    """The training attack's eps (per sample for FRL's remargin and CFA's class eps) and step."""
+    c = self.c
+    if self.method == 'frl':  # utils_frl2: new_eps = eps * diff2[y]; step = max(new_eps) / 4
+      eps = (c.eps * self.frl_costs()[2][y]).view(-1, 1, 1, 1)
+      return eps, torch.max(eps) / 4
+    if self.method == 'cfa':  # cw_trades_loss: per-sample box, step 2/255 as configured
+      return (c.eps * torch.tensor(CFA_EPS_FACTOR, dtype=self.dtype)[y]).view(-1, 1, 1, 1), \
+          c.attack.alpha
+    return c.eps, c.attack.alpha
 
   def bat_attacks(self, x, y, starts, ref32):
     """BAT's stop_to_lastclean and stop_to_firstadv (train_mode/), each from its own start, as a
@@ -350,6 +379,25 @@ class Reference:
       u2 = (1.0 / b) * kl(F.log_softmax(uniform_logits, dim=1), F.softmax(firstadv_logits, dim=1))
       robust = (1.0 / b) * kl(F.log_softmax(firstadv_logits, dim=1), F.softmax(clean_logits, dim=1))
       loss = c.trades.beta * robust + loss_natural + (u1 + u2)
+    elif m == 'frl':  # utils_frl2 train_model: model(data), model(x_adv), model(data)
+      self.opt.zero_grad()
+      w0_c, w1_c, _ = self.frl_costs()
+      w0, w1 = w0_c[y], w1_c[y]
+      loss_natural = F.cross_entropy(model(x), y, reduction='none')
+      loss_bndy = torch.sum(torch.nn.KLDivLoss(reduction='none')(
+          F.log_softmax(model(x_adv), dim=1), F.softmax(model(x), dim=1)), 1)
+      loss = (torch.sum(loss_natural * w0) / torch.sum(w0)
+              + c.frl.beta * torch.sum(loss_bndy * w1) / torch.sum(w1))
+    elif m == 'cfa':  # CFA utils cw_trades_loss (train mode: x, x_adv, x again), then a clean log
+      self.opt.zero_grad()
+      b = torch.tensor(CFA_BETA, dtype=self.dtype)[y]
+      batch_size = len(x)
+      logits, logits_adv = model(x), model(x_adv)
+      loss_natural = F.cross_entropy(logits, y, reduction='none')
+      loss_robust = torch.nn.KLDivLoss(reduction='none')(F.log_softmax(logits_adv, dim=1),
+                                                        F.softmax(model(x), dim=1))
+      loss = ((1 - b) * loss_natural / batch_size
+              + b * (1.0 / batch_size) * torch.sum(loss_robust, 1)).sum()
     elif m == 'pgd_at':
       self.opt.zero_grad()
       loss = F.cross_entropy(model(x_adv), y)
@@ -358,6 +406,9 @@ class Reference:
       loss = F.cross_entropy(model(x), y)
     loss.backward()
     self.opt.step()
+    if m == 'cfa':  # train_epoch: output = model(data) after optimizer.step(), for the clean log
+      with torch.no_grad():
+        model(x)
     if diff is not None:
       self._add(diff, -c.awp.gamma)
     return float(loss), risks
@@ -401,6 +452,8 @@ VARIANTS = {
                  'ard.temperature': 4.0},
     'fair_rslad': {},
     'bat': {'attack.init': 'normal_clipped', 'eps': 0.1, 'attack.alpha': 0.03, 'attack.steps': 5},
+    'frl': {'reference_bn_passes': True, 'frl.beta': 1.5},
+    'cfa': {'reference_bn_passes': True},
 }
 TRAIN_MODE_ATTACKS = ('ard', 'iad', 'fair_ard')
 
@@ -451,6 +504,13 @@ def test_train_step_equals_the_reference_pytorch_step(variant):
   if config.method in ('fair_ard', 'fair_rslad'):
     state = state.replace(method_state={**state.method_state,
                                         'class_weight': jnp.asarray(CLASS_WEIGHT)})
+  if config.method == 'frl':
+    state = state.replace(method_state=dict(zip(('lambda_nat', 'lambda_bndy', 'lambda_margin'),
+                                                map(jnp.asarray, FRL_LAMBDA))))
+  if config.method == 'cfa':
+    state = state.replace(method_state={**state.method_state,
+                                        'class_eps': jnp.asarray(config.eps * CFA_EPS_FACTOR),
+                                        'class_beta': jnp.asarray(CFA_BETA)})
   if config.method == 'absld':
     state = state.replace(method_state={**state.method_state, 'tau_adv': jnp.asarray(TAU_ADV),
                                         'tau_clean': jnp.asarray(TAU_CLEAN)})
@@ -535,7 +595,7 @@ def test_train_step_equals_the_reference_pytorch_step(variant):
 
   # BatchNorm: k train-mode forwards from running var 1; PyTorch folds in n/(n-1) x the batch var.
   k = {'natural': 1, 'pgd_at': 1, 'rslad': 2, 'absld': 2, 'adaad': 2, 'ard': K + 2,
-       'fair_ard': K + 2, 'fair_rslad': 2, 'bat': 3,
+       'fair_ard': K + 2, 'fair_rslad': 2, 'bat': 3, 'frl': 3, 'cfa': 4,
        'iad': K + (4 if config.iad.begin_epoch == 0 else 3)}.get(config.method, 3)
   for layer in bn_layers(sd0):
     np.testing.assert_allclose(sd_jax[f'{layer}.running_mean'], sd64[f'{layer}.running_mean'],

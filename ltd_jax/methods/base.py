@@ -211,6 +211,20 @@ class Method(NamedTuple):
   # The method runs the teacher on images it makes (AdaAD's attack, IAD's x_adv): the train step
   # passes ``teacher_fn`` and ``teacher.cache_logits`` (one logit per training image) is refused.
   teacher_on_inputs: bool = False
+  # ``validation(config) -> {name: attack_fn}`` (``evaluate.make_attack_eval_step``'s attacks):
+  # the loop evaluates the held-out validation split (``data.val_size``) with them at every epoch
+  # end, and before the first step with ``validate_before_training`` (FRL's multipliers come from
+  # the model they are used on), and calls ``epoch_end(method_state, epochs_completed, config,
+  # validation, variables)`` with ``{name: {'per_class': [C], 'avg': scalar}}`` and the weights.
+  validation: Callable[[Any], dict] | None = None
+  validate_before_training: bool = False
+  # ``weight_average(method_state, variables) -> variables``: the weights that evaluation,
+  # checkpoint selection, export and AutoAttack use, when the method keeps an average of them in
+  # ``method_state['average']`` (started as a copy of the initial weights; CFA's FAWA).
+  weight_average: Callable[[Any, Any], Any] | None = None
+  # Statistics-only train-mode forwards with the updated weights, after the optimiser step
+  # (``reference_bn_passes``): CFA's train_epoch logs a clean forward after optimizer.step().
+  post_update_bn_passes: tuple[str, ...] = ()
 
 
 def passes(base: Callable[[int], float], replays: int = 0):
@@ -249,6 +263,23 @@ def per_class_sums(values: jax.Array, labels: jax.Array, num_classes: int):
 def class_values(values: jax.Array, labels: jax.Array) -> jax.Array:
   """values[y_i] per sample: a per-class vector read at each sample's label."""
   return jnp.take(values, labels, axis=0)
+
+
+def evaluated_variables(method: Method, state):
+  """The weights a run is evaluated, selected and exported with: the method's weight average
+  where it keeps one (``Method.weight_average``), else the state's own."""
+  if method.weight_average is None:
+    return state.variables
+  return method.weight_average(state.method_state, state.variables)
+
+
+def validation_pgd(config, steps: int) -> dict:
+  """The validation attacks of FRL and CFA: clean, and PGD-``steps`` on CE from a uniform start
+  at the training eps and step size (both codes' validation attack)."""
+  pgd_fn = lambda logits_fn, x, y, rng: attacks.pgd_attack(
+      attacks.ce_objective(logits_fn, y), x, rng, eps=config.eps, alpha=config.attack.alpha,
+      steps=steps, init='uniform')
+  return {'clean': lambda logits_fn, x, y, rng: x, 'pgd': pgd_fn}
 
 
 METHODS: dict[str, Method] = {}
