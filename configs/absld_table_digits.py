@@ -39,7 +39,9 @@ def get_config(row='absld'):
     c.attack.init = 'uniform'
   elif row == 'adaad':
     c.adaad.alpha = 1.0
-    c.adaad.reduction = 'elementwise_mean'
+    # The code's CIFAR-10 elementwise mean divides by the 10 classes; digits rescales it to
+    # batchmean as absld_digits.py rescales RSLAD's (x10, its CIFAR-100 form).
+    c.adaad.reduction = 'batchmean'
   elif row == 'fair_ard':
     # Fair-ARD's code: ARD's train-mode attack from an unclipped uniform start, T = 30, alpha 1.
     c.attack.bn_mode = 'train'

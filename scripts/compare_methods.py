@@ -1,5 +1,10 @@
 """Runs configs x seeds and tabulates mean +- std of average, worst-class and NSD accuracy.
 
+The ABSLD paper's Tables 1 and 6 on digits, every row (3 seeds, with AutoAttack):
+
+    python scripts/compare_methods.py --rows=configs/absld_table_digits.py --autoattack \
+        --seeds=0,1,2 --out=docs/comparison_digits_absld_table.md
+
     python scripts/compare_methods.py --out=docs/comparison_digits.md --seeds=0,1,2 \
         --run absld=configs/absld_digits.py --run rslad=configs/absld_digits.py:method=rslad
 
@@ -21,16 +26,20 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 from ltd_jax import config_lib  # pylint: disable=g-import-not-at-top
 from ltd_jax import train  # pylint: disable=g-import-not-at-top
 
-ATTACKS = ('clean', 'pgd20', 'cw')
+ATTACKS = ('clean', 'fgsm', 'pgd20', 'cw')  # the ABSLD tables' columns, then AutoAttack
+HEADERS = {'clean': 'Clean', 'fgsm': 'FGSM', 'pgd20': 'PGD-20', 'cw': 'CW', 'autoattack': 'AA'}
 
 
 def parse_run(spec: str):
   name, rest = spec.split('=', 1)
   head, dot_py, tail = rest.partition('.py:')
   path, parts = (head + '.py', tail.split(':')) if dot_py else (rest, [])
-  if parts and '=' not in parts[0]:
-    path += ':' + parts.pop(0)  # the config file's variant
-  overrides = ':'.join(parts)
+  if parts:
+    variant, _, more = parts[0].partition(',')
+    if '=' not in variant:  # the config file's variant (if any), before any overrides
+      path += ':' + variant if variant else ''
+      parts[0] = more
+  overrides = ','.join(filter(None, parts))
   config = config_lib.load_config_file(path)
   for item in filter(None, overrides.split(',')):
     key, value = item.split('=', 1)
@@ -54,14 +63,19 @@ def environment_line() -> str:
 def seed_table(results: dict[str, list[dict]], seeds, attacks=ATTACKS) -> list[str]:
   """Markdown lines: per method, mean +- std over seeds (ddof 1) of each attack's avg, worst
   class and NSD, from ``results[method]``, one ``results.json`` per seed."""
+  classes = max(len(r['attacks'][a].get('per_class', ())) for per_seed in results.values()
+                for r in per_seed for a in r['attacks'])
+  worst = 'worst10' if classes >= 100 else 'worst'  # the ABSLD paper: worst 10% on CIFAR-100
   lines = [f'Seeds {list(seeds)}; test split; each cell mean +- std over seeds (percent; NSD '
-           'unitless).', '',
-           '| method | ' + ' | '.join(f'{a} avg | {a} worst | {a} NSD' for a in attacks) + ' |',
+           f'unitless); worst: the {"worst 10% of classes" if worst == "worst10" else "worst class"}.',
+           '',
+           '| method | ' + ' | '.join(f'{HEADERS.get(a, a)} avg | {HEADERS.get(a, a)} worst | '
+                                      f'{HEADERS.get(a, a)} NSD' for a in attacks) + ' |',
            '|---|' + '---:|' * (3 * len(attacks))]
   for name, per_seed in results.items():
     cells = []
     for a in attacks:
-      for key, scale in (('avg', 100), ('worst', 100), ('nsd', 1)):
+      for key, scale in (('avg', 100), (worst, 100), ('nsd', 1)):
         v = np.array([r['attacks'][a][key] for r in per_seed if a in r['attacks']]) * scale
         if not len(v):
           cells.append('-')
@@ -78,9 +92,21 @@ def seed_table(results: dict[str, list[dict]], seeds, attacks=ATTACKS) -> list[s
   return lines
 
 
+def table_rows(path: str) -> tuple[str, ...]:
+  """The ``ROWS`` a table's config file defines (its get_config variants)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location('ltd_jax_table', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return tuple(module.ROWS)
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument('--run', action='append', required=True)
+  p.add_argument('--run', action='append', default=[])
+  p.add_argument('--rows', default='',
+                 help='a config file whose ROWS each run as NAME=FILE:NAME (the ABSLD table: '
+                      'configs/absld_table_digits.py)')
   p.add_argument('--seeds', default='0,1,2')
   p.add_argument('--workdir', default='workdirs/compare')
   p.add_argument('--out', required=True)
@@ -88,6 +114,10 @@ def main():
   p.add_argument('--autoattack', action='store_true',
                  help='also run the official AutoAttack on every run (needs the torch extra)')
   args = p.parse_args()
+  if args.rows:
+    args.run += [f'{row}={args.rows}:{row}' for row in table_rows(args.rows)]
+  if not args.run:
+    p.error('name the runs: --run NAME=CONFIG or --rows=CONFIG')
   seeds = [int(s) for s in args.seeds.split(',')]
   runs = [r + (',' if ':' in r else ':') + ','.join(args.set) for r in args.run]
   results = {parse_run(r)[0]: [] for r in runs}
@@ -99,12 +129,14 @@ def main():
       workdir = os.path.join(args.workdir, f'seed{seed}', name)
       if not overrides.strip(','):
         teachers.setdefault(os.path.normpath(path), workdir)  # a plain run can serve as a teacher
-      if config.teacher.source == 'train':
-        key = os.path.normpath(config.teacher.config)
-        if key in teachers:
-          config.teacher.source, config.teacher.path = 'workdir', teachers[key]
-        else:
-          teachers[key] = os.path.join(workdir, 'teacher')
+      for section, subdir in (('teacher', 'teacher'), ('init', 'init')):  # teacher, warm start
+        stage = config[section]
+        if stage.source == 'train':
+          key = os.path.normpath(stage.config)
+          if key in teachers:
+            stage.source, stage.path = 'workdir', teachers[key]
+          else:
+            teachers[key] = os.path.join(workdir, subdir)
       train.train_and_evaluate(config, workdir)
       if args.autoattack:
         from ltd_jax import autoattack  # pylint: disable=g-import-not-at-top
