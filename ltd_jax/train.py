@@ -317,7 +317,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   progress = _Progress(config, steps_per_epoch)
   records = _TrainRecords(writer, store, progress, config.optim, steps_per_epoch)
   stop = preemption.StopRequest(sync_every=config.log_every_steps)
-  if step == 0 and method.validate_before_training:  # FRL: multipliers of the warm start
+  if step == 0 and method.validate_before_training:  # state for the weights it starts from
     state = _run_epoch_end(state, 0, 0, method, epoch_end_fn, writer, validation)
   try:
     with stop:

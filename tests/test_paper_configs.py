@@ -146,3 +146,58 @@ def test_paper_config_holds_every_published_setting(name):
       assert got == pytest.approx(want, rel=1e-9), key
     else:
       assert (tuple(got) if isinstance(got, (list, tuple)) else got) == want, key
+
+
+# Each baseline row of the ABSLD table as its released code runs it (docs/fidelity.md).
+_TABLE_ROWS = {
+    'adaad': {'method': 'adaad', 'eps': 8 / 255, 'attack.alpha': 2 / 255, 'attack.steps': 10,
+              'attack.init': 'normal', 'attack.bn_mode': 'eval', 'num_epochs': 200,
+              'optim.lr_boundaries_epochs': (100, 150), 'optim.weight_decay': 5e-4,
+              'adaad.alpha': 1.0, 'adaad.reduction': 'elementwise_mean', 'teacher.source': 'train'},
+    'fair_ard': {'method': 'fair_ard', 'attack.bn_mode': 'train',
+                 'attack.init': 'uniform_unclipped', 'ard.temperature': 30.0, 'ard.alpha': 1.0,
+                 'ard.reduction': 'elementwise_mean', 'fair.beta': 2.0, 'fair.clip_min': 5 / 6,
+                 'fair.clip_max': 5 / 2, 'optim.nesterov': True, 'optim.weight_decay': 2e-4,
+                 'optim.lr_boundaries_epochs': (100,), 'num_epochs': 200},
+    'iad': {'method': 'iad', 'attack.bn_mode': 'train', 'ard.temperature': 1.0,
+            'ard.reduction': 'batchmean', 'iad.beta': 0.1, 'iad.begin_epoch': 60,
+            'optim.lr_boundaries_epochs': (100,)},
+    'bat': {'method': 'bat', 'eps': 0.031, 'attack.alpha': 0.007, 'attack.steps': 10,
+            'attack.init': 'normal_clipped', 'trades.beta': 6.0, 'bat.tau': 1, 'num_epochs': 200,
+            'optim.lr_boundaries_epochs': (74, 89, 99), 'optim.weight_decay': 2e-4},
+    'cfa': {'method': 'cfa', 'eps': 8 / 255, 'attack.alpha': 2 / 255, 'trades.beta': 6.0,
+            'cfa.lambda_1': 0.5, 'cfa.lambda_2': 0.5, 'cfa.begin_epoch': 10,
+            'cfa.fawa_decay': 0.88, 'cfa.fawa_threshold': 0.24, 'cfa.fawa_pgd_steps': 10,
+            'data.val_size': 1000, 'num_epochs': 200, 'optim.weight_decay': 5e-4,
+            'optim.lr_boundaries_epochs': (100, 150)},
+    'frl': {'method': 'frl', 'num_epochs': 40, 'optim.lr': 1e-3, 'optim.weight_decay': 5e-4,
+            'optim.lr_boundaries_epochs': (), 'frl.beta': 1.5, 'frl.tau_nat': 0.05,
+            'frl.rate1': 0.05, 'frl.rate2': 0.2, 'frl.limit': 0.5, 'frl.step_size': 'max_eps_quarter',
+            'frl.validation_pgd_steps': 20, 'data.val_size': 3000, 'init.source': 'train'},
+    'absld_manual': {'method': 'absld_manual', 'absld.manual_hard_classes': (2, 3, 4, 5),
+                     'absld.manual_hard_temperature': 0.5, 'absld.manual_easy_temperature': 5.0},
+}
+
+
+@pytest.mark.parametrize('row', sorted(_TABLE_ROWS))
+def test_absld_table_rows_follow_their_released_code(row):
+  config = config_lib.load_config_file(os.path.join(ROOT, 'configs', 'absld_table_cifar10.py') + f':{row}')
+  for key, want in _TABLE_ROWS[row].items():
+    node = config
+    for part in key.split('.'):
+      node = node[part]
+    assert node == pytest.approx(want) if isinstance(want, float) else node == want, (row, key)
+  # Every row: a ResNet-18 on CIFAR-10, evaluated at 8/255, selected by avg + worst PGD-20.
+  assert (config.model.name, config.data.name, config.eval.eps, config.eval.selection) == (
+      'resnet18', 'cifar10', 8 / 255, 'fair')
+
+
+def test_every_table_row_and_its_subset_variant_validates():
+  from configs import absld_table_cifar10, absld_table_digits  # pylint: disable=g-import-not-at-top
+  for row in absld_table_cifar10.ROWS + absld_table_cifar10.EXTRA:
+    for variant in (row, f'{row}_subset'):
+      config_lib.validate(absld_table_cifar10.get_config(variant))
+  for row in absld_table_digits.ROWS:
+    config = absld_table_digits.get_config(row)
+    config_lib.validate(config)
+    assert config.method == row and config.eval.selection == 'fair'

@@ -96,3 +96,28 @@ def test_validate_takes_its_choices_from_the_registries(key, value, registry):
   finally:
     registry.clear()
     registry.update(saved)
+
+
+def test_the_generic_loop_never_names_a_method():
+  """No string in the training loop, the run library or the state is a registered method's
+  name: what a method needs reaches them through the Method record."""
+  for module in ('train', 'runs', 'state', 'evaluate', 'checkpoints'):
+    tree = ast.parse(open(os.path.join(ROOT, 'ltd_jax', f'{module}.py')).read())
+    strings = {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant)
+               and isinstance(n.value, str)}
+    assert not strings & set(methods.METHODS), (module, strings & set(methods.METHODS))
+
+
+def test_the_methods_package_imports_downward_only():
+  """base imports no family; adversarial only base; distillation base and adversarial;
+  fairness any of them; no family imports the package's __init__."""
+  folder = os.path.join(ROOT, 'ltd_jax', 'methods')
+  allowed = {'base': set(), 'adversarial': {'base'}, 'distillation': {'base', 'adversarial'},
+             'fairness': {'base', 'adversarial', 'distillation'}}
+  for name, ok in allowed.items():
+    tree = ast.parse(open(os.path.join(folder, f'{name}.py')).read())
+    used = {n.module.split('.')[2] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+            and (n.module or '').startswith('ltd_jax.methods.')}
+    used |= {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+             and n.module == 'ltd_jax.methods' for a in n.names}
+    assert used <= ok, (name, used - ok)
