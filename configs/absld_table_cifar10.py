@@ -23,14 +23,19 @@ evaluated at eps 8/255.
   per class held out; PGD-20 validation; tau 0.05 (A.3; the code's default 0.07).
 - bat (BAT train.py, its only working arguments, the defaults): eps 0.031, step 0.007, 10 steps,
   beta 6, 200 epochs at 0.1 / 0.01 / 0.001 / 1e-4 from epochs 75, 90, 100 (1-indexed), wd 2e-4.
-- cfa (PKU-ML/CFA train.py --mode TRADES --ccm --ccr --fawa): eps 8/255, step 2/255, 10 steps,
+- cfa (PKU-ML/CFA train.py --mode TRADES --ccm --ccr, FAWA on): eps 8/255, step 2/255, 10 steps,
   beta 6, lambda 0.5 / 0.5 from epoch 10, FAWA decay 0.88 at threshold 0.24 on 100 held-out
   images per class under PGD-10, 200 epochs at lr 0.1 / 10 at 100 and 150, wd 5e-4.
 - fair_ard (NISP-official/Fair-ARD Fair-ARD.py): ARD's train-mode attack from an unclipped
   uniform start, T = 30, alpha 1, class weights with beta 2; SGD with Nesterov, wd 2e-4, 200
   epochs; the code's lr decay takes effect once (0.1, then 0.01 from epoch 100: the shared
   adjust_learning_rate bug; ``--config.optim.lr_boundaries_epochs=100,150`` is the intended one).
-- ard, iad (the distillation bases, not rows of the table): ARD main.py and IAD-I.py as above.
+- ard, iad (the distillation bases, not rows of the table): ARD main.py and IAD-I.py as above,
+  with the table's ResNet-18 student and TRADES teacher (the codes' defaults: a MobileNetV2
+  student for ARD, an adversarially trained ResNet-18 teacher for IAD).
+- fair_rslad (Fair-RSLAD.py, the ABSLD table's Fair-ARD row on CIFAR-100: apply it with
+  --config.data.name=cifar100 and absld_cifar100.py's teacher): RSLAD's attack, loss and
+  schedule with kappa-weighted classes, Nesterov, no guard on kappa.
 """
 
 from configs import absld_cifar10
@@ -42,7 +47,7 @@ from ltd_jax import config_lib
 
 ROWS = ('natural', 'pgd_at', 'trades', 'rslad', 'adaad', 'frl', 'bat', 'cfa', 'fair_ard', 'absld',
         'absld_manual')
-EXTRA = ('ard', 'iad')
+EXTRA = ('ard', 'iad', 'fair_rslad')
 CIFAR10_HARD_CLASSES = (2, 3, 4, 5)  # bird, cat, deer, dog
 
 
@@ -61,7 +66,6 @@ def _ard_family(c, method: str):
   c.method = method
   c.attack.bn_mode = 'train'
   c.attack.init = 'uniform_unclipped'
-  c.optim.weight_decay = 2e-4
   c.ard.alpha = 1.0
   if method == 'iad':
     c.ard.temperature, c.ard.reduction = 1.0, 'batchmean'
@@ -122,6 +126,12 @@ def get_config(variant='absld'):
     _schedule(c, 200, (100, 150), 5e-4, subset)
     if subset:  # RSLAD's x10 on the subset (absld_cifar10.py:subset): batchmean
       c.adaad.reduction = 'batchmean'
+  elif row == 'fair_rslad':
+    c = _distillation('rslad', subset)
+    c.method = 'fair_rslad'
+    c.optim.nesterov = True
+    c.fair.kappa_guard = 0.0
+    c.rslad.target_log_eps = 1e-5  # its kl_loss (the loss's value only)
   elif row in ('ard', 'iad', 'fair_ard'):
     c = _ard_family(_distillation(row, subset), row)
     _schedule(c, 200, (100,), 2e-4, subset)
@@ -157,4 +167,6 @@ def get_config(variant='absld'):
     c.eval.every_epochs, c.eval.late_from_epoch = (5 if not subset else 1), 0
   c.eval.selection = 'fair'
   c.eval.eps = 8 / 255
+  if not subset:
+    c.eval.subset_size = 0  # every row selected on the whole test set (rslad_cifar10.py's)
   return c

@@ -77,8 +77,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.attack = ml_collections.ConfigDict()  # The training attack (inner maximisation).
   c.attack.alpha = 2 / 255
   c.attack.steps = 10
-  c.attack.init = 'normal'  # normal | uniform | none
-  c.attack.bn_mode = 'eval'  # eval: running BN statistics (spec default) | train: batch statistics
+  c.attack.init = 'normal'  # normal | normal_clipped | uniform | uniform_unclipped | none
+  # eval: running BN statistics (spec default) | train: batch statistics, the running ones moving
+  # with every attack forward (PyTorch's model.train() attack: ARD, IAD, Fair-ARD)
+  c.attack.bn_mode = 'eval'
   # True writes the attack's K steps out, False runs them as a lax.fori_loop; None (default) takes
   # the backend's default (attacks.UNROLL_DEFAULTS: unrolled on CPU, where the loop ran 2.2x
   # slower, see benchmarks/README.md).
@@ -142,7 +144,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.ard = ml_collections.ConfigDict()
   c.ard.alpha = 1.0
   c.ard.temperature = 30.0
-  c.ard.reduction = 'elementwise_mean'  # ARD's KLDivLoss(); IAD and Fair-ARD: batchmean
+  c.ard.reduction = 'elementwise_mean'  # ARD's KLDivLoss(); IAD: batchmean (Fair-ARD: its own)
 
   c.iad = ml_collections.ConfigDict()  # IAD-I (ZFancy/IAD)
   c.iad.beta = 0.1  # reliability softmax(t(x'))[y]^beta
@@ -485,6 +487,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _require(config.data.val_size > 0,
              f'method {config.method} adapts to a held-out validation split: set '
              f'--config.data.val_size=N (e.g. 1000 of CIFAR-10, 100 per class)')
+  _require(config.init.checkpoint in ('auto', 'best', 'latest'),
+           f'init.checkpoint must be auto, best or latest, got {config.init.checkpoint!r}')
   _require(config.init.source in ('none', 'train', 'workdir'),
            f'init.source must be none, train or workdir, got {config.init.source!r}')
   _require(config.init.source != 'train' or config.init.config,

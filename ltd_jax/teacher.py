@@ -115,7 +115,9 @@ def load_teacher(workdir: str, num_classes: int, image_shape, which: str = 'auto
   if restored is None:
     raise CheckpointError(f'no {which} checkpoint of the teacher in {os.path.abspath(workdir)}: '
                           f'train it first or point --config.teacher.path at a trained run')
-  variables = methods.evaluated_variables(methods.get_method(tc.method), restored)  # CFA: FAWA
+  method = methods.METHODS.get(tc.method)  # a method its config registered may be unknown here
+  variables = (restored.variables if method is None
+               else methods.evaluated_variables(method, restored))  # CFA: its FAWA average
   return Teacher(model.apply, variables, tc, workdir, int(restored.step))
 
 

@@ -317,10 +317,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   progress = _Progress(config, steps_per_epoch)
   records = _TrainRecords(writer, store, progress, config.optim, steps_per_epoch)
   stop = preemption.StopRequest(sync_every=config.log_every_steps)
-  if step == 0 and method.validate_before_training:  # state for the weights it starts from
-    state = _run_epoch_end(state, 0, 0, method, epoch_end_fn, writer, validation)
   try:
     with stop:
+      if restored is None and method.validate_before_training:  # for the weights it starts from
+        state = _run_epoch_end(state, 0, 0, method, epoch_end_fn, writer, validation)
       while step < total_steps:
         if stop.requested(step):
           records.flush(step)
@@ -469,7 +469,11 @@ def _warm_start(state: TrainState, config, workdir: str, ds) -> TrainState:
                       f'init.path) to a run of the same model')
   if parallel.is_primary():
     print(f'warm start from {teacher_lib.warm_start_dir(config, workdir)}', flush=True)
-  return state.replace(params=variables['params'], batch_stats=variables['batch_stats'])
+  method_state = state.method_state
+  if isinstance(method_state, dict) and 'average' in method_state:  # a weight average starts here
+    method_state = {**method_state, 'average': jax.tree_util.tree_map(jnp.copy, variables)}
+  return state.replace(params=variables['params'], batch_stats=variables['batch_stats'],
+                       method_state=method_state)
 
 
 def _run_epoch_end(state, epoch: int, step: int, method: methods.Method, epoch_end_fn, writer,

@@ -127,12 +127,15 @@ def main():
       name, path, overrides, config = parse_run(spec)
       config.seed, config.progress_bar = seed, False
       workdir = os.path.join(args.workdir, f'seed{seed}', name)
+      # A stage trains on its student's data (split included): a run serves as another run's
+      # teacher or warm start only when it trained the same config on the same data.
+      data = json.dumps(config.data.to_dict(), sort_keys=True)
       if not overrides.strip(','):
-        teachers.setdefault(os.path.normpath(path), workdir)  # a plain run can serve as a teacher
+        teachers.setdefault((os.path.normpath(path), data), workdir)  # a plain run can serve
       for section, subdir in (('teacher', 'teacher'), ('init', 'init')):  # teacher, warm start
         stage = config[section]
         if stage.source == 'train':
-          key = os.path.normpath(stage.config)
+          key = (os.path.normpath(stage.config), data)
           if key in teachers:
             stage.source, stage.path = 'workdir', teachers[key]
           else:

@@ -185,3 +185,96 @@ def test_cfa_margins_beta_and_fawa_against_the_code():
   config.cfa.fawa_threshold = 0.29
   assert not bool(fairness.cfa_epoch_end(state, 10, config, val(np.nan),
                                          variables)['average_started'])
+
+
+def _records(workdir, kind):
+  import json  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [r for r in map(json.loads, f) if r['kind'] == kind]
+
+
+def test_frl_warm_starts_validates_before_training_and_resumes(tmp_path):
+  """The loop's hooks for FRL: the warm start's weights, a validation record and multiplier
+  update before the first step and after every epoch, and a killed run that resumes to the same
+  multipliers and weights as an uninterrupted one."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from ltd_jax import teacher as teacher_lib  # pylint: disable=g-import-not-at-top
+  from ltd_jax import train  # pylint: disable=g-import-not-at-top
+  from tests.conftest import make_tiny_config  # pylint: disable=g-import-not-at-top
+  init = make_tiny_config()
+  init.num_epochs = 1
+  init.data.val_size = 200
+  train.train_and_evaluate(init, str(tmp_path / 'init'))
+  c = make_tiny_config()
+  c.method, c.data.val_size, c.num_epochs = 'frl', 200, 3
+  c.frl.validation_pgd_steps = 2
+  c.init.source, c.init.path = 'workdir', str(tmp_path / 'init')
+  c.eval.selection = 'last'
+
+  class Kill(Exception):
+    pass
+
+  def kill_after_epoch_1(step):
+    if step == 5:  # digits: 1,237 training images / 256 = 4 steps per epoch; step 5 in epoch 2
+      raise Kill()
+
+  try:
+    train.train_and_evaluate(c, str(tmp_path / 'killed'), step_hook=kill_after_epoch_1)
+  except Kill:
+    pass
+  resumed = train.train_and_evaluate(c, str(tmp_path / 'killed'))
+  whole = train.train_and_evaluate(c, str(tmp_path / 'whole'))
+  for a, b in zip(jax.tree_util.tree_leaves((resumed.params, resumed.method_state)),
+                  jax.tree_util.tree_leaves((whole.params, whole.method_state))):
+    np.testing.assert_array_equal(a, b)
+  validations = _records(tmp_path / 'whole', 'validation')
+  assert [r['epoch'] for r in validations] == [0, 1, 2, 3]  # before training, then each epoch
+  assert [r['epoch'] for r in _records(tmp_path / 'killed', 'validation')] == [0, 1, 2, 3]
+  frl = _records(tmp_path / 'whole', 'frl')
+  assert np.any(np.asarray(frl[0]['lambda_margin']) != 0)  # updated before the first step
+  # The first validation evaluated the warm start itself: the init run's weights on the split.
+  from ltd_jax import datasets, evaluate  # pylint: disable=g-import-not-at-top
+  start = teacher_lib.load_teacher(str(tmp_path / 'init'), 10, (8, 8, 1), 'latest')
+  assert start.step == 4
+  val_images, val_labels = datasets.load(c.data).split('val')
+  step = evaluate.make_attack_eval_step(start.apply_fn, {'clean': lambda f, x, y, r: x})
+  want = evaluate.evaluate(step, start.variables, val_images, val_labels, 10, 100,
+                           jax.random.PRNGKey(0))['clean']['per_class']
+  np.testing.assert_allclose(validations[0]['clean/per_class'], want)
+
+
+def test_cfa_final_evaluation_uses_its_weight_average(tmp_path):
+  """Once FAWA has started, the final evaluation (and so export and AutoAttack, through the
+  same selection) evaluates the average, not the last weights."""
+  import json  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from ltd_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from ltd_jax import runs  # pylint: disable=g-import-not-at-top
+  from ltd_jax import train  # pylint: disable=g-import-not-at-top
+  from tests.conftest import make_tiny_config  # pylint: disable=g-import-not-at-top
+  c = make_tiny_config()
+  c.method, c.data.val_size, c.num_epochs = 'cfa', 200, 3
+  c.cfa.fawa_pgd_steps, c.cfa.fawa_threshold, c.cfa.begin_epoch = 2, 0.0, 2
+  c.eval.selection, c.eval.final = 'last', ('clean',)
+  state = train.train_and_evaluate(c, str(tmp_path))
+  assert bool(state.method_state['average_started'])
+  average = state.method_state['average']
+  assert not np.allclose(jax.tree_util.tree_leaves(average['params'])[0],
+                         jax.tree_util.tree_leaves(state.params)[0])
+  deployed = runs.deployed(c, state)
+  np.testing.assert_array_equal(jax.tree_util.tree_leaves(deployed.params)[0],
+                                jax.tree_util.tree_leaves(average['params'])[0])
+  results = json.load(open(tmp_path / 'results.json'))
+  from ltd_jax import datasets  # pylint: disable=g-import-not-at-top
+  ds = datasets.load(c.data)
+  images, labels = ds.split('test')
+  subset = evaluate.stratified_subset(labels, c.eval.final_subset_size, c.seed)
+  step = evaluate.make_eval_step(state.apply_fn, ('clean',), eps=c.eps, eval_config=c.eval)
+  got = evaluate.evaluate(step, deployed.variables, images[subset], labels[subset], 10, 100,
+                          jax.random.PRNGKey(0))
+  assert results['attacks']['clean']['avg'] == pytest.approx(got['clean']['avg'])
+  cfa = _records(tmp_path, 'cfa')
+  assert [r['fawa_started'] for r in cfa] == [True, True, True]
+  assert cfa[0]['class_eps'] == pytest.approx([c.eps] * 10)  # before begin_epoch: the base eps
+  assert cfa[1]['class_eps'] != pytest.approx([c.eps] * 10)

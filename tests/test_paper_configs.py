@@ -179,17 +179,17 @@ _TABLE_ROWS = {
 }
 
 
-@pytest.mark.parametrize('row', sorted(_TABLE_ROWS))
+@pytest.mark.parametrize('row', sorted(_TABLE_ROWS) + ['natural', 'trades', 'rslad', 'absld'])
 def test_absld_table_rows_follow_their_released_code(row):
   config = config_lib.load_config_file(os.path.join(ROOT, 'configs', 'absld_table_cifar10.py') + f':{row}')
-  for key, want in _TABLE_ROWS[row].items():
+  for key, want in _TABLE_ROWS.get(row, {}).items():
     node = config
     for part in key.split('.'):
       node = node[part]
     assert node == pytest.approx(want) if isinstance(want, float) else node == want, (row, key)
   # Every row: a ResNet-18 on CIFAR-10, evaluated at 8/255, selected by avg + worst PGD-20.
-  assert (config.model.name, config.data.name, config.eval.eps, config.eval.selection) == (
-      'resnet18', 'cifar10', 8 / 255, 'fair')
+  assert (config.model.name, config.data.name, config.eval.eps, config.eval.selection,
+          config.eval.subset_size) == ('resnet18', 'cifar10', 8 / 255, 'fair', 0)
 
 
 def test_every_table_row_and_its_subset_variant_validates():

@@ -123,13 +123,14 @@ def fair_ard_adversary(student, inputs: MethodInputs, config):
 
 def fair_ard_loss(forward: TrainForward, inputs: MethodInputs, adv, config):
   """alpha T^2 (1/B) sum_i w[y_i] KL_mean(t(x_i)/T || f(x'_i)/T) + (1 - alpha) (1/B) sum_i
-  w[y_i] CE(f(x_i), y_i), KL_mean the code's per-sample KLDivLoss() (sum over classes / C)."""
+  w[y_i] CE(f(x_i), y_i), KL_mean the code's per-sample KLDivLoss() (sum over classes / C: the
+  elementwise mean of ``ard.reduction``, whose other choices reduce the weighted KL alike)."""
   logits_adv = forward(adv['x_adv'])
   logits_clean = forward(inputs.x)
   c, w = config.ard, class_values(inputs.method_state['class_weight'], inputs.y)
   t = c.temperature
   kl = losses.kl_divergence(losses.softmax_t(inputs.teacher_logits, t), logits_adv / t, 'none')
-  robust = c.alpha * t * t * jnp.mean(w * kl) / logits_adv.shape[-1]
+  robust = c.alpha * t * t * losses.reduce_per_sample(w * kl, c.reduction, logits_adv.shape[-1])
   natural = jnp.mean(w * losses.cross_entropy(logits_clean, inputs.y, 'none'))
   aux = loss_aux(inputs.y, logits_clean, logits_adv)
   aux.update(loss_natural=natural, loss_robust=robust, kappa=adv['kappa'])
