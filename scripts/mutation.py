@@ -34,7 +34,8 @@ MODULES = ('losses', 'methods/base', 'methods/adversarial', 'methods/distillatio
 # (test_train, test_teacher, test_audit) are left out: each would run for every surviving
 # mutant of every function it touches.
 TESTS = ('test_losses.py', 'test_distillation.py', 'test_attacks.py', 'test_evaluate.py',
-         'test_interchange.py', 'test_reference_parity.py', 'test_mixed_precision.py')
+         'test_interchange.py', 'test_reference_parity.py', 'test_mixed_precision.py',
+         'test_fairness.py')
 EQUIVALENTS = os.path.join(ROOT, 'scripts', 'mutation_equivalents.json')
 
 
