@@ -4,8 +4,9 @@ natural, pgd_at (SAT), trades, rslad, adaad, frl, bat, cfa, fair_ard, absld and 
 One setting for all rows, scaled from CIFAR-10 to 8x8 digits as configs/trades_digits.py and
 absld_digits.py are: eps 0.2, 10-step attacks of step 0.04, 30 epochs, lr 0.05 / 10 at 20 and 25,
 batch 64; each method's own loss, attack form and update rule with its code's constants; the
-distillation rows distil from the same TRADES teacher (trades_digits.py, trained once per seed
-in WORKDIR/teacher) into a half-width student; every row selected as ABSLD A.3 selects them,
+distillation rows distil from the same TRADES teacher (trades_digits.py, width 32, trained once
+per seed in WORKDIR/teacher); every row trains the same width-16 small CNN (as the paper's rows
+all train a ResNet-18), the FRL row's warm start too; every row selected as ABSLD A.3 selects them,
 by the highest avg + worst-class PGD-20 ('fair') on the test split. FRL fine-tunes a run of the
 trades row trained on its own training split (its warm start, in WORKDIR/init: the validation
 images stay unseen) for 10 epochs at lr 0.005; FRL and CFA hold out 300 training images (30 per
@@ -36,6 +37,7 @@ def get_config(row='absld'):
   else:
     c = trades_digits.get_config()
     c.method = row
+    c.model.width = 16  # every row's model the distillation students' (the teacher: 32)
   c.eval.selection = 'fair'
   if row == 'natural':
     c.attack.steps = 0

@@ -92,6 +92,16 @@ def seed_table(results: dict[str, list[dict]], seeds, attacks=ATTACKS) -> list[s
   return lines
 
 
+def _has_autoattack(workdir: str) -> bool:
+  """Whether the run's results.json already holds AutoAttack's row (a rerun of the comparison
+  re-attacks only the runs it retrained)."""
+  path = os.path.join(workdir, 'results.json')
+  if not os.path.exists(path):
+    return False
+  with open(path) as f:
+    return 'autoattack' in json.load(f)['attacks']
+
+
 def table_rows(path: str) -> tuple[str, ...]:
   """The ``ROWS`` a table's config file defines (its get_config variants)."""
   import importlib.util  # pylint: disable=g-import-not-at-top
@@ -140,8 +150,8 @@ def main():
             stage.source, stage.path = 'workdir', teachers[key]
           else:
             teachers[key] = os.path.join(workdir, subdir)
-      train.train_and_evaluate(config, workdir)
-      if args.autoattack:
+      train.train_and_evaluate(config, workdir)  # returns at once when already complete
+      if args.autoattack and not _has_autoattack(workdir):
         from ltd_jax import autoattack  # pylint: disable=g-import-not-at-top
         autoattack.autoattack_checkpoint(config, workdir)
       with open(os.path.join(workdir, 'results.json')) as f:
