@@ -480,13 +480,17 @@ def _run_epoch_end(state, epoch: int, step: int, method: methods.Method, epoch_e
                    validation=None):
   """The method's epoch-end update, and its record (ABSLD: risks and temperatures); a method with
   validation attacks first evaluates the validation split."""
-  before = jax.device_get(state.method_state) if method.epoch_record else None
+  # A weight average (Method.weight_average) is a copy of the model: records never read it, so
+  # it stays on the devices.
+  recordable = lambda ms: ({k: v for k, v in ms.items() if k != 'average'}
+                           if isinstance(ms, dict) else ms)
+  before = jax.device_get(recordable(state.method_state)) if method.epoch_record else None
   if validation is not None:
     state = epoch_end_fn(state, epoch, validation(state, epoch))
   else:
     state = epoch_end_fn(state, epoch)
   if method.epoch_record is not None:
-    kind, values = method.epoch_record(before, jax.device_get(state.method_state))
+    kind, values = method.epoch_record(before, jax.device_get(recordable(state.method_state)))
     writer.write(kind, step, epoch=epoch, **values)
   return state
 
