@@ -1,6 +1,8 @@
 """The ltd_jax command line: ``python run.py`` or, installed, ``ltd-jax``.
 
-    ltd-jax --config=configs/NAME.py[:VARIANT] [--config.a.b=value ...] [--workdir=DIR] [--mode=MODE]
+    ltd-jax --config=NAME[:VARIANT] [--config.a.b=value ...] [--workdir=DIR] [--mode=MODE]
+
+NAME is a bundled config (``ltd-jax --list-configs``) or the path of a config file.
 """
 
 import os
@@ -14,7 +16,8 @@ from ml_collections import config_flags
 from ltd_jax import config_lib
 from ltd_jax import errors
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file: configs/NAME.py.',
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'A bundled config\'s name (ltd-jax --list-configs) or a config file\'s path, '
+                                          'with :VARIANT if it takes one.',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Work directory (default: workdirs/<config name>).')
 MODES = {
@@ -28,8 +31,12 @@ MODES = {
     'compile': 'compile the run\'s steps for --config.compile.target (h200, h100, a100, '
                'rtx3090, tpu-v5e, ...) without one: memory, FLOPs, time of the run',
 }
-USAGE = ('usage: ltd-jax (or python run.py) --config=configs/NAME.py[:VARIANT] '
-         '[--config.a.b=value ...] [--workdir=DIR] [--mode=MODE] [--checkpoint=WHICH]\n\nmodes:\n'
+USAGE = ('usage: ltd-jax (or python run.py) --config=NAME[:VARIANT] '
+         '[--config.a.b=value ...] [--workdir=DIR] [--mode=MODE] [--checkpoint=WHICH]\n'
+         '       ltd-jax --list-configs\n\n'
+         'NAME: a bundled config (--list-configs) or the path of a config file (configs/NAME.py '
+         'in a checkout; a file of your own may import ltd_jax.configs.NAME and its neighbours)'
+         '\n\nmodes:\n'
          + '\n'.join(f'  {name:<19}{text}' for name, text in MODES.items()))
 _MODE = flags.DEFINE_enum('mode', 'train', list(MODES), 'One of the modes above (default train).')
 _CHECKPOINT = flags.DEFINE_string(
@@ -43,7 +50,7 @@ def _fail(message: str) -> None:
 
 
 def config_spec(argv) -> str | None:
-  """The config file argument, ``--config=PATH[:ARG]`` or ``--config PATH[:ARG]``."""
+  """The config argument, ``--config=SPEC`` or ``--config SPEC`` (SPEC: NAME or PATH, [:ARG])."""
   for i, a in enumerate(argv):
     if a.startswith('--config='):
       return a.split('=', 1)[1]
@@ -52,10 +59,37 @@ def config_spec(argv) -> str | None:
   return None
 
 
+def with_config_path(argv) -> list[str]:
+  """``argv`` with its config argument replaced by the file it names (ml_collections' config
+  flag reads a path): a bundled config's name becomes its file in the package."""
+  argv = list(argv)
+  for i, a in enumerate(argv):
+    spec = (a.split('=', 1)[1] if a.startswith('--config=') else
+            argv[i + 1] if a == '--config' and i + 1 < len(argv) else None)
+    if spec is not None:
+      path, arg = config_lib.resolve_config_spec(spec)
+      resolved = path if arg is None else f'{path}:{arg}'
+      if a == '--config':
+        argv[i + 1] = resolved
+      else:
+        argv[i] = '--config=' + resolved
+      return argv
+  return argv
+
+
+def print_config_list() -> None:
+  configs = config_lib.bundled_configs()
+  width = max(map(len, configs)) + 2
+  print('bundled configs (--config=NAME[:VARIANT]; ltd_jax/configs/NAME.py):')
+  for name, line in configs.items():
+    print(f'  {name:<{width}}{line}')
+
+
 def print_help() -> None:
   print(USAGE)
   print('\nflags:\n' + flags.FLAGS.module_help(sys.modules[__name__]))
-  print('\n--config.KEY=VALUE overrides any config value (keys: ltd_jax/config_lib.py).')
+  print('\n--config.KEY=VALUE overrides any config value (keys: ltd_jax/config_lib.py).\n')
+  print_config_list()
 
 
 def parse_flags(argv):
@@ -63,11 +97,16 @@ def parse_flags(argv):
   if any(a in ('-h', '--help', '--helpshort', '--helpfull') for a in argv[1:]):
     print_help()
     sys.exit(0)
+  if '--list-configs' in argv[1:]:
+    print_config_list()
+    sys.exit(0)
   spec = config_spec(argv)
   if spec is None:
-    _fail('no config: pass --config=configs/NAME.py (for example configs/trades_digits.py)')
+    _fail('no config: pass --config=NAME (for example --config=trades_digits; '
+          'ltd-jax --list-configs lists them) or --config=PATH.py')
   try:
     config_lib.check_override_keys(config_lib.load_config_file(spec), argv)
+    argv = with_config_path(argv)
   except errors.LtdError as e:
     _fail(str(e))
   try:
@@ -132,10 +171,7 @@ def main(argv):
 
 
 def run() -> None:
-  """The ``ltd-jax`` console command. Config files import each other as ``configs.NAME``
-  (from the working directory, as ``python run.py`` from the repository root does)."""
-  if os.getcwd() not in sys.path:
-    sys.path.insert(0, os.getcwd())
+  """The ``ltd-jax`` console command (and ``python run.py``)."""
   app.run(main, flags_parser=parse_flags)
 
 

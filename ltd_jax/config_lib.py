@@ -6,9 +6,12 @@ Config files in ``configs/`` start from ``default_config()`` and change what the
 
 from __future__ import annotations
 
+import ast
 import difflib
+import glob
 import importlib.util
 import os
+import sys
 
 import ml_collections
 
@@ -305,25 +308,72 @@ def for_platform(config: ml_collections.ConfigDict, platform: str) -> ml_collect
   return c
 
 
+BUNDLED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs')
+
+
 def split_config_spec(spec: str) -> tuple[str, str | None]:
-  """``'configs/x.py:arg'`` -> ``('configs/x.py', 'arg')``; ``'configs/x.py'`` -> (path, None)."""
-  path, sep, arg = spec.partition('.py:')
-  return (path + '.py', arg) if sep else (spec, None)
+  """``'x.py:arg'`` -> ``('x.py', 'arg')``; ``'NAME:arg'`` -> ``('NAME', 'arg')`` (a bundled
+  config by name); no argument -> ``(spec, None)``."""
+  if '.py' in spec:
+    path, sep, arg = spec.partition('.py:')
+    return (path + '.py', arg) if sep else (spec, None)
+  name, _, arg = spec.partition(':')
+  return name, arg or None
+
+
+def bundled_configs() -> dict[str, str]:
+  """The configs shipped in ``ltd_jax/configs``: name -> the first line of its docstring."""
+  out = {}
+  for path in sorted(glob.glob(os.path.join(BUNDLED_DIR, '*.py'))):
+    name = os.path.splitext(os.path.basename(path))[0]
+    if name.startswith('_'):
+      continue
+    with open(path) as f:
+      doc = ast.get_docstring(ast.parse(f.read())) or ''
+    line = ' '.join(doc.split('\n\n')[0].split())
+    out[name] = line if len(line) <= 100 else line[:100].rsplit(' ', 1)[0] + ' ...'
+  return out
+
+
+def resolve_config_spec(spec: str) -> tuple[str, str | None]:
+  """The file and argument of ``spec``: a bundled config's name (``absld_digits[:VARIANT]``) or
+  a path to a ``.py`` file (relative to the working directory; ``configs/NAME.py``, which older
+  work directories record, falls back to the bundled copy)."""
+  path, arg = split_config_spec(spec)
+  if path.endswith('.py'):
+    if os.path.isfile(path):
+      return os.path.realpath(path), arg
+    bundled = os.path.join(BUNDLED_DIR, os.path.basename(path))
+    if not os.path.isabs(path) and os.path.dirname(os.path.normpath(path)) == 'configs' and (
+        os.path.isfile(bundled)):
+      return bundled, arg
+    raise ConfigError(f'config file {path} not found: pass a bundled config by name '
+                      f'(--config=NAME, ltd-jax --list-configs lists them) or a path to a .py file')
+  bundled = os.path.join(BUNDLED_DIR, path + '.py')
+  if os.path.sep not in path and os.path.isfile(bundled):
+    return bundled, arg
+  close = difflib.get_close_matches(path, list(bundled_configs()), n=1)
+  hint = f'did you mean {close[0]}? ' if close else ''
+  raise ConfigError(f'unknown config {path!r}: {hint}ltd-jax --list-configs lists the bundled '
+                    f'ones; a file of your own is passed by its path (NAME.py)')
 
 
 def check_variant(variant, variants) -> None:
   """For config files' ``get_config(variant)``: a variant they do not define is a ConfigError."""
   if variant is not None and variant not in variants:
     raise ConfigError(f'unknown config variant {variant!r}: use one of {", ".join(variants)} '
-                      f'(--config=configs/NAME.py:{variants[0]}) or none')
+                      f'(--config=NAME:{variants[0]}) or none')
 
 
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
-  """Imports the config file of ``spec`` (``path`` or ``path:arg``) and returns its
-  ``get_config()`` (``get_config(arg)`` with an argument), as ml_collections' config flags do."""
-  path, arg = split_config_spec(spec)
-  if not os.path.isfile(path):
-    raise ConfigError(f'config file {path} not found: pass --config=configs/NAME.py')
+  """Imports the config of ``spec`` (a bundled name or a path, either with ``:arg``) and returns
+  its ``get_config()`` (``get_config(arg)`` with an argument), as ml_collections' config flags
+  do. The file's folder goes on ``sys.path`` so that it may import its neighbours; bundled
+  configs import each other as ``ltd_jax.configs.NAME``."""
+  path, arg = resolve_config_spec(spec)
+  folder = os.path.dirname(path)
+  if folder != BUNDLED_DIR and folder not in sys.path:
+    sys.path.insert(0, folder)
   module_spec = importlib.util.spec_from_file_location('ltd_jax_config', path)
   module = importlib.util.module_from_spec(module_spec)
   try:

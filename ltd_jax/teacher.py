@@ -32,7 +32,6 @@ from ltd_jax import models
 from ltd_jax import state as state_lib
 from ltd_jax.errors import CheckpointError, ConfigError
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @dataclasses.dataclass
@@ -51,22 +50,15 @@ class Teacher:
       return json.load(f)
 
 
-def resolve_config_path(spec: str) -> str:
-  """A teacher config (``path`` or ``path:arg``), relative to the working directory or to the
-  repository."""
-  path, arg = config_lib.split_config_spec(spec)
-  for candidate in (path, os.path.join(REPO_ROOT, path)):
-    if os.path.isfile(candidate):
-      return candidate if arg is None else f'{candidate}:{arg}'
-  raise ConfigError(f'teacher.config {path} not found (tried it and {os.path.join(REPO_ROOT, path)})')
-
-
 def teacher_stage_config(config: ml_collections.ConfigDict,
                          section: str = 'teacher') -> ml_collections.ConfigDict:
   """The teacher stage's config: ``teacher.config`` (or ``init.config``, the warm-start stage)
   with the student's data, seed and display."""
   spec = config[section].config
-  tc = config_lib.load_config_file(resolve_config_path(spec))
+  try:
+    tc = config_lib.load_config_file(spec)
+  except ConfigError as e:
+    raise ConfigError(f'{section}.config {spec}: {e}') from e
   if tc.teacher.source != 'none':
     raise ConfigError(f'{section}.config {spec} itself needs a teacher: '
                       f'a {section} stage must train without one')

@@ -55,7 +55,8 @@ CASES = [
      "unknown config key 'optim.learning_rate' in --config.optim.learning_rate=0.1: did you mean "
      "--config.optim.lr?"),
     ('mistyped section', [DIGITS, '--config.absdl.tau_min=1'], 'did you mean --config.absld.tau_min'),
-    ('no config flag', ['--config.eps=0.1'], 'no config: pass --config=configs/NAME.py'),
+    ('no config flag', ['--config.eps=0.1'], 'no config: pass --config=NAME'),
+    ('unknown config name', ['--config=absld_digit'], "unknown config 'absld_digit': did you mean absld_digits?"),
     ('missing config file', ['--config=configs/absld_cifar_10.py'],
      'configs/absld_cifar_10.py not found'),
     ('config file that fails', ['--config={tmp}/broken.py'], 'broken.py failed to load'),

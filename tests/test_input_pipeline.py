@@ -257,7 +257,7 @@ def test_missing_and_partial_datasets_name_the_paths(tmp_path):
 def _stage_config(tmp_path, name, module, overrides):
   path = tmp_path / f'{name}.py'
   body = '\n'.join(f'  c.{k} = {v!r}' for k, v in overrides.items())
-  path.write_text(f'from configs import {module}\n\n\ndef get_config():\n'
+  path.write_text(f'from ltd_jax.configs import {module}\n\n\ndef get_config():\n'
                   f'  c = {module}.get_config()\n{body}\n  return c\n')
   return str(path)
 

@@ -57,7 +57,7 @@ def test_paper_distillation_config_runs_a_step(name, method, model, epochs, stud
   assert (config.method, config.model.name, config.num_epochs) == (method, model, epochs)
   if student:
     config.model.name = student
-  assert config.teacher.source == 'train' and os.path.exists(os.path.join(ROOT, config.teacher.config))
+  assert config.teacher.source == 'train' and os.path.isfile(config_lib.resolve_config_spec(config.teacher.config)[0])
   config.data.dir = _data_dir(config.data.name)
   config.teacher.source, config.teacher.path = 'workdir', stand_in_teachers[config.data.name]
   config.batch_size, config.max_steps, config.attack.steps = 2, 1, 1
@@ -83,7 +83,7 @@ _ABSLD = {  # ABSLD paper (section 5.1, appendix A.3) and the released resnet18_
     'eval.selection_split': 'test', 'eval.every_epochs': 10, 'eval.late_from_epoch': 215,
     'eval.late_every_epochs': 1, 'eval.pgd_steps': 20, 'eval.alpha': 2 / 255,
     'eval.cw_steps': 30, 'eval.cw_kappa': 50.0, 'eval.eps': None,
-    'teacher.config': 'configs/trades_cifar10.py', 'reference_bn_passes': False,
+    'teacher.config': 'trades_cifar10', 'reference_bn_passes': False,
 }
 _LTD = {  # LTD paper (section 5, appendix A.1) on the AWP code's TRADES recipe
     'method': 'ltd', 'ltd.base': 'trades', 'model.name': 'wrn-34-10', 'data.name': 'cifar10',
@@ -92,7 +92,7 @@ _LTD = {  # LTD paper (section 5, appendix A.1) on the AWP code's TRADES recipe
     'optim.lr_decay': 0.1, 'trades.beta': 6.0, 'ltd.teacher_temperature': 5.0,
     'ltd.student_temperature': 1.0, 'attack.steps': 8, 'attack.alpha': 2 / 255,
     'attack.init': 'normal', 'eval.selection': 'robust', 'reference_bn_passes': True,
-    'teacher.config': 'configs/natural_cifar10.py',
+    'teacher.config': 'natural_cifar10',
 }
 _LTD_AWP = {**_LTD, 'ltd.base': 'awp', 'awp.gamma': 0.005, 'awp.warmup_epochs': 10,
             'awp.proxy_lr': 0.1, 'awp.proxy_loss': 'trades'}
@@ -101,11 +101,11 @@ PUBLISHED = {
     'absld_cifar10_mobilenetv2': {**_ABSLD, 'model.name': 'mobilenetv2'},
     'absld_cifar100': {**_ABSLD, 'data.name': 'cifar100', 'absld.tau_min': 0.8,
                        'absld.tau_max': 3.0, 'rslad.loss_scale': 10.0,
-                       'teacher.config': 'configs/trades_cifar100.py'},
+                       'teacher.config': 'trades_cifar100'},
     'absld_tinyimagenet': {'method': 'absld', 'data.name': 'tiny_imagenet',
                            'model.name': 'preactresnet18', 'num_epochs': 100,
                            'absld.tau_min': 0.9, 'absld.tau_max': 1.1,
-                           'teacher.config': 'configs/trades_tinyimagenet.py'},
+                           'teacher.config': 'trades_tinyimagenet'},
     'rslad_cifar10': {k: v for k, v in {**_ABSLD, 'method': 'rslad'}.items()
                       if not k.startswith('absld.')},
     'trades_cifar10': {  # train_trades_cifar10.py, evaluated at 8/255 as every table's model
@@ -124,14 +124,14 @@ PUBLISHED = {
     'ltd_awp_cifar10': _LTD_AWP,
     'ltd_awp_cifar10_wrn34_20': {**_LTD_AWP, 'model.name': 'wrn-34-20'},
     'ltd_awp_cifar100': {**_LTD_AWP, 'data.name': 'cifar100',
-                         'teacher.config': 'configs/natural_cifar100.py'},
+                         'teacher.config': 'natural_cifar100'},
     'ltd_imagenet_resnet50': {  # LTD appendix A.1: ImageNet
         'method': 'ltd', 'model.name': 'resnet50', 'data.name': 'imagenet', 'eps': 4 / 255,
         'num_epochs': 90, 'batch_size': 320, 'optim.lr': 0.1, 'optim.momentum': 0.9,
         'optim.nesterov': True, 'optim.weight_decay': 1e-4, 'optim.lr_boundaries_epochs': (50,),
         'attack.steps': 6, 'ltd.teacher_temperature': 5.0, 'trades.beta': 6.0,
         'eval.final_subset_size': 5000, 'reference_bn_passes': True,
-        'teacher.config': 'configs/natural_imagenet_resnet50.py'},
+        'teacher.config': 'natural_imagenet_resnet50'},
 }
 
 
@@ -193,7 +193,7 @@ def test_absld_table_rows_follow_their_released_code(row):
 
 
 def test_every_table_row_and_its_subset_variant_validates():
-  from configs import absld_table_cifar10, absld_table_digits  # pylint: disable=g-import-not-at-top
+  from ltd_jax.configs import absld_table_cifar10, absld_table_digits  # pylint: disable=g-import-not-at-top
   for row in absld_table_cifar10.ROWS + absld_table_cifar10.EXTRA:
     for variant in (row, f'{row}_subset'):
       config_lib.validate(absld_table_cifar10.get_config(variant))

@@ -38,11 +38,11 @@ evaluated at eps 8/255.
   schedule with kappa-weighted classes, Nesterov, no guard on kappa.
 """
 
-from configs import absld_cifar10
-from configs import natural_cifar10
-from configs import pgd_at_cifar10
-from configs import rslad_cifar10
-from configs import trades_cifar10
+from ltd_jax.configs import absld_cifar10
+from ltd_jax.configs import natural_cifar10
+from ltd_jax.configs import pgd_at_cifar10
+from ltd_jax.configs import rslad_cifar10
+from ltd_jax.configs import trades_cifar10
 from ltd_jax import config_lib
 
 ROWS = ('natural', 'pgd_at', 'trades', 'rslad', 'adaad', 'frl', 'bat', 'cfa', 'fair_ard', 'absld',
@@ -157,8 +157,8 @@ def get_config(variant='absld'):
     c.method = 'frl'
     c.data.val_size = 3000 if not subset else 500
     c.init.source = 'train'
-    c.init.config = ('configs/absld_table_cifar10.py:trades_subset' if subset
-                     else 'configs/absld_table_cifar10.py:trades')
+    c.init.config = ('absld_table_cifar10:trades_subset' if subset
+                     else 'absld_table_cifar10:trades')
     c.num_epochs = 40 if not subset else 4
     c.optim.lr, c.optim.momentum, c.optim.weight_decay = 1e-3, 0.9, 5e-4
     c.optim.lr_boundaries_epochs = ()

@@ -7,8 +7,8 @@ beta 0.1 (decayed with the lr) and bounded to [0.5, 5]; checkpoint selection 'fa
 from 215), as the released script does.
 """
 
-from configs import rslad_cifar10
-from configs import trades_cifar10
+from ltd_jax.configs import rslad_cifar10
+from ltd_jax.configs import trades_cifar10
 from ltd_jax import config_lib
 
 
@@ -28,7 +28,7 @@ def get_config(variant=None):
     c.absld.tau_min = 0.5
     c.absld.tau_max = 5.0
     c.teacher.source = 'train'
-    c.teacher.config = 'configs/trades_cifar10.py:subset'
+    c.teacher.config = 'trades_cifar10:subset'
     c.eval.selection = 'fair'
     return c
   config_lib.check_variant(variant, ('subset',))

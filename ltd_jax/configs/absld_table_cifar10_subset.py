@@ -2,7 +2,7 @@
 (``ROW_subset``: width-8 small CNN students, the subset's TRADES teacher, its scaled schedule):
 ``python scripts/compare_methods.py --rows=configs/absld_table_cifar10_subset.py ...``."""
 
-from configs import absld_table_cifar10
+from ltd_jax.configs import absld_table_cifar10
 
 ROWS = absld_table_cifar10.ROWS
 

@@ -1,6 +1,6 @@
 """Natural WRN-34-10 on CIFAR-100 (recipe of natural_cifar10.py): LTD's CIFAR-100 teacher."""
 
-from configs import natural_cifar10
+from ltd_jax.configs import natural_cifar10
 
 
 def get_config():

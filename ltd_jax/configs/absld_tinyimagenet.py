@@ -3,7 +3,7 @@ teacher (stage configs/trades_tinyimagenet.py), temperatures bounded to [0.9, 1.
 epochs, otherwise the CIFAR-100 settings (RSLAD x10 loss scale); worst-10% classes reported,
 as the paper does for 200 classes of 50 test images."""
 
-from configs import absld_cifar100
+from ltd_jax.configs import absld_cifar100
 
 
 def get_config():
@@ -14,5 +14,5 @@ def get_config():
   c.optim.lr_boundaries_epochs = (75, 90)
   c.absld.tau_min = 0.9
   c.absld.tau_max = 1.1
-  c.teacher.config = 'configs/trades_tinyimagenet.py'
+  c.teacher.config = 'trades_tinyimagenet'
   return c

@@ -5,7 +5,7 @@ crop + flip augmentation. Selection is the last checkpoint; the final table stil
 FGSM / PGD-20 / CW to show the model is not robust.
 """
 
-from configs import trades_cifar10
+from ltd_jax.configs import trades_cifar10
 from ltd_jax import config_lib
 
 

@@ -1,6 +1,6 @@
 """LTD on TRADES-AWP, CIFAR-10, WRN-34-20 student (teacher: natural WRN-34-10)."""
 
-from configs import ltd_awp_cifar10
+from ltd_jax.configs import ltd_awp_cifar10
 
 
 def get_config():

@@ -1,6 +1,6 @@
 """ABSLD on CIFAR-10 with the MobileNetV2 student of the paper's Table 2 (same teacher and recipe)."""
 
-from configs import absld_cifar10
+from ltd_jax.configs import absld_cifar10
 
 
 def get_config():

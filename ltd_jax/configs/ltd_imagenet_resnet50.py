@@ -6,7 +6,7 @@ Evaluated, as RobustBench does, on 5,000 validation images. The teacher stage tr
 configs/natural_imagenet_resnet50.py in WORKDIR/teacher.
 """
 
-from configs import natural_imagenet_resnet50
+from ltd_jax.configs import natural_imagenet_resnet50
 
 
 def get_config():
@@ -21,7 +21,7 @@ def get_config():
   c.attack.alpha = 1 / 255
   c.attack.init = 'normal'
   c.teacher.source = 'train'
-  c.teacher.config = 'configs/natural_imagenet_resnet50.py'
+  c.teacher.config = 'natural_imagenet_resnet50'
   c.eval.during_training = ('clean', 'pgd20')
   c.eval.final = ('clean', 'fgsm', 'pgd20', 'cw')
   c.eval.subset_size = 1000

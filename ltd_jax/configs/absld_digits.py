@@ -36,7 +36,7 @@ def get_config():
   c.absld.tau_min = 0.5
   c.absld.tau_max = 5.0
   c.teacher.source = 'train'
-  c.teacher.config = 'configs/trades_digits.py'
+  c.teacher.config = 'trades_digits'
   c.eval.every_epochs = 5
   c.eval.subset_size = 0
   c.eval.selection = 'fair'

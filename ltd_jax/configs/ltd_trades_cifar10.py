@@ -8,7 +8,7 @@ from x + 0.001 N(0, 1) on the student, as "PGD-6" is 6 steps in ltd_imagenet_res
 The teacher stage trains configs/natural_cifar10.py in WORKDIR/teacher.
 """
 
-from configs import trades_cifar10
+from ltd_jax.configs import trades_cifar10
 from ltd_jax import config_lib
 
 
@@ -21,7 +21,7 @@ def get_config(variant=None):
     c.ltd.base = 'trades'
     c.ltd.teacher_temperature = 5.0
     c.teacher.source = 'train'
-    c.teacher.config = 'configs/natural_cifar10.py:subset'
+    c.teacher.config = 'natural_cifar10:subset'
     return c
   config_lib.check_variant(variant, ('subset',))
   c = config_lib.default_config()
@@ -44,7 +44,7 @@ def get_config(variant=None):
   c.attack.steps = 8
   c.attack.init = 'normal'
   c.teacher.source = 'train'
-  c.teacher.config = 'configs/natural_cifar10.py'
+  c.teacher.config = 'natural_cifar10'
   c.eval.selection = 'robust'
   c.reference_bn_passes = True  # running statistics as the TRADES code's clean, adv, clean
   return c

@@ -19,8 +19,8 @@ of docs/comparison_digits_absld_table.md: 1, 4, 8, 9 at 66.7, 63.9, 40.0, 61.1%;
 70.3%), one prior for every seed, as the paper fixes one set of hard classes for CIFAR-10.
 """
 
-from configs import absld_digits
-from configs import trades_digits
+from ltd_jax.configs import absld_digits
+from ltd_jax.configs import trades_digits
 from ltd_jax import config_lib
 
 ROWS = ('natural', 'pgd_at', 'trades', 'rslad', 'adaad', 'frl', 'bat', 'cfa', 'fair_ard', 'absld',
@@ -64,7 +64,7 @@ def get_config(row='absld'):
   elif row == 'frl':
     c.data.val_size = 300
     c.init.source = 'train'
-    c.init.config = 'configs/absld_table_digits.py:trades'
+    c.init.config = 'absld_table_digits:trades'
     c.num_epochs = 10
     c.optim.lr = 0.005
     c.optim.lr_boundaries_epochs = ()

@@ -31,7 +31,7 @@ def get_config():
   c.rslad.alpha = 5 / 6
   c.rslad.reduction = 'elementwise_mean'
   c.teacher.source = 'train'
-  c.teacher.config = 'configs/trades_cifar10.py'
+  c.teacher.config = 'trades_cifar10'
   c.eval.selection = 'fair'
   c.eval.subset_size = 0
   c.eval.every_epochs = 10

@@ -1,6 +1,6 @@
 """Natural training (cross-entropy only) on digits: the undefended baseline for trades_digits."""
 
-from configs import trades_digits
+from ltd_jax.configs import trades_digits
 
 
 def get_config():

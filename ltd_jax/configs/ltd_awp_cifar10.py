@@ -3,7 +3,7 @@
 loss, as the AWP code's calc_awp; forwards and BatchNorm statistics in the AWP code's order;
 otherwise as ltd_trades_cifar10.py."""
 
-from configs import ltd_trades_cifar10
+from ltd_jax.configs import ltd_trades_cifar10
 
 
 def get_config():

@@ -7,7 +7,7 @@ CIFAR-100), DeepMind's SiLU WRN with input normalisation: with that checkpoint a
   --config.teacher.source=torch --config.teacher.path=PATH --config.teacher.model.name=dm-wrn-70-16
 """
 
-from configs import absld_cifar10
+from ltd_jax.configs import absld_cifar10
 
 
 def get_config():
@@ -16,5 +16,5 @@ def get_config():
   c.absld.tau_min = 0.8
   c.absld.tau_max = 3.0
   c.rslad.loss_scale = 10.0
-  c.teacher.config = 'configs/trades_cifar100.py'
+  c.teacher.config = 'trades_cifar100'
   return c

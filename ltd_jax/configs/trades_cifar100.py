@@ -2,7 +2,7 @@
 absld_cifar100.py. The ABSLD paper distils from Gowal et al.'s WRN-70-16 instead, a different
 (SiLU, normalised) architecture that needs the PyTorch import of the interchange issue."""
 
-from configs import trades_cifar10
+from ltd_jax.configs import trades_cifar10
 
 
 def get_config():
