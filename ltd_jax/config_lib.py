@@ -17,6 +17,8 @@ import ml_collections
 
 from ltd_jax import attacks
 from ltd_jax import datasets
+from ltd_jax import download
+from ltd_jax import errors
 from ltd_jax import evaluate
 from ltd_jax import losses
 from ltd_jax import methods
@@ -40,6 +42,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.name = 'cifar10'
   c.data.source = 'auto'  # auto | pickle | tfds | folder (imagenet, tiny_imagenet)
   c.data.dir = ''  # Folder holding cifar-10-batches-py / cifar-100-python (or the tfds data_dir).
+  # Absent CIFAR-10/100 and Tiny-ImageNet are fetched from their official archives into data.dir
+  # (default ~/.cache/ltd_jax), checksum verified (ltd_jax/download.py); ImageNet stays manual.
+  c.data.download = True
+  c.data.url = ''  # '' = the registry's official URL; a mirror or a local server otherwise.
+  c.data.checksum = ''  # '' = the registry's; md5:HEX or sha256:HEX with data.url.
   c.data.augment = 'auto'  # auto | none | crop_flip
   c.data.val_size = 0  # Stratified hold-out from the training set for checkpoint selection.
   c.data.split_seed = 0
@@ -457,6 +464,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
            f'dtype must be float32 or bfloat16, got {config.dtype!r}')
   _require(config.data.source in ('auto', 'pickle', 'tfds', 'folder'),
            f'data.source must be auto, pickle, tfds or folder, got {config.data.source!r}')
+  if config.data.get('checksum', ''):
+    try:
+      download.parse_checksum(config.data.checksum)
+    except errors.DatasetError as e:
+      raise ConfigError(f'data.{e}') from e
+  _require(not config.data.get('url', '') or config.data.url.startswith(
+      ('http://', 'https://', 'file://')),
+           f'data.url must be an http(s):// or file:// URL, got {config.data.get("url")!r}')
   _require(config.data.name in datasets.REGISTRY,
            f'unknown dataset {config.data.name!r}: set --config.data.name to one of '
            f'{", ".join(sorted(datasets.REGISTRY))}')

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ltd_jax import download
 from ltd_jax.errors import DatasetError
 
 DIGITS_TEST_SIZE = 360
@@ -203,10 +204,23 @@ def load_cifar(config, spec) -> Dataset:
     tried.append(folder)
     if os.path.isdir(folder):
       return load_cifar_pickle(name, root, spec.num_classes)
+  if config.get('download', False) and spec.archive is not None:
+    root = config.dir or download.default_root()
+    download.ensure(name, archive_of(config, spec), root, process_index=jax.process_index(),
+                    process_count=jax.process_count())
+    return load_cifar_pickle(name, root, spec.num_classes)
   raise DatasetError(
       f'{name} not found; tried {", ".join(tried)}. Unpack the official python version '
       f'(folder {_PICKLE_DIRS[name]}) under a directory and pass --config.data.dir=DIR, '
+      f'let ltd_jax download it (--config.data.download=True), '
       f'or use --config.data.source=tfds to read it through tensorflow-datasets')
+
+
+def archive_of(config, spec) -> 'download.Archive':
+  """The registry's archive of ``spec`` with the config's ``data.url`` / ``data.checksum``
+  overrides (a mirror, the tests' local server)."""
+  return download.Archive(config.get('url') or spec.archive.url,
+                          config.get('checksum') or spec.archive.checksum, spec.archive.folder)
 
 
 @functools.lru_cache(maxsize=2)

@@ -13,6 +13,7 @@ import dataclasses
 from typing import Any, Callable
 
 from ltd_jax import data
+from ltd_jax import download
 from ltd_jax import input_pipeline
 from ltd_jax.errors import DatasetError
 
@@ -34,6 +35,7 @@ class DatasetSpec:
   options: Any = None
   train_size: int = 0
   test_size: int = 0
+  archive: download.Archive | None = None  # fetched on first use (data.download)
 
 
 REGISTRY: dict[str, DatasetSpec] = {}
@@ -71,10 +73,15 @@ def default_augmentation(name: str) -> str:
 register('digits', DatasetSpec(10, (8, 8, 1), 'none', lambda config, spec: data.load_digits(),
                                train_size=1797 - data.DIGITS_TEST_SIZE,
                                test_size=data.DIGITS_TEST_SIZE))
-register('cifar10', DatasetSpec(10, (32, 32, 3), 'crop_flip', data.load_cifar, train_size=50000,
-                                test_size=10000))
-register('cifar100', DatasetSpec(100, (32, 32, 3), 'crop_flip', data.load_cifar, train_size=50000,
-                                 test_size=10000))
+# The published MD5s of the official python archives (www.cs.toronto.edu/~kriz/cifar.html).
+register('cifar10', DatasetSpec(
+    10, (32, 32, 3), 'crop_flip', data.load_cifar, train_size=50000, test_size=10000,
+    archive=download.Archive('https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz',
+                             'md5:c58f30108f718f92721af3b95e74349a', 'cifar-10-batches-py')))
+register('cifar100', DatasetSpec(
+    100, (32, 32, 3), 'crop_flip', data.load_cifar, train_size=50000, test_size=10000,
+    archive=download.Archive('https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz',
+                             'md5:eb9058c3a382ffc7106e4002c42a8d85', 'cifar-100-python')))
 register('imagenet', DatasetSpec(
     1000, (224, 224, 3), 'none', input_pipeline.load_streaming, streaming=True,
     options=input_pipeline.StreamingSource('imagenet', 'imagenet2012', 224, 'random_resized_crop',
@@ -83,4 +90,8 @@ register('imagenet', DatasetSpec(
 register('tiny_imagenet', DatasetSpec(
     200, (64, 64, 3), 'crop_flip', input_pipeline.load_streaming, streaming=True,
     options=input_pipeline.StreamingSource('tiny-imagenet-200', None, 64, 'none', 'none'),
-    train_size=100000, test_size=10000))
+    train_size=100000, test_size=10000,
+    # Stanford publishes no checksum: this MD5 is the one torchvision-style loaders record for
+    # the 248,100,043-byte zip (no SHA-256 of it could be computed here, offline).
+    archive=download.Archive('http://cs231n.stanford.edu/tiny-imagenet-200.zip',
+                             'md5:90528d7ca1a48142e341f4ef8d21d0de', 'tiny-imagenet-200')))

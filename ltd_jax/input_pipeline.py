@@ -22,9 +22,11 @@ import io
 import math
 import os
 
+import jax
 import numpy as np
 
 from ltd_jax import data
+from ltd_jax import download
 from ltd_jax import parallel
 from ltd_jax.errors import DatasetError
 
@@ -231,10 +233,15 @@ class StreamingDataset:
 def load_streaming(config, spec) -> StreamingDataset:
   """The streamed dataset ``config.name`` (registry entry ``spec``) from ``config.dir`` (folder
   tree) or through tfds."""
-  num_classes, spec = spec.num_classes, spec.options
+  num_classes, archive, registry_spec, spec = spec.num_classes, spec.archive, spec, spec.options
   source = config.source
   folder_roots = [os.path.join(root, spec.folder) for root in data.candidate_roots(config.dir)]
   root = next((r for r in folder_roots if os.path.isdir(os.path.join(r, 'train'))), None)
+  if (root is None and source in ('auto', 'folder') and archive is not None
+      and config.get('download', False)):
+    root = download.ensure(config.name, data.archive_of(config, registry_spec),
+                           config.dir or download.default_root(),
+                           process_index=jax.process_index(), process_count=jax.process_count())
   if source in ('auto', 'folder') and root is not None:
     train = FolderSource(root, 'train')
     sources = {'train': train, 'test': FolderSource(root, 'val', train.classes)}
@@ -250,11 +257,16 @@ def load_streaming(config, spec) -> StreamingDataset:
       raise DatasetError(f'{config.name}: no folder tree at {", ".join(folder_roots)} and tfds '
                          f'{spec.tfds_name} could not be read ({type(e).__name__}): unpack '
                          f'{spec.folder}/train under --config.data.dir or prepare the tfds '
-                         f'dataset in it') from e
+                         f'dataset in it' + ('' if archive is not None else ' (it is not '
+                         'downloaded for you: its licence asks each user to fetch it from '
+                         'image-net.org)')) from e
     classes = sources['train'].classes
   else:
+    manual = (' (it cannot be downloaded for you: its licence asks each user to fetch it from '
+              'image-net.org)' if archive is None else ' or let ltd_jax download it '
+              '(--config.data.download=True)')
     raise DatasetError(f'{config.name} not found; tried {", ".join(folder_roots)} (expected '
-                       f'{spec.folder}/train/<class>/...): pass --config.data.dir=DIR')
+                       f'{spec.folder}/train/<class>/...): pass --config.data.dir=DIR{manual}')
   if len(classes) != num_classes:
     raise DatasetError(f'{config.name} in {root or config.dir} has {len(classes)} classes, '
                        f'expected {num_classes}: point --config.data.dir at the full dataset')

@@ -8,7 +8,7 @@ The ABSLD paper's Tables 1 and 6 on digits, every row (3 seeds, with AutoAttack)
     python scripts/compare_methods.py --out=docs/comparison_digits.md --seeds=0,1,2 \
         --run absld=configs/absld_digits.py --run rslad=configs/absld_digits.py:method=rslad
 
-Each ``--run NAME=CONFIG[:VARIANT][:key=value,...]`` is a config file, the argument of its
+Each ``--run NAME=CONFIG[:VARIANT][:key=value,...]`` is a config (a bundled name or a file), the argument of its
 get_config (``configs/absld_cifar10.py:subset``) and overrides. Every run of a seed uses
 that seed's teacher: an earlier plain run of the teacher's config (a TRADES baseline, say), else
 the first run that trains it (in WORKDIR/seedS/NAME/teacher); later runs of the seed reuse it.
@@ -32,8 +32,8 @@ HEADERS = {'clean': 'Clean', 'fgsm': 'FGSM', 'pgd20': 'PGD-20', 'cw': 'CW', 'aut
 
 def parse_run(spec: str):
   name, rest = spec.split('=', 1)
-  head, dot_py, tail = rest.partition('.py:')
-  path, parts = (head + '.py', tail.split(':')) if dot_py else (rest, [])
+  path, arg = config_lib.split_config_spec(rest)
+  parts = arg.split(':') if arg else []
   if parts:
     variant, _, more = parts[0].partition(',')
     if '=' not in variant:  # the config file's variant (if any), before any overrides
@@ -105,7 +105,8 @@ def _has_autoattack(workdir: str) -> bool:
 def table_rows(path: str) -> tuple[str, ...]:
   """The ``ROWS`` a table's config file defines (its get_config variants)."""
   import importlib.util  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.spec_from_file_location('ltd_jax_table', path)
+  spec = importlib.util.spec_from_file_location('ltd_jax_table',
+                                                config_lib.resolve_config_spec(path)[0])
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return tuple(module.ROWS)

@@ -51,8 +51,8 @@ def test_invalid_values_fail_with_one_line(override, needle, tmp_path):
 
 def test_missing_dataset_names_the_paths(tmp_path):
   line = error_line(run_cli('--config=configs/trades_cifar10.py', f'--config.data.dir={tmp_path}',
-                            f'--workdir={tmp_path / "w"}'))
-  assert 'cifar10 not found' in line and str(tmp_path) in line
+                            f'--workdir={tmp_path / "w"}', '--config.data.download=False'))
+  assert 'cifar10 not found' in line and str(tmp_path) in line and 'data.download=True' in line
 
 
 def test_evaluate_without_checkpoint(tmp_path):

@@ -248,7 +248,7 @@ def test_imagenet_from_a_prepared_tfds_dataset_without_tensorflow(tmp_path):
 
 def test_missing_and_partial_datasets_name_the_paths(tmp_path):
   with pytest.raises(DatasetError, match=r'tiny_imagenet not found; tried .*tiny-imagenet-200'):
-    datasets.load(_data_config('tiny_imagenet', str(tmp_path)))
+    datasets.load(_data_config('tiny_imagenet', str(tmp_path), download=False))
   mock_tiny_imagenet(str(tmp_path), classes=3)
   with pytest.raises(DatasetError, match='has 3 classes, expected 200'):
     datasets.load(_data_config('tiny_imagenet', str(tmp_path)))
