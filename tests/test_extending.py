@@ -1,4 +1,4 @@
-"""The README's "Extending ltd_jax" examples, taken from the README as written: a new method
+"""The "Extending ltd_jax" examples, taken from docs/extending.md as written: a new method
 (ALP) in one config file and a new dataset, each trained end to end from the command line."""
 
 import importlib.util
@@ -20,14 +20,14 @@ TINY = ['--config.num_epochs=1', '--config.model.width=4', '--config.attack.step
 
 
 def readme_examples() -> dict[str, str]:
-  """{file name: code} of every ``<!-- example: NAME -->`` block of README.md."""
-  text = open(os.path.join(ROOT, 'README.md')).read()
+  """{file name: code} of every ``<!-- example: NAME -->`` block of docs/extending.md."""
+  text = open(os.path.join(ROOT, 'docs', 'extending.md')).read()
   return dict(re.findall(r'<!-- example: (\S+) -->\n```python\n(.*?)```', text, re.S))
 
 
 @pytest.fixture
 def example(tmp_path):
-  """Writes a README example to tmp_path and removes what it registers afterwards."""
+  """Writes an example of docs/extending.md to tmp_path and removes what it registers afterwards."""
   saved = dict(methods.METHODS), dict(datasets.REGISTRY)
 
   def write(name):
@@ -40,7 +40,7 @@ def example(tmp_path):
     registry.update(old)
 
 
-def test_the_readme_has_both_examples():
+def test_the_extending_page_has_both_examples():
   assert set(readme_examples()) == {'configs/alp_digits.py', 'configs/trades_digits_inverted.py'}
 
 
