@@ -3,7 +3,7 @@
 A spec says what the rest of the library needs to know of a dataset: its classes, its image
 shape, its default on-device augmentation and the loader that reads it, in memory
 (``data.Dataset``: digits, CIFAR) or streamed image by image (``input_pipeline``: ImageNet,
-Tiny-ImageNet). Adding a dataset is one ``register`` call (README, "Extending ltd_jax");
+Tiny-ImageNet). Adding a dataset is one ``register`` call (docs/extending.md);
 ``config_lib.validate`` takes its choices from here.
 """
 

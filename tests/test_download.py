@@ -267,3 +267,22 @@ def test_a_zip_archive_from_a_file_url_unpacks_its_folder(tmp_path):
   with pytest.raises(DatasetError, match='holds no folder not-in-it/'):
     download.ensure('tiny_imagenet', wrong, str(tmp_path / 'cache2'))
   assert not os.path.exists(tmp_path / 'cache2' / 'not-in-it')
+
+
+def test_a_cifar10_config_downloads_verifies_and_trains(tmp_path):
+  """The issue's "done": a paper config pointed at a reachable archive fetches, checks and trains."""
+  from tests.conftest import run_in_process  # pylint: disable=g-import-not-at-top
+  payload, _, _ = cifar10_archive(np.random.default_rng(5), train=40, test=20)
+  with ArchiveServer(payload) as server:
+    code = run_in_process(
+        '--config=trades_cifar10:subset', f'--workdir={tmp_path / "run"}',
+        f'--config.data.dir={tmp_path / "data"}', f'--config.data.url={server.url}',
+        '--config.data.checksum=md5:' + hashlib.md5(payload).hexdigest(),
+        '--config.batch_size=10', '--config.max_steps=2', '--config.model.width=4',
+        '--config.attack.steps=1', '--config.eval.pgd_steps=1', '--config.eval.cw_steps=1',
+        '--config.eval.final_subset_size=10', '--config.progress_bar=False')
+    assert code == 0 and len(server.requests) == 1
+  import json  # pylint: disable=g-import-not-at-top
+  results = json.load(open(tmp_path / 'run' / 'results.json'))
+  assert results['title'].startswith('trades / small_cnn / cifar10')
+  assert os.path.isdir(tmp_path / 'data' / 'cifar-10-batches-py')

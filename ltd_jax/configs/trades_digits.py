@@ -1,7 +1,7 @@
 """TRADES (beta = 6) on scikit-learn's real 8x8 digits with a small CNN: minutes on 2 CPU cores.
 
 eps = 0.2 on [0, 1] pixels: a naturally trained model of the same architecture falls to a
-few percent PGD-20 accuracy at this radius (see README), so robustness here is not for free.
+few percent PGD-20 accuracy at this radius (README), so robustness here is not for free.
 """
 
 from ltd_jax import config_lib

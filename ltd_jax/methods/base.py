@@ -286,7 +286,7 @@ METHODS: dict[str, Method] = {}
 
 
 def register(name: str, method: Method) -> None:
-  """Adds a method (README, "Extending ltd_jax"); ``--config.method=NAME`` then selects it."""
+  """Adds a method (docs/extending.md); ``--config.method=NAME`` then selects it."""
   METHODS[name] = method
 
 
