@@ -1,0 +1,1 @@
+"""The bundled configs: one file per paper setting, ``--config=NAME[:VARIANT]`` (``ltd-jax --list-configs``)."""
