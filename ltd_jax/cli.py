@@ -49,31 +49,30 @@ def _fail(message: str) -> None:
   sys.exit(2)
 
 
-def config_spec(argv) -> str | None:
-  """The config argument, ``--config=SPEC`` or ``--config SPEC`` (SPEC: NAME or PATH, [:ARG])."""
+def _config_arg(argv) -> tuple[int, str | None]:
+  """Where the config argument is (``--config=SPEC`` or ``--config SPEC``) and its SPEC."""
   for i, a in enumerate(argv):
     if a.startswith('--config='):
-      return a.split('=', 1)[1]
+      return i, a.split('=', 1)[1]
     if a == '--config' and i + 1 < len(argv):
-      return argv[i + 1]
-  return None
+      return i + 1, argv[i + 1]
+  return -1, None
+
+
+def config_spec(argv) -> str | None:
+  """The config argument, ``--config=SPEC`` or ``--config SPEC`` (SPEC: NAME or PATH, [:ARG])."""
+  return _config_arg(argv)[1]
 
 
 def with_config_path(argv) -> list[str]:
   """``argv`` with its config argument replaced by the file it names (ml_collections' config
   flag reads a path): a bundled config's name becomes its file in the package."""
   argv = list(argv)
-  for i, a in enumerate(argv):
-    spec = (a.split('=', 1)[1] if a.startswith('--config=') else
-            argv[i + 1] if a == '--config' and i + 1 < len(argv) else None)
-    if spec is not None:
-      path, arg = config_lib.resolve_config_spec(spec)
-      resolved = path if arg is None else f'{path}:{arg}'
-      if a == '--config':
-        argv[i + 1] = resolved
-      else:
-        argv[i] = '--config=' + resolved
-      return argv
+  i, spec = _config_arg(argv)
+  if spec is not None:
+    path, arg = config_lib.resolve_config_spec(spec)
+    resolved = path if arg is None else f'{path}:{arg}'
+    argv[i] = '--config=' + resolved if argv[i].startswith('--config=') else resolved
   return argv
 
 

@@ -204,11 +204,9 @@ def load_cifar(config, spec) -> Dataset:
     tried.append(folder)
     if os.path.isdir(folder):
       return load_cifar_pickle(name, root, spec.num_classes)
-  if config.get('download', False) and spec.archive is not None:
-    root = config.dir or download.default_root()
-    download.ensure(name, archive_of(config, spec), root, process_index=jax.process_index(),
-                    process_count=jax.process_count())
-    return load_cifar_pickle(name, root, spec.num_classes)
+  fetched = fetch_archive(config, spec)
+  if fetched is not None:
+    return load_cifar_pickle(name, os.path.dirname(fetched), spec.num_classes)
   raise DatasetError(
       f'{name} not found; tried {", ".join(tried)}. Unpack the official python version '
       f'(folder {_PICKLE_DIRS[name]}) under a directory and pass --config.data.dir=DIR, '
@@ -216,11 +214,16 @@ def load_cifar(config, spec) -> Dataset:
       f'or use --config.data.source=tfds to read it through tensorflow-datasets')
 
 
-def archive_of(config, spec) -> 'download.Archive':
-  """The registry's archive of ``spec`` with the config's ``data.url`` / ``data.checksum``
-  overrides (a mirror, the tests' local server)."""
-  return download.Archive(config.get('url') or spec.archive.url,
-                          config.get('checksum') or spec.archive.checksum, spec.archive.folder)
+def fetch_archive(config, spec) -> str | None:
+  """The folder of ``spec.archive`` under ``data.dir`` (default ``~/.cache/ltd_jax``), fetched
+  if absent (``download.ensure``; ``data.url`` / ``data.checksum`` override the registry's);
+  None when downloading is off or the dataset has no archive."""
+  if not config.get('download', False) or spec.archive is None:
+    return None
+  archive = download.Archive(config.get('url') or spec.archive.url,
+                             config.get('checksum') or spec.archive.checksum, spec.archive.folder)
+  return download.ensure(config.name, archive, config.dir or download.default_root(),
+                         process_index=jax.process_index(), process_count=jax.process_count())
 
 
 @functools.lru_cache(maxsize=2)

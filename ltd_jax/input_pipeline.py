@@ -22,11 +22,9 @@ import io
 import math
 import os
 
-import jax
 import numpy as np
 
 from ltd_jax import data
-from ltd_jax import download
 from ltd_jax import parallel
 from ltd_jax.errors import DatasetError
 
@@ -237,11 +235,8 @@ def load_streaming(config, spec) -> StreamingDataset:
   source = config.source
   folder_roots = [os.path.join(root, spec.folder) for root in data.candidate_roots(config.dir)]
   root = next((r for r in folder_roots if os.path.isdir(os.path.join(r, 'train'))), None)
-  if (root is None and source in ('auto', 'folder') and archive is not None
-      and config.get('download', False)):
-    root = download.ensure(config.name, data.archive_of(config, registry_spec),
-                           config.dir or download.default_root(),
-                           process_index=jax.process_index(), process_count=jax.process_count())
+  if root is None and source in ('auto', 'folder'):
+    root = data.fetch_archive(config, registry_spec)
   if source in ('auto', 'folder') and root is not None:
     train = FolderSource(root, 'train')
     sources = {'train': train, 'test': FolderSource(root, 'val', train.classes)}
