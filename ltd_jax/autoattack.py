@@ -144,8 +144,10 @@ def autoattack_checkpoint(config: ml_collections.ConfigDict, workdir: str,
                                        trained_steps=step)
   finally:
     store.close()
-  export.write_export(os.path.join(workdir, 'export'), state, config, ds.num_classes,
-                      ds.image_shape, label, step)
+  entry = _entry_for(results, label, step)  # the table's rows of this checkpoint (EMA: its own)
+  weights = runs.parse_checkpoint(which)[1]
+  export.write_export(os.path.join(workdir, 'export' + (f'_{weights}' if weights else '')), state,
+                      config, ds.num_classes, ds.image_shape, label, step)
 
   torch_model = load_torch_model(state, config, ds.num_classes, ds.image_shape, device)
   images, labels = ds.split('test')
@@ -170,15 +172,24 @@ def autoattack_checkpoint(config: ml_collections.ConfigDict, workdir: str,
   info['jax_agreement'] = float(np.mean((jax_pred == labels) == correct))
   info['parity_rel_error'] = parity
   class_acc = evaluate.per_class_accuracy(correct, labels, ds.num_classes)
-  results['attacks']['autoattack'] = {
+  entry['attacks']['autoattack'] = {
       'per_class': [float(a) for a in class_acc],
       **evaluate.summarize(class_acc, correct.mean()), 'num_examples': int(len(labels))}
-  results['autoattack'] = info
+  entry['autoattack'] = info
   md = reports.write_results(workdir, results, ds.class_names)
   reports.write_report(workdir)
   reports.plot_per_class(workdir, results, ds.class_names, runs.comparison_runs(config, workdir))
   print(md)
   return results
+
+
+def _entry_for(results: dict, label: str, step: int | None) -> dict | None:
+  """The part of ``results`` that evaluates the checkpoint (label, step): the results
+  themselves, or their EMA entry (``results['ema']``)."""
+  for entry in (results, results.get('ema') or {}):
+    if entry.get('checkpoint') == label and entry.get('step') == step:
+      return entry
+  return None
 
 
 def _results_for(workdir: str, label: str, step: int | None) -> dict | None:
@@ -188,6 +199,4 @@ def _results_for(workdir: str, label: str, step: int | None) -> dict | None:
     return None
   with open(path) as f:
     results = json.load(f)
-  if results.get('checkpoint') != label or results.get('step') != step:
-    return None
-  return results
+  return results if _entry_for(results, label, step) is not None else None

@@ -111,19 +111,35 @@ def _manager(directory: str, keep: int, barrier: str, **options) -> ocp.Checkpoi
 
 
 class CheckpointStore:
-  """Latest-N and best-by-score checkpoint managers for one work directory."""
+  """Latest-N and best-by-score checkpoint managers for one work directory: ``best/`` for the
+  trained weights, ``best_<name>/`` for another weight set (``best_ema/``: the EMA's best)."""
 
   def __init__(self, workdir: str, keep: int = 3):
     self.workdir = os.path.abspath(workdir)
     self.latest = _manager(os.path.join(self.workdir, 'checkpoints'), keep, 'latest')
-    self.best = _manager(os.path.join(self.workdir, 'best'), 1, 'best',
-                         best_fn=lambda m: m['score'], best_mode='max')
+    self._bests = {'': self._best_manager('')}
+
+  def _best_manager(self, name: str) -> ocp.CheckpointManager:
+    folder = 'best' if not name else f'best_{name}'
+    return _manager(os.path.join(self.workdir, folder), 1, folder,
+                    best_fn=lambda m: m['score'], best_mode='max')
+
+  def best_manager(self, name: str = '') -> ocp.CheckpointManager:
+    if name not in self._bests:
+      self._bests[name] = self._best_manager(name)
+    return self._bests[name]
+
+  @property
+  def best(self) -> ocp.CheckpointManager:
+    return self._bests['']
 
   def latest_step(self) -> int | None:
     return self.latest.latest_step()
 
-  def best_step(self) -> int | None:
-    return self.best.best_step()
+  def best_step(self, name: str = '') -> int | None:
+    if name and not os.path.isdir(os.path.join(self.workdir, f'best_{name}')):
+      return None
+    return self.best_manager(name).best_step()
 
   @staticmethod
   def _save_args(state):
@@ -135,27 +151,31 @@ class CheckpointStore:
     if step not in self.latest.all_steps():
       self.latest.save(step, args=self._save_args(state), force=True)
 
-  def save_best(self, step: int, state, score: float) -> bool:
-    """Saves ``state`` if ``score`` beats the stored best; returns whether it did."""
-    self.best.wait_until_finished()  # the previous best's metrics are readable only once saved
-    if step in self.best.all_steps():
+  def save_best(self, step: int, state, score: float, name: str = '') -> bool:
+    """Saves ``state`` if ``score`` beats the stored best of weight set ``name``; returns
+    whether it did."""
+    manager = self.best_manager(name)
+    manager.wait_until_finished()  # the previous best's metrics are readable only once saved
+    if step in manager.all_steps():
       return False
-    best_score = self.best_score()
+    best_score = self.best_score(name)
     if best_score is not None and score <= best_score:
       return False
-    self.best.save(step, args=self._save_args(state), metrics={'score': float(score)}, force=True)
+    manager.save(step, args=self._save_args(state), metrics={'score': float(score)}, force=True)
     return True
 
-  def best_score(self) -> float | None:
-    step = self.best.best_step()
-    metrics = self.best.metrics(step) if step is not None else None
+  def best_score(self, name: str = '') -> float | None:
+    manager = self.best_manager(name)
+    step = manager.best_step()
+    metrics = manager.metrics(step) if step is not None else None
     return float(metrics['score']) if metrics else None
 
-  def restore(self, state, which: str = 'latest'):
-    """The newest readable checkpoint of ``which`` (latest or best) restored into the structure
-    of ``state``; None when there is none. One that does not fit the configured model raises
-    CheckpointError; unreadable ones are reported, moved to ``corrupt/`` and skipped."""
-    manager = self.latest if which == 'latest' else self.best
+  def restore(self, state, which: str = 'latest', name: str = ''):
+    """The newest readable checkpoint of ``which`` (latest or best; the best of weight set
+    ``name``) restored into the structure of ``state``; None when there is none. One that does
+    not fit the configured model raises CheckpointError; unreadable ones are reported, moved to
+    ``corrupt/`` and skipped."""
+    manager = self.latest if which == 'latest' else self.best_manager(name)
     template = _to_tree(state)
     steps = sorted(manager.all_steps(), reverse=True)
     if which == 'best' and steps:  # one kept; its score may be unreadable if it is corrupt
@@ -217,8 +237,10 @@ class CheckpointStore:
 
   def wait(self) -> None:
     self.latest.wait_until_finished()
-    self.best.wait_until_finished()
+    for manager in self._bests.values():
+      manager.wait_until_finished()
 
   def close(self) -> None:
     self.latest.close()
-    self.best.close()
+    for manager in self._bests.values():
+      manager.close()

@@ -41,7 +41,8 @@ USAGE = ('usage: ltd-jax (or python run.py) --config=NAME[:VARIANT] '
 _MODE = flags.DEFINE_enum('mode', 'train', list(MODES), 'One of the modes above (default train).')
 _CHECKPOINT = flags.DEFINE_string(
     'checkpoint', 'auto', 'evaluate / export / autoattack / audit: auto (best if kept, else latest), '
-    'best, latest, or the path of a PyTorch .pt/.pth/.safetensors file of config.model.')
+    'best, latest (each with :ema for the EMA weights of a run with ema.decay > 0), or the path '
+    'of a PyTorch .pt/.pth/.safetensors file of config.model.')
 
 
 def _fail(message: str) -> None:
@@ -118,7 +119,7 @@ def default_workdir(spec: str, checkpoint: str = 'auto') -> str:
   """workdirs/<config name>[_<variant>], and _<file name> for a PyTorch checkpoint."""
   path, variant = config_lib.split_config_spec(spec)
   name = os.path.splitext(os.path.basename(path))[0] + (f'_{variant}' if variant else '')
-  if checkpoint not in ('auto', 'best', 'latest'):
+  if checkpoint.split(':')[0] not in ('auto', 'best', 'latest', 'ema'):
     name += '_' + os.path.splitext(os.path.basename(checkpoint))[0]
   return os.path.join('workdirs', name)
 

@@ -206,7 +206,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.init.source = 'none'  # none | train | workdir
   c.init.config = ''
   c.init.path = ''
-  c.init.checkpoint = 'auto'  # auto | best | latest
+  c.init.checkpoint = 'auto'  # auto | best | latest, each with :ema for the run's EMA
 
   c.teacher = ml_collections.ConfigDict()
   c.teacher.source = 'none'  # none | train | workdir | torch
@@ -217,7 +217,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.teacher.model.name = ''
   c.teacher.model.base_width = 64
   c.teacher.model.width = 32
-  c.teacher.checkpoint = 'auto'  # auto | best | latest
+  c.teacher.checkpoint = 'auto'  # auto | best | latest, each with :ema for the run's EMA
   c.teacher.cache_logits = False  # precompute teacher logits once (needs data.augment=none)
 
   c.report = ml_collections.ConfigDict()
@@ -267,6 +267,15 @@ def default_config() -> ml_collections.ConfigDict:
   c.audit.square_queries = 1000  # black-box Square attack (AutoAttack uses 5000)
   c.audit.square_p_init = 0.8
   c.audit.tolerance = 0.02  # accuracy differences below this are sampling noise
+
+  # An exponential moving average of the weights (Gowal et al. 2020; Wang et al. 2023's
+  # train-wa.py, ltd_jax/weight_average.py), evaluated, selected and exported beside them
+  # (--checkpoint=best:ema). decay 0: none. The code's tau; its EMA is a copy of the weights for
+  # the first warmup_fraction of the run's steps, then decays with min(decay, (1+d)/(10+d)).
+  c.ema = ml_collections.ConfigDict()
+  c.ema.decay = 0.0
+  c.ema.warmup_fraction = 0.025
+  c.ema.dynamic_decay = True
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.keep = 3
@@ -552,8 +561,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _require(config.data.val_size > 0,
              f'method {config.method} adapts to a held-out validation split: set '
              f'--config.data.val_size=N (e.g. 1000 of CIFAR-10, 100 per class)')
-  _require(config.init.checkpoint in ('auto', 'best', 'latest'),
-           f'init.checkpoint must be auto, best or latest, got {config.init.checkpoint!r}')
+  for key in ('init', 'teacher'):
+    which = config[key].checkpoint
+    _require(which.split(':')[0] in ('auto', 'best', 'latest')
+             and which.partition(':')[2] in ('', 'ema'),
+             f'{key}.checkpoint must be auto, best or latest (optionally with :ema), got '
+             f'{which!r}')
+  _require(0.0 <= config.ema.decay < 1.0, f'ema.decay must lie in [0, 1) (0: no EMA), got '
+           f'{config.ema.decay}')
+  _require(0.0 <= config.ema.warmup_fraction <= 1.0,
+           f'ema.warmup_fraction must lie in [0, 1], got {config.ema.warmup_fraction}')
+  _require(not (config.ema.decay > 0 and methods.get_method(config.method).weight_average),
+           f'{config.method} keeps its own weight average: set --config.ema.decay=0')
   _require(config.init.source in ('none', 'train', 'workdir'),
            f'init.source must be none, train or workdir, got {config.init.source!r}')
   _require(config.init.source != 'train' or config.init.config,

@@ -96,14 +96,16 @@ def write_export(out_dir: str, state, config: ml_collections.ConfigDict, num_cla
 def export_checkpoint(config: ml_collections.ConfigDict, workdir: str, which: str = 'auto',
                       out_dir: str | None = None) -> dict:
   """Exports checkpoint ``which`` of ``workdir`` (auto | best | latest, or a PyTorch file to
-  re-export) to ``out_dir`` (default ``WORKDIR/export``)."""
+  re-export; ``WHICH:ema`` the EMA weights) to ``out_dir`` (default ``WORKDIR/export``,
+  ``WORKDIR/export_ema`` for the EMA)."""
   ds, state, store = runs.restore_for_evaluation(config, workdir, which)
   try:
     state, label = runs.select_checkpoint(config, state, store, which)
   finally:
     store.close()
   imported = runs.is_torch_file(which)
-  out_dir = out_dir or os.path.join(workdir, 'export')
+  weights = runs.parse_checkpoint(which)[1]
+  out_dir = out_dir or os.path.join(workdir, 'export' + (f'_{weights}' if weights else ''))
   info = write_export(out_dir, state, config, ds.num_classes, ds.image_shape, label,
                       None if imported else int(state.step))
   print(f'exported {label} checkpoint ({info["num_parameters"]:,} parameters) to '

@@ -165,8 +165,13 @@ SUMMARY_KEYS = ('avg', 'worst', 'worst10', 'nsd')
 
 
 def results_markdown(results: dict, class_names=()) -> str:
-  """Summary table (attacks as rows) and per-class table (classes as rows) in Markdown."""
-  evals = results['attacks']
+  """Summary table (attacks as rows) and per-class table (classes as rows) in Markdown; a run
+  with an EMA (``results['ema']``) has a row (and a column) ``ATTACK (EMA)`` for each of its
+  attacks too."""
+  evals = dict(results['attacks'])
+  ema = results.get('ema')
+  if ema:
+    evals.update({f'{name} (EMA)': r for name, r in ema['attacks'].items()})
   names = list(evals)
   n = results.get('num_examples', '?')
   where = 'imported' if results.get('step') is None else f"step {results['step']}"
@@ -182,12 +187,16 @@ def results_markdown(results: dict, class_names=()) -> str:
     r = evals[name]
     lines.append(f"| {name} | {r.get('num_examples', n)} | {100 * r['avg']:.2f} | "
                  f"{100 * r['worst']:.2f} | {100 * r['worst10']:.2f} | {r['nsd']:.3f} |")
-  if 'autoattack' in results:
-    aa = results['autoattack']
-    lines += ['', f"autoattack: the official AutoAttack (pyautoattack {aa['pyautoattack']}, "
-              f"version {aa['version']}: {', '.join(aa['attacks'])}) on the exported PyTorch "
-              f"model, {aa['num_examples']} images, device {aa['device']}, "
-              f"{aa['seconds']:.0f} s."]
+  if ema:
+    lines += ['', f"(EMA): the exponential moving average of the weights, checkpoint "
+              f"{ema['checkpoint']} (step {ema['step']})."]
+  for entry, label in ((results, 'autoattack'), (ema or {}, 'autoattack (EMA)')):
+    if 'autoattack' in entry:
+      aa = entry['autoattack']
+      lines += ['', f"{label}: the official AutoAttack (pyautoattack {aa['pyautoattack']}, "
+                f"version {aa['version']}: {', '.join(aa['attacks'])}) on the exported PyTorch "
+                f"model, {aa['num_examples']} images, device {aa['device']}, "
+                f"{aa['seconds']:.0f} s."]
   num_classes = len(evals[names[0]]['per_class']) if names else 0
   class_names = (list(class_names) or list(results.get('class_names', ()))
                  or [str(i) for i in range(num_classes)])

@@ -22,6 +22,7 @@ from ltd_jax import interchange
 from ltd_jax import methods
 from ltd_jax import parallel
 from ltd_jax import reports
+from ltd_jax import weight_average
 from ltd_jax.errors import CheckpointError, ConfigError
 from ltd_jax.state import TrainState, build_model, create_train_state
 
@@ -31,11 +32,24 @@ def run_title(config) -> str:
 
 
 CHECKPOINT_CHOICES = ('auto', 'best', 'latest')
+WEIGHT_SETS = ('', weight_average.EMA)
+
+
+def parse_checkpoint(which: str) -> tuple[str, str]:
+  """``'best:ema'`` -> ``('best', 'ema')``, ``'ema'`` -> ``('auto', 'ema')``, ``'latest'`` ->
+  ``('latest', '')``; a PyTorch file -> ``(path, '')``."""
+  if which == weight_average.EMA:
+    return 'auto', weight_average.EMA
+  base, sep, weights = which.rpartition(':')
+  if sep and base in CHECKPOINT_CHOICES and weights in WEIGHT_SETS:
+    return base, weights
+  return which, ''
 
 
 def is_torch_file(which: str) -> bool:
-  """Whether a checkpoint choice names a PyTorch file rather than auto / best / latest."""
-  return which not in CHECKPOINT_CHOICES
+  """Whether a checkpoint choice names a PyTorch file rather than auto / best / latest (with an
+  optional ``:ema``)."""
+  return parse_checkpoint(which)[0] not in CHECKPOINT_CHOICES
 
 
 def setup(config, workdir: str):
@@ -87,79 +101,101 @@ def select_checkpoint(config, state: TrainState, store: checkpoints.CheckpointSt
 
   ``which``: ``best`` (selected by ``eval.selection`` on ``eval.selection_split``), ``latest``
   (``state`` itself, already the latest), ``auto`` (best when a best checkpoint exists and
-  selection is not ``last``), or the path of a PyTorch ``.pt``/``.pth``/``.safetensors`` file
-  whose weights are imported into ``state``.
+  selection is not ``last``), each with an optional ``:ema`` (the EMA's own best checkpoint and
+  the EMA weights, ``weight_average``), or the path of a PyTorch ``.pt``/``.pth``/
+  ``.safetensors`` file whose weights are imported into ``state``.
   """
   if is_torch_file(which):
     sd = interchange.load_torch_file(which)
     params, batch_stats = interchange.from_torch_state_dict(
         sd, state.params, state.batch_stats, source=which, model_name=config.model.name)
     return state.replace(params=params, batch_stats=batch_stats), os.path.abspath(which)
+  which, weights = parse_checkpoint(which)
+  deployed(config, state, weights)  # refuses :ema for a run without one before any restore
   store.wait()
   auto = which == 'auto'
   if auto:
-    which = 'best' if config.eval.selection != 'last' and store.best_step() is not None else 'latest'
+    which = ('best' if config.eval.selection != 'last' and store.best_step(weights) is not None
+             else 'latest')
   if which == 'best':
-    restored = store.restore(state, 'best')
+    restored = store.restore(state, 'best', name=weights)
     if restored is not None:
       state = restored
     elif auto:  # the best one was corrupt (and reported): the latest is what is left
       which = 'latest'
     else:
-      raise CheckpointError(f'no best checkpoint in {os.path.join(store.workdir, "best")}: train '
+      folder = 'best' if not weights else f'best_{weights}'
+      raise CheckpointError(f'no best checkpoint in {os.path.join(store.workdir, folder)}: train '
                             f'first or evaluate with --checkpoint=latest')
-  return deployed(config, state), which
+  return deployed(config, state, weights), which + (f':{weights}' if weights else '')
 
 
-def deployed(config, state: TrainState) -> TrainState:
+def deployed(config, state: TrainState, weights: str = '') -> TrainState:
   """``state`` with the weights its method is evaluated and exported with: a weight average it
-  keeps (CFA's FAWA), else unchanged."""
+  keeps (CFA's FAWA), the EMA for ``weights='ema'``, else unchanged."""
   method = methods.get_method(config.method)
-  if method.weight_average is None:
+  variables = weight_average.deployed_variables(method, config, state, weights)
+  if not weights and weight_average.rule(method, config) != 'fawa':
     return state
-  variables = methods.evaluated_variables(method, state)
-  return state.replace(params=variables['params'], batch_stats=variables['batch_stats'])
+  return weight_average.with_weights(state, variables)
 
 
 def final_evaluation(config, workdir: str, state: TrainState, ds: data.Dataset,
                      store: checkpoints.CheckpointStore, which: str = 'auto',
                      trained_steps: int | None = None) -> dict:
   """Full evaluation of the checkpoint ``which`` (see ``select_checkpoint``) on the test split
-  with the ``eval.final`` attacks; writes results.json/md and the plots."""
+  with the ``eval.final`` attacks; a run keeping an EMA also evaluates the EMA's checkpoint
+  (``WHICH:ema``), under ``results['ema']`` (its rows in the table). Writes results.json/md and
+  the plots."""
+  latest = state
   state, which = select_checkpoint(config, state, store, which)
   imported = is_torch_file(which)
   if imported:
     selection, trained_steps = None, None
   else:
-    selection = config.eval.selection if which == 'best' else 'last'
+    selection = config.eval.selection if which.startswith('best') else 'last'
     trained_steps = int(state.step) if trained_steps is None else trained_steps
   images, labels = ds.split('test')
   subset = evaluate.stratified_subset(labels, config.eval.final_subset_size, config.seed)
   images, labels = images[subset], labels[subset]
-  eps = config_lib.eval_eps(config)
   mesh = parallel.make_mesh()
-  eval_step = evaluate.make_eval_step(state.apply_fn, config.eval.final, eps=eps,
-                                      eval_config=config.eval, platform=parallel.platform(mesh))
-  rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 2)
-  attacks = evaluate.evaluate(eval_step, parallel.replicate(state.variables, mesh), images, labels,
-                              ds.num_classes, config.eval.batch_size, rng, mesh=mesh)
+  eval_step = evaluate.make_eval_step(state.apply_fn, config.eval.final,
+                                      eps=config_lib.eval_eps(config), eval_config=config.eval,
+                                      platform=parallel.platform(mesh))
   results = {
       'title': run_title(config), 'checkpoint': which,
       'step': None if imported else int(state.step), 'split': 'test',
-      'num_examples': int(len(labels)), 'eps': eps, 'train_eps': float(config.eps),
-      'selection': selection,
+      'num_examples': int(len(labels)), 'eps': config_lib.eval_eps(config),
+      'train_eps': float(config.eps), 'selection': selection,
       'selection_split': config.eval.selection_split, 'trained_steps': trained_steps,
-      'attacks': attacks, 'class_names': list(ds.class_names),
+      'attacks': _test_attacks(config, eval_step, state, images, labels, ds.num_classes),
+      'class_names': list(ds.class_names),
   }
+  method = methods.get_method(config.method)
+  if (not imported and not parse_checkpoint(which)[1]
+      and weight_average.rule(method, config) == weight_average.EMA):
+    ema_state, ema_which = select_checkpoint(config, latest, store,
+                                             f'{parse_checkpoint(which)[0]}:ema')
+    results['ema'] = {'checkpoint': ema_which, 'step': int(ema_state.step),
+                      'attacks': _test_attacks(config, eval_step, ema_state, images, labels,
+                                               ds.num_classes)}
   if parallel.is_primary():
     md = reports.write_results(workdir, results, ds.class_names)
     reports.plot_per_class(workdir, results, ds.class_names, comparison_runs(config, workdir))
     reports.plot_training_curves(workdir)
-    for spec in methods.get_method(config.method).plots:
+    for spec in method.plots:
       reports.plot_class_series(workdir, spec, ds.class_names)
     reports.write_report(workdir)
     print(md)
   return results
+
+
+def _test_attacks(config, eval_step, state: TrainState, images, labels, num_classes: int) -> dict:
+  """The ``eval.final`` attacks (``eval_step``) on the test images, per attack and class."""
+  mesh = parallel.make_mesh()
+  rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 2)
+  return evaluate.evaluate(eval_step, parallel.replicate(state.variables, mesh), images, labels,
+                           num_classes, config.eval.batch_size, rng, mesh=mesh)
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,

@@ -12,6 +12,7 @@ from flax import struct
 
 from ltd_jax import methods
 from ltd_jax import models
+from ltd_jax import weight_average
 from ltd_jax.errors import ConfigError
 
 
@@ -74,9 +75,9 @@ def create_train_state(config, model, image_shape, num_classes: int,
   tx = make_optimizer(config.optim, steps_per_epoch)
   method = methods.get_method(config.method)
   method_state = method.init_state(config, num_classes)
-  if method.weight_average is not None:  # its own buffers: the step donates the state's
-    method_state = {**method_state, 'average': jax.tree_util.tree_map(
-        jnp.copy, {'params': params, 'batch_stats': batch_stats})}
+  if weight_average.rule(method, config) is not None:
+    method_state = {**method_state, weight_average.SLOT: weight_average.initial_average(
+        {'params': params, 'batch_stats': batch_stats})}
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
                     opt_state=tx.init(params), rng=state_rng, method_state=method_state,
                     apply_fn=model.apply, tx=tx)

@@ -30,6 +30,7 @@ from ltd_jax import interchange
 from ltd_jax import methods
 from ltd_jax import models
 from ltd_jax import state as state_lib
+from ltd_jax import weight_average
 from ltd_jax.errors import CheckpointError, ConfigError
 
 
@@ -90,27 +91,35 @@ def _merge(config: ml_collections.ConfigDict, values: dict) -> None:
 
 
 def load_teacher(workdir: str, num_classes: int, image_shape, which: str = 'auto') -> Teacher:
-  """Restores the teacher of ``workdir`` (its best checkpoint if kept, else the latest)."""
+  """Restores the teacher of ``workdir`` (its best checkpoint if kept, else the latest;
+  ``WHICH:ema`` the EMA's best checkpoint and its EMA weights)."""
   tc = load_workdir_config(workdir)
+  which, weights = _parse_checkpoint(which)
   model = state_lib.build_model(tc, num_classes)
   template = state_lib.create_train_state(tc, model, image_shape, num_classes, steps_per_epoch=1)
   store = checkpoints.CheckpointStore(workdir, keep=tc.checkpoint.keep)
   try:
     restored = None
-    if which == 'auto' and tc.eval.selection != 'last' and store.best_step() is not None:
-      restored = store.restore(template, 'best')  # None if it was corrupt: then the latest
+    if which == 'auto' and tc.eval.selection != 'last' and store.best_step(weights) is not None:
+      restored = store.restore(template, 'best', name=weights)  # None if corrupt: the latest
     if restored is None:
       which = 'latest' if which == 'auto' else which
-      restored = store.restore(template, which)
+      restored = store.restore(template, which, name=weights)
   finally:
     store.close()
   if restored is None:
     raise CheckpointError(f'no {which} checkpoint of the teacher in {os.path.abspath(workdir)}: '
                           f'train it first or point --config.teacher.path at a trained run')
   method = methods.METHODS.get(tc.method)  # a method its config registered may be unknown here
-  variables = (restored.variables if method is None
-               else methods.evaluated_variables(method, restored))  # CFA: its FAWA average
+  variables = (restored.variables if method is None  # CFA: its FAWA average; :ema its EMA
+               else weight_average.deployed_variables(method, tc, restored, weights))
   return Teacher(model.apply, variables, tc, workdir, int(restored.step))
+
+
+def _parse_checkpoint(which: str) -> tuple[str, str]:
+  """``auto|best|latest[:ema]`` -> ``(choice, weights)`` (``runs.parse_checkpoint``'s form)."""
+  base, sep, weights = which.partition(':')
+  return (base, weights) if sep else (which, '')
 
 
 def torch_teacher_model(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -35,6 +35,7 @@ from ltd_jax import preemption
 from ltd_jax import reports
 from ltd_jax import runs
 from ltd_jax import teacher as teacher_lib
+from ltd_jax import weight_average
 from ltd_jax.errors import CheckpointError, ConfigError, Preempted, TrainingError
 from ltd_jax.state import TrainState, learning_rate_schedule
 
@@ -115,6 +116,11 @@ def train_step(state: TrainState, images: jax.Array, labels: jax.Array, teacher_
              'params_finite': jnp.all(jnp.stack(finite))}
   if method.accumulate is not None:
     new['method_state'] = method.accumulate(state.method_state, aux, labels, num_classes)
+  if weight_average.rule(method, config) == weight_average.EMA:
+    method_state = new.get('method_state', state.method_state)
+    average = weight_average.ema_update(method_state[weight_average.SLOT], params, state.step + 1,
+                                        config, config.num_epochs * steps_per_epoch)
+    new['method_state'] = {**method_state, weight_average.SLOT: average}
   for kind in ('adv', 'clean'):
     if f'logits_{kind}' in aux:
       predictions = jnp.argmax(aux[f'logits_{kind}'], axis=-1)
@@ -132,7 +138,12 @@ def train_step(state: TrainState, images: jax.Array, labels: jax.Array, teacher_
 def end_of_epoch(state: TrainState, epochs_completed, validation=None, *,
                  method: methods.Method, config) -> TrainState:
   """The method's epoch-end update of its state (ABSLD's temperatures), if it has one; a method
-  with ``validation`` also gets the validation split's accuracies and the weights."""
+  with ``validation`` also gets the validation split's accuracies and the weights. An EMA
+  (``weight_average``) takes the epoch's running BatchNorm statistics first."""
+  if weight_average.rule(method, config) == weight_average.EMA:
+    ms = state.method_state
+    state = state.replace(method_state={**ms, weight_average.SLOT: weight_average.ema_epoch_end(
+        ms[weight_average.SLOT], state.batch_stats)})
   if method.epoch_end is None:
     return state
   if method.validation is None:
@@ -348,11 +359,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           state = _run_epoch_end(state, epoch, step, method, epoch_end_fn, writer, validation)
         if end_of_an_epoch and (evaluate.is_evaluation_epoch(epoch, config.eval)
                                 or step == total_steps):
-          ev = evaluate.evaluate(periodic_eval, methods.evaluated_variables(method, state),
-                                 sel_images[subset],
-                                 sel_labels[subset], ds.num_classes, config.eval.batch_size,
-                                 jax.random.fold_in(eval_rng, epoch), mesh=mesh)
-          _record_evaluation(ev, state, step, epoch, config, store, writer)
+          evs = {name: evaluate.evaluate(periodic_eval, variables, sel_images[subset],
+                                         sel_labels[subset], ds.num_classes,
+                                         config.eval.batch_size,
+                                         jax.random.fold_in(eval_rng, epoch), mesh=mesh)
+                 for name, variables in weight_average.weight_sets(method, config, state)}
+          _record_evaluation(evs, state, step, epoch, config, store, writer)
         elif end_of_an_epoch:
           _console(f'epoch {epoch}/{config.num_epochs} step {step}: {records.summary()}')
         if save:
@@ -495,18 +507,22 @@ def _run_epoch_end(state, epoch: int, step: int, method: methods.Method, epoch_e
   return state
 
 
-def _record_evaluation(ev: dict, state, step: int, epoch: int, config, store, writer) -> None:
-  """Writes the periodic evaluation's record (per-class accuracies included), keeps the
-  checkpoint if it is the best, and prints one line."""
-  record = {f'{a}/{k}': v for a, r in ev.items() for k, v in r.items()}
-  line = [f'{a} {100 * r["avg"]:.2f}% (worst class {100 * r["worst"]:.2f}%)' for a, r in ev.items()]
-  if config.eval.selection != 'last':
-    score = evaluate.selection_score(ev, config.eval.selection)
-    record['selection_score'] = score
-    record['is_best'] = store.save_best(step, state, score)
-    line.append(f'{config.eval.selection} score {score:.4f}' + (', new best' if record['is_best'] else ''))
+def _record_evaluation(evs: dict, state, step: int, epoch: int, config, store, writer) -> None:
+  """Writes the periodic evaluation's record of every weight set (``{name: results}``: '' the
+  trained weights, 'ema' the EMA, its keys prefixed ``ema_``; per-class accuracies included),
+  keeps each set's best checkpoint, and prints one line."""
+  record, line = {}, []
+  for name, ev in evs.items():
+    prefix = f'{name}_' if name else ''
+    record.update({f'{prefix}{a}/{k}': v for a, r in ev.items() for k, v in r.items()})
+    line += [f'{name.upper() + " " if name else ""}{a} {100 * r["avg"]:.2f}% '
+             f'(worst class {100 * r["worst"]:.2f}%)' for a, r in ev.items()]
+    if config.eval.selection != 'last':
+      score = evaluate.selection_score(ev, config.eval.selection)
+      record[f'{prefix}selection_score'] = score
+      record[f'{prefix}is_best'] = store.save_best(step, state, score, name=name)
+      line.append(f'{config.eval.selection} score {score:.4f}'
+                  + (', new best' if record[f'{prefix}is_best'] else ''))
   writer.write('eval', step, epoch=epoch, split=config.eval.selection_split, **record)
   _console(f'epoch {epoch}/{config.num_epochs} step {step} ({config.eval.selection_split}): '
            + ', '.join(line))
-
-

@@ -123,6 +123,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tiny_config, tmp_path)
   tiny_config.batch_size = 128  # 11 steps per epoch, 22 in all
   tiny_config.data.augment = 'crop_flip'  # exercise on-device augmentation rng too
   tiny_config.checkpoint.every_steps = 4
+  tiny_config.ema.decay = 0.9  # the EMA (method_state['average']) is restored bit for bit too
   full = train.train_and_evaluate(tiny_config, str(tmp_path / 'full'))
   workdir = str(tmp_path / 'interrupted')
   for stop in (6, 13):  # killed mid-epoch, after the checkpoints at 4 and at 12 (epoch end 11)
@@ -140,6 +141,8 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tiny_config, tmp_path)
   with open(os.path.join(workdir, 'results.json')) as f:
     r_resumed = json.load(f)
   assert json.dumps(r_full['attacks']) == json.dumps(r_resumed['attacks'])
+  assert json.dumps(r_full['ema']) == json.dumps(r_resumed['ema'])
+  assert 'average' in full.method_state
 
 
 def test_work_directory_contents_and_best_checkpoint(tiny_config, tmp_path):
