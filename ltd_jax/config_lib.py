@@ -51,6 +51,12 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.val_size = 0  # Stratified hold-out from the training set for checkpoint selection.
   c.data.split_seed = 0
   c.data.on_device = True  # Keep an in-memory training set on the devices; steps send indices.
+  # Generated images mixed into every training batch (ltd_jax/generated.py): .npz archives with
+  # uint8 image [N, H, W, C] and integer label [N] (Wang et al. 2023's 1M-50M EDM archives): a
+  # path, a glob or comma-separated shards. A fraction generated_fraction of each batch is
+  # generated (their code: 0.7); an epoch is ceil(num_real / batch_size) batches.
+  c.data.generated_path = ''
+  c.data.generated_fraction = 0.7
   # Streamed datasets (imagenet, tiny_imagenet): decode/crop worker threads, crop size (0: the
   # dataset's own, 224 / 64) and the smallest area fraction of ImageNet's random-resized-crop.
   c.data.num_workers = 16
@@ -607,6 +613,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
            f'cache holds: set --config.teacher.cache_logits=False')
   _require(not config.teacher.cache_logits or augment == 'none',
            'teacher.cache_logits caches one soft label per image: it needs --config.data.augment=none')
+  d = config.data
+  _require(0.0 <= d.generated_fraction < 1.0,
+           f'data.generated_fraction must lie in [0, 1) (each batch keeps real images), got '
+           f'{d.generated_fraction}')
+  if d.generated_path:
+    _require(not datasets.get(d.name).streaming,
+             f'data.generated_path mixes generated images into an in-memory training set, not the '
+             f'streamed {d.name}: use cifar10 or cifar100')
+    _require(not config.teacher.cache_logits,
+             'teacher.cache_logits holds one soft label per real image, none for the generated '
+             'ones: set --config.teacher.cache_logits=False with data.generated_path')
   au = config.audit
   _require(1.0 in tuple(au.eps_multiples) and all(m > 0 for m in au.eps_multiples),
            f'audit.eps_multiples must be positive and include 1.0, got {tuple(au.eps_multiples)}')

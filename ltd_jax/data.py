@@ -41,6 +41,9 @@ class Dataset:
   val_images: np.ndarray | None = None
   val_labels: np.ndarray | None = None
   class_names: tuple[str, ...] = ()
+  # Generated images mixed into every training batch (``generated.GeneratedImages``,
+  # ``data.generated_path``); None: the real images alone.
+  generated: object = None
 
   streaming = False  # see input_pipeline.StreamingDataset
 

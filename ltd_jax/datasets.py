@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 from ltd_jax import data
 from ltd_jax import download
+from ltd_jax import generated
 from ltd_jax import input_pipeline
 from ltd_jax.errors import DatasetError
 
@@ -55,7 +56,8 @@ def get(name: str) -> DatasetSpec:
 
 def load(config):
   """Loads ``config`` (the config's ``data`` section: name, source, dir, val_size); in-memory
-  datasets are checked and get their validation split here."""
+  datasets are checked and get their validation split and their generated images
+  (``data.generated_path``) here."""
   spec = get(config.name)
   ds = spec.load(config, spec)
   if spec.streaming:
@@ -63,6 +65,8 @@ def load(config):
   ds = data.check(ds)
   if config.get('val_size', 0):
     ds = data.hold_out_validation(ds, int(config.val_size), seed=int(config.get('split_seed', 0)))
+  if config.get('generated_path', ''):
+    ds = dataclasses.replace(ds, generated=generated.load(config, ds.image_shape, ds.num_classes))
   return ds
 
 

@@ -18,6 +18,7 @@ from ltd_jax import config_lib
 from ltd_jax import data
 from ltd_jax import datasets
 from ltd_jax import evaluate
+from ltd_jax import generated
 from ltd_jax import interchange
 from ltd_jax import methods
 from ltd_jax import parallel
@@ -65,7 +66,8 @@ def setup(config, workdir: str):
     raise ConfigError(f'batch_size={config.batch_size} exceeds the {n} training images of '
                       f'{ds.name}: lower --config.batch_size')
   parallel.check_batch_size(config.batch_size, parallel.make_mesh())
-  steps_per_epoch = n // config.batch_size
+  steps_per_epoch = (generated.steps_per_epoch(n, config.batch_size)
+                     if getattr(ds, 'generated', None) is not None else n // config.batch_size)
   model = build_model(config, ds.num_classes)
   state = create_train_state(config, model, ds.image_shape, ds.num_classes, steps_per_epoch)
   store = checkpoints.CheckpointStore(workdir, config.checkpoint.keep)

@@ -28,6 +28,7 @@ from ltd_jax import config_lib
 from ltd_jax import data
 from ltd_jax import datasets
 from ltd_jax import evaluate
+from ltd_jax import generated
 from ltd_jax import input_pipeline
 from ltd_jax import methods
 from ltd_jax import parallel
@@ -214,11 +215,22 @@ def itstime(step: int, every: int, total: int | None = None) -> bool:
 
 def train_batches(ds, config, mesh, start_step: int, total_steps: int, host_data, device_data):
   """The sharded global batch of every step from ``start_step``: this host's rows of a streamed
-  dataset, or in-memory rows (their indices only when the data lives on the devices). Batch
-  ``s`` is a pure function of (seed, s)."""
+  dataset or of a mixture with generated images (``generated.batch_plan``), or in-memory rows
+  (their indices only when the data lives on the devices). Batch ``s`` is a pure function of
+  (seed, s)."""
   if ds.streaming:
     for images, labels in input_pipeline.train_batches(ds, config.batch_size, config.seed,
                                                        start_step, total_steps):
+      yield parallel.shard_process_batch({'images': images, 'labels': labels}, mesh)
+    return
+  if ds.generated is not None:  # this host reads its rows of the real and generated images
+    rows = parallel.process_slice(config.batch_size)
+    for step in range(start_step, total_steps):
+      is_generated, index = generated.batch_plan(ds.num_train, len(ds.generated),
+                                                 config.batch_size, config.data.generated_fraction,
+                                                 config.seed, step)
+      images, labels = generated.load_rows(ds.train_images, ds.train_labels, ds.generated,
+                                           is_generated[rows], index[rows])
       yield parallel.shard_process_batch({'images': images, 'labels': labels}, mesh)
     return
   for step in range(start_step, total_steps):
@@ -299,7 +311,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     host_data = {'images': ds.train_images, 'labels': ds.train_labels}
     if cached_logits is not None:
       host_data['teacher_logits'] = cached_logits
-    device_data = parallel.replicate(host_data, mesh) if config.data.on_device else None
+    device_data = (parallel.replicate(host_data, mesh)
+                   if config.data.on_device and ds.generated is None else None)
   step_fn = make_train_step_fn(
       mesh, method=method, config=config, augment_kind=augment_kind,
       num_classes=ds.num_classes, steps_per_epoch=steps_per_epoch,
