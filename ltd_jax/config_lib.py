@@ -75,6 +75,14 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.name = 'wrn-34-10'
   c.model.base_width = 64  # ResNet-18 / PreActResNet-18 stem width (tests shrink it).
   c.model.width = 32  # small_cnn width.
+  # Recompute each residual block's activations in the backward pass (jax.checkpoint): less
+  # memory for the same numbers. remat_policy: convs (keep the convolutions' outputs, recompute
+  # BatchNorm and activations) | nothing (keep only each block's input).
+  c.model.remat = False
+  c.model.remat_policy = 'convs'
+  # BatchNorm momentum in PyTorch's convention (running = (1 - m) running + m batch) of the
+  # WideResNets; 0.1 is PyTorch's default, Gowal et al.'s and Wang et al.'s WRNs use 0.01.
+  c.model.bn_momentum = 0.1
 
   c.num_epochs = 76
   c.batch_size = 128
@@ -89,6 +97,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.optim.lr_boundaries_epochs = (74, 89, 99)
   c.optim.lr_decay = 0.1
   c.optim.warmup_epochs = 0.0  # >0: linear lr warm-up over this many epochs (large batches).
+  # k > 1: each global batch runs as k micro-batches of batch_size / k whose gradients are
+  # averaged into one update (BatchNorm per micro-batch; train.train_step).
+  c.optim.accumulation_steps = 1
 
   c.attack = ml_collections.ConfigDict()  # The training attack (inner maximisation).
   c.attack.alpha = 2 / 255
@@ -468,6 +479,19 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(config.num_epochs >= 0, f'num_epochs must be >= 0, got {config.num_epochs}')
   _require(config.max_steps >= 0, f'max_steps must be >= 0, got {config.max_steps}')
   _require(config.optim.lr > 0, f'optim.lr must be > 0, got {config.optim.lr}')
+  k = config.optim.accumulation_steps
+  _require(isinstance(k, int) and k >= 1 and config.batch_size % k == 0,
+           f'optim.accumulation_steps={k} must be a positive divisor of batch_size='
+           f'{config.batch_size}')
+  if k > 1:
+    method = methods.get_method(config.method) if config.method in methods.METHODS else None
+    _require(method is None or not method.uses_awp(config),
+             f'{config.method} perturbs the weights once per batch from its proxy gradient: '
+             f'AWP with optim.accumulation_steps > 1 is not supported; set it to 1')
+    _require(method is None or not (config.reference_bn_passes and method.post_update_bn_passes),
+             f'{config.method} replays a forward of the whole batch after the update '
+             f'(reference_bn_passes): set --config.reference_bn_passes=False or '
+             f'optim.accumulation_steps=1')
   _require(config.optim.weight_decay >= 0,
            f'optim.weight_decay must be >= 0, got {config.optim.weight_decay}')
   _require(config.optim.warmup_epochs >= 0,

@@ -66,6 +66,9 @@ def setup(config, workdir: str):
     raise ConfigError(f'batch_size={config.batch_size} exceeds the {n} training images of '
                       f'{ds.name}: lower --config.batch_size')
   parallel.check_batch_size(config.batch_size, parallel.make_mesh())
+  if config.optim.accumulation_steps > 1:
+    parallel.check_batch_size(config.batch_size // config.optim.accumulation_steps,
+                              parallel.make_mesh(), 'batch_size / optim.accumulation_steps')
   steps_per_epoch = (generated.steps_per_epoch(n, config.batch_size)
                      if getattr(ds, 'generated', None) is not None else n // config.batch_size)
   model = build_model(config, ds.num_classes)

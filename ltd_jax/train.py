@@ -57,52 +57,97 @@ def train_step(state: TrainState, images: jax.Array, labels: jax.Array, teacher_
   images ``x`` and the attack's ``x_adv`` (when the method has an adversary); tests feed them to
   a reference step, so that the reference sees the in-step attack's own result rather than
   another compilation's.
+
+  ``optim.accumulation_steps = k > 1`` splits the augmented batch into k micro-batches of B / k,
+  run one after another (``lax.scan``): each builds its own adversarial examples and its own
+  gradient, with BatchNorm on the micro-batch's statistics and the running statistics moving k
+  times, as in a PyTorch loop that accumulates; the method's per-step state (ABSLD's per-class
+  risks) counts every micro-batch; the mean of the k gradients makes one update. The data order
+  and the lr schedule are those of the run without accumulation.
   """
   aug_rng, attack_rng = jax.random.split(jax.random.fold_in(state.rng, state.step))
   x = data.augment(aug_rng, images, augment_kind)
-  if method.needs_teacher and teacher_logits is None:
-    teacher_logits = teacher_apply_fn(teacher_variables, x, train=False)
   if teacher_logits is not None:
     teacher_logits = jax.lax.stop_gradient(teacher_logits.astype(jnp.float32))
   teacher_fn = None
   if method.teacher_on_inputs:
     teacher_fn = lambda z: teacher_apply_fn(teacher_variables, z, train=False).astype(jnp.float32)
-  inputs = methods.MethodInputs(x, labels, attack_rng, state.method_state, teacher_logits,
-                                teacher_fn, epoch=state.step // steps_per_epoch)
-  student = methods.AttackStudent.of(state, config.attack.bn_mode)
-  x_adv = method.adversary(student, inputs, config)
-  start_stats = student.batch_stats  # moved by a train-mode attack
 
-  def loss_fn(params):
-    forward = methods.TrainForward(state.apply_fn, params, start_stats)
-    loss, aux = method.loss(forward, inputs, x_adv, config)
-    return loss, (aux, forward.batch_stats)
+  def micro_step(batch_stats, method_state, x, labels, teacher_logits, rng):
+    """Gradient, loss, aux and running statistics of one (micro-)batch."""
+    if method.needs_teacher and teacher_logits is None:
+      teacher_logits = jax.lax.stop_gradient(
+          teacher_apply_fn(teacher_variables, x, train=False).astype(jnp.float32))
+    inputs = methods.MethodInputs(x, labels, rng, state.method_state, teacher_logits, teacher_fn,
+                                  epoch=state.step // steps_per_epoch)
+    student = methods.AttackStudent(state.apply_fn, state.params, batch_stats,
+                                    config.attack.bn_mode)
+    x_adv = method.adversary(student, inputs, config)
+    start_stats = student.batch_stats  # moved by a train-mode attack
 
-  if method.uses_awp(config):
-    warm = awp.is_active(state.step, config.awp.warmup_epochs, steps_per_epoch)
-    proxy_loss = method.awp_proxy_loss or method.loss
-
-    def proxy_loss_fn(params):
+    def loss_fn(params):
       forward = methods.TrainForward(state.apply_fn, params, start_stats)
-      return proxy_loss(forward, inputs, x_adv, config)[0]
+      loss, aux = method.loss(forward, inputs, x_adv, config)
+      return loss, (aux, forward.batch_stats)
 
-    # Computed every step and zeroed during the warm-up rather than skipped with lax.cond:
-    # XLA:CPU ran the convolutions inside a conditional ~9x slower (benchmarks/README.md), and
-    # the warm-up is a few epochs of hundreds.
-    delta = awp.weight_perturbation(proxy_loss_fn, state.params,
-                                    proxy_lr=config.awp.proxy_lr, gamma=config.awp.gamma)
-    delta = jax.tree_util.tree_map(lambda d: jnp.where(warm, d, 0.0), delta)
-    at = awp.add(state.params, delta)
+    if method.uses_awp(config):
+      warm = awp.is_active(state.step, config.awp.warmup_epochs, steps_per_epoch)
+      proxy_loss = method.awp_proxy_loss or method.loss
+
+      def proxy_loss_fn(params):
+        forward = methods.TrainForward(state.apply_fn, params, start_stats)
+        return proxy_loss(forward, inputs, x_adv, config)[0]
+
+      # Computed every step and zeroed during the warm-up rather than skipped with lax.cond:
+      # XLA:CPU ran the convolutions inside a conditional ~9x slower (benchmarks/README.md), and
+      # the warm-up is a few epochs of hundreds.
+      delta = awp.weight_perturbation(proxy_loss_fn, state.params,
+                                      proxy_lr=config.awp.proxy_lr, gamma=config.awp.gamma)
+      delta = jax.tree_util.tree_map(lambda d: jnp.where(warm, d, 0.0), delta)
+      at = awp.add(state.params, delta)
+    else:
+      at = state.params
+    (loss, (aux, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(at)
+    if config.reference_bn_passes and method.reference_bn_passes:
+      # Statistics-only forwards (no gradient) so that the running statistics are the reference
+      # code's, which runs more train-mode forwards than the loss needs.
+      replay = methods.TrainForward(state.apply_fn, jax.lax.stop_gradient(at), batch_stats)
+      for name in method.reference_bn_passes:
+        replay(x if name == 'x' else x_adv)
+      batch_stats = jax.lax.stop_gradient(replay.batch_stats)
+    if method.accumulate is not None:
+      method_state = method.accumulate(method_state, aux, labels, num_classes)
+    return grads, loss, aux, batch_stats, method_state, at, x_adv
+
+  k = config.optim.accumulation_steps
+  if k == 1:
+    grads, loss, aux, batch_stats, method_state, at, x_adv = micro_step(
+        state.batch_stats, state.method_state, x, labels, teacher_logits, attack_rng)
+    step_metrics = _step_metrics(aux, labels)
   else:
-    at = state.params
-  (loss, (aux, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(at)
-  if config.reference_bn_passes and method.reference_bn_passes:
-    # Statistics-only forwards (no gradient) so that the running statistics are the reference
-    # code's, which runs more train-mode forwards than the loss needs.
-    replay = methods.TrainForward(state.apply_fn, jax.lax.stop_gradient(at), batch_stats)
-    for name in method.reference_bn_passes:
-      replay(x if name == 'x' else x_adv)
-    batch_stats = jax.lax.stop_gradient(replay.batch_stats)
+    # Micro-batch i holds rows i, i + k, i + 2k, ...: every device keeps its share of each one
+    # (the batch is split along ``data`` in contiguous blocks of B / devices rows).
+    split = lambda a: None if a is None else a.reshape(a.shape[0] // k, k, *a.shape[1:]).swapaxes(0, 1)
+    merge = lambda a: a.swapaxes(0, 1).reshape(-1, *a.shape[2:])
+
+    def body(carry, micro):
+      batch_stats, method_state, grad_sum = carry
+      i, xs, ys, ts = micro
+      grads, loss, aux, batch_stats, method_state, _, x_adv = micro_step(
+          batch_stats, method_state, xs, ys, ts, jax.random.fold_in(attack_rng, i))
+      grad_sum = jax.tree_util.tree_map(jnp.add, grad_sum, grads)
+      return (batch_stats, method_state, grad_sum), (loss, _step_metrics(aux, ys), x_adv)
+
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
+    (batch_stats, method_state, grad_sum), (losses, micro_metrics, x_adv) = jax.lax.scan(
+        body, (state.batch_stats, state.method_state, zeros),
+        (jnp.arange(k), split(x), split(labels), split(teacher_logits)))
+    grads = jax.tree_util.tree_map(lambda g: g / k, grad_sum)
+    loss, at = jnp.mean(losses), state.params
+    step_metrics = {key: (jnp.sum(v) if key.startswith('correct_') else jnp.mean(v))
+                    for key, v in micro_metrics.items()}
+    x_adv = jax.tree_util.tree_map(merge, x_adv)
+
   updates, opt_state = state.tx.update(grads, state.opt_state, at)
   params = optax.apply_updates(state.params, updates)  # AWP: the perturbation is restored exactly
   if config.reference_bn_passes and method.post_update_bn_passes:
@@ -114,14 +159,24 @@ def train_step(state: TrainState, images: jax.Array, labels: jax.Array, teacher_
   new = dict(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
   finite = [jnp.all(jnp.isfinite(p)) for p in jax.tree_util.tree_leaves((params, batch_stats))]
   metrics = {'loss': loss, 'count': jnp.float32(labels.shape[0]),
-             'params_finite': jnp.all(jnp.stack(finite))}
+             'params_finite': jnp.all(jnp.stack(finite)), **step_metrics}
   if method.accumulate is not None:
-    new['method_state'] = method.accumulate(state.method_state, aux, labels, num_classes)
+    new['method_state'] = method_state
   if weight_average.rule(method, config) == weight_average.EMA:
     method_state = new.get('method_state', state.method_state)
     average = weight_average.ema_update(method_state[weight_average.SLOT], params, state.step + 1,
                                         config, config.num_epochs * steps_per_epoch)
     new['method_state'] = {**method_state, weight_average.SLOT: average}
+  if return_inputs:
+    metrics['x'] = x
+    if x_adv is not None:
+      metrics['x_adv'] = x_adv
+  return state.replace(**new), metrics
+
+
+def _step_metrics(aux, labels) -> dict:
+  """Correct predictions (summed) and the loss terms (averaged) a loss reports."""
+  metrics = {}
   for kind in ('adv', 'clean'):
     if f'logits_{kind}' in aux:
       predictions = jnp.argmax(aux[f'logits_{kind}'], axis=-1)
@@ -129,11 +184,7 @@ def train_step(state: TrainState, images: jax.Array, labels: jax.Array, teacher_
   for key in LOSS_TERMS:
     if key in aux:
       metrics[key] = aux[key]
-  if return_inputs:
-    metrics['x'] = x
-    if x_adv is not None:
-      metrics['x_adv'] = x_adv
-  return state.replace(**new), metrics
+  return metrics
 
 
 def end_of_epoch(state: TrainState, epochs_completed, validation=None, *,
