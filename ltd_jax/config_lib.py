@@ -97,6 +97,20 @@ def default_config() -> ml_collections.ConfigDict:
   c.optim.lr_boundaries_epochs = (74, 89, 99)
   c.optim.lr_decay = 0.1
   c.optim.warmup_epochs = 0.0  # >0: linear lr warm-up over this many epochs (large batches).
+  # piecewise (lr_boundaries_epochs) | cosine: PyTorch's OneCycleLR with cosine annealing over
+  # num_epochs (the DM-Improves-AT code's 'cosinew'): from lr / cosine_initial_div up to lr over
+  # the first cosine_warmup_fraction of the run, then down to lr / (initial_div * final_div);
+  # updated once per epoch (cosine_per=epoch, as that code steps it) or every step. With
+  # cycle_momentum (low, high), the momentum runs the other way, high -> low -> high, as
+  # OneCycleLR's default cycle_momentum=True does to SGD's momentum.
+  c.optim.schedule = 'piecewise'
+  c.optim.cosine_warmup_fraction = 0.025
+  c.optim.cosine_initial_div = 25.0
+  c.optim.cosine_final_div = 1e4
+  c.optim.cosine_per = 'epoch'
+  c.optim.cycle_momentum = ()
+  # False: no weight decay on BatchNorm's scale and bias (the DM-Improves-AT code's group_weight).
+  c.optim.weight_decay_batchnorm = True
   # k > 1: each global batch runs as k micro-batches of batch_size / k whose gradients are
   # averaged into one update (BatchNorm per micro-batch; train.train_step).
   c.optim.accumulation_steps = 1
@@ -106,7 +120,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.attack.steps = 10
   c.attack.init = 'normal'  # normal | normal_clipped | uniform | uniform_unclipped | none
   # eval: running BN statistics (spec default) | train: batch statistics, the running ones moving
-  # with every attack forward (PyTorch's model.train() attack: ARD, IAD, Fair-ARD)
+  # with every attack forward (PyTorch's model.train() attack: ARD, IAD, Fair-ARD) | batch: batch
+  # statistics, the running ones left alone (train mode with track_running_stats off: the
+  # DM-Improves-AT TRADES attack)
   c.attack.bn_mode = 'eval'
   # True writes the attack's K steps out, False runs them as a lax.fori_loop; None (default) takes
   # the backend's default (attacks.UNROLL_DEFAULTS: unrolled on CPU, where the loop ran 2.2x
@@ -115,6 +131,7 @@ def default_config() -> ml_collections.ConfigDict:
 
   c.trades = ml_collections.ConfigDict()
   c.trades.beta = 6.0
+  c.trades.label_smoothing = 0.0  # s of the natural term's labels (Wang et al. 2023: 0.1)
 
   c.awp = ml_collections.ConfigDict()  # TRADES-AWP weight perturbation (method awp, ltd.base=awp)
   c.awp.gamma = 0.005
@@ -472,13 +489,27 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(config.attack.steps >= 0, f'attack.steps must be >= 0, got {config.attack.steps}')
   _require(config.attack.init in attacks.INITS,
            f'attack.init must be one of {", ".join(attacks.INITS)}, got {config.attack.init!r}')
-  _require(config.attack.bn_mode in ('eval', 'train'),
-           f'attack.bn_mode must be eval or train, got {config.attack.bn_mode!r}')
+  _require(config.attack.bn_mode in ('eval', 'train', 'batch'),
+           f'attack.bn_mode must be eval, train or batch, got {config.attack.bn_mode!r}')
   _require(config.batch_size > 0, f'batch_size must be > 0, got {config.batch_size}')
   _require(config.eval.batch_size > 0, f'eval.batch_size must be > 0, got {config.eval.batch_size}')
   _require(config.num_epochs >= 0, f'num_epochs must be >= 0, got {config.num_epochs}')
   _require(config.max_steps >= 0, f'max_steps must be >= 0, got {config.max_steps}')
   _require(config.optim.lr > 0, f'optim.lr must be > 0, got {config.optim.lr}')
+  o = config.optim
+  _require(o.schedule in ('piecewise', 'cosine'),
+           f'optim.schedule must be piecewise or cosine, got {o.schedule!r}')
+  _require(0.0 < o.cosine_warmup_fraction < 1.0 and o.cosine_per in ('epoch', 'step')
+           and o.cosine_initial_div > 0 and o.cosine_final_div > 0,
+           'optim.cosine_warmup_fraction must lie in (0, 1), cosine_per be epoch or step and the '
+           'cosine divisors be > 0')
+  _require(len(o.cycle_momentum) in (0, 2) and all(0 <= m < 1 for m in o.cycle_momentum),
+           f'optim.cycle_momentum must be () or (low, high) in [0, 1), got {tuple(o.cycle_momentum)}')
+  _require(o.schedule != 'cosine' or o.cosine_per == 'step'
+           or o.cosine_warmup_fraction * config.num_epochs > 1.0,
+           f'optim.cosine_warmup_fraction={o.cosine_warmup_fraction} of {config.num_epochs} epochs '
+           f'is not more than one epoch (PyTorch OneCycleLR divides by zero there): raise it, or '
+           f'set optim.cosine_per=step')
   k = config.optim.accumulation_steps
   _require(isinstance(k, int) and k >= 1 and config.batch_size % k == 0,
            f'optim.accumulation_steps={k} must be a positive divisor of batch_size='

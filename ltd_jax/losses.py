@@ -37,6 +37,16 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, reduction: str = 'batchm
   return reduce_per_sample(per_sample, reduction, logits.shape[-1])
 
 
+def smoothed_cross_entropy(logits: jax.Array, labels: jax.Array, smoothing: float,
+                           reduction: str = 'batchmean'):
+  """(1 - s) CE(z, y) + s mean_c(-log softmax(z)_c): label smoothing, as the
+  DM-Improves-AT code's SmoothCrossEntropyLoss; s = 0 is ``cross_entropy``."""
+  log_probs = jax.nn.log_softmax(logits, axis=-1)
+  nll = -jnp.take_along_axis(log_probs, labels[:, None], axis=-1)[:, 0]
+  per_sample = (1.0 - smoothing) * nll + smoothing * -jnp.mean(log_probs, axis=-1)
+  return reduce_per_sample(per_sample, reduction, logits.shape[-1])
+
+
 def soft_cross_entropy(logits: jax.Array, targets: jax.Array, reduction: str = 'batchmean'):
   """-sum_c p_c log softmax(z)_c for a target distribution p [B, C] (LTD's natural term)."""
   per_sample = -jnp.sum(targets * jax.nn.log_softmax(logits, axis=-1), axis=-1)

@@ -31,12 +31,32 @@ def conv(features: int, kernel: int, stride: int = 1, groups: int = 1, name: str
                  kernel_init=conv_init, dtype=dtype, name=name)
 
 
-def batch_norm(train: bool, name: str, dtype: Dtype = jnp.float32) -> nn.BatchNorm:
-  """PyTorch's BatchNorm2d: momentum 0.1, eps 1e-5, and the batch variance in two passes,
+def batch_norm(train: bool, name: str, dtype: Dtype = jnp.float32,
+               momentum: float = 0.1) -> nn.BatchNorm:
+  """PyTorch's BatchNorm2d: ``momentum`` (PyTorch's convention: running = (1 - m) running +
+  m batch; 0.1 by default), eps 1e-5, and the batch variance in two passes,
   mean((x - mean(x))^2), as PyTorch computes it (Flax's default one-pass E[x^2] - E[x]^2 loses
   float32 precision when |mean| >> std)."""
-  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype,
-                      use_fast_variance=False, name=name)
+  return nn.BatchNorm(use_running_average=not train, momentum=1.0 - momentum, epsilon=1e-5,
+                      dtype=dtype, use_fast_variance=False, name=name)
+
+
+REMAT_POLICIES = {
+    # Keep each block's input only: the backward pass recomputes the whole block.
+    'nothing': jax.checkpoint_policies.nothing_saveable,
+    # Also keep the convolutions' outputs: the backward pass recomputes only BatchNorm and the
+    # activations, the cheap elementwise part.
+    'convs': jax.checkpoint_policies.dots_saveable,
+}
+
+
+def maybe_remat(block: type[nn.Module], remat: str) -> type[nn.Module]:
+  """``block`` whose activations are recomputed in the backward pass (``jax.checkpoint`` through
+  ``nn.remat``, policy ``REMAT_POLICIES[remat]``); unchanged for ``remat=''``. Parameter names
+  and values are those of ``block``."""
+  if not remat:
+    return block
+  return nn.remat(block, static_argnums=(2,), policy=REMAT_POLICIES[remat])
 
 
 def pooled_logits(x, num_classes: int, name: str, dtype: Dtype):
@@ -52,15 +72,16 @@ class WideBasicBlock(nn.Module):
   out_planes: int
   stride: int
   dtype: Dtype = jnp.float32
+  bn_momentum: float = 0.1
 
   @nn.compact
   def __call__(self, x, train: bool):
     equal_in_out = self.in_planes == self.out_planes
-    o = nn.relu(batch_norm(train, 'bn1', self.dtype)(x))
+    o = nn.relu(batch_norm(train, 'bn1', self.dtype, self.bn_momentum)(x))
     shortcut = x if equal_in_out else conv(self.out_planes, 1, self.stride, name='convShortcut',
                                            dtype=self.dtype)(o)
     o = conv(self.out_planes, 3, self.stride, name='conv1', dtype=self.dtype)(o)
-    o = nn.relu(batch_norm(train, 'bn2', self.dtype)(o))
+    o = nn.relu(batch_norm(train, 'bn2', self.dtype, self.bn_momentum)(o))
     o = conv(self.out_planes, 3, 1, name='conv2', dtype=self.dtype)(o)
     return shortcut + o
 
@@ -72,12 +93,16 @@ class WideResNetGroup(nn.Module):
   out_planes: int
   stride: int
   dtype: Dtype = jnp.float32
+  bn_momentum: float = 0.1
+  remat: str = ''
 
   @nn.compact
   def __call__(self, x, train: bool):
+    block = maybe_remat(WideBasicBlock, self.remat)
     for i in range(self.n):
-      x = WideBasicBlock(self.in_planes if i == 0 else self.out_planes, self.out_planes,
-                         self.stride if i == 0 else 1, self.dtype, name=f'layer_{i}')(x, train)
+      x = block(self.in_planes if i == 0 else self.out_planes, self.out_planes,
+                self.stride if i == 0 else 1, self.dtype, self.bn_momentum,
+                name=f'layer_{i}')(x, train)
     return x
 
 
@@ -87,6 +112,8 @@ class WideResNet(nn.Module):
   widen_factor: int = 10
   num_classes: int = 10
   dtype: Dtype = jnp.float32
+  bn_momentum: float = 0.1
+  remat: str = ''
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -96,9 +123,9 @@ class WideResNet(nn.Module):
     widths = [16, 16 * self.widen_factor, 32 * self.widen_factor, 64 * self.widen_factor]
     x = conv(widths[0], 3, name='conv1', dtype=self.dtype)(x.astype(self.dtype))
     for g, stride in enumerate((1, 2, 2)):
-      x = WideResNetGroup(n, widths[g], widths[g + 1], stride, self.dtype,
-                          name=f'block{g + 1}')(x, train)
-    x = nn.relu(batch_norm(train, 'bn1', self.dtype)(x))
+      x = WideResNetGroup(n, widths[g], widths[g + 1], stride, self.dtype, self.bn_momentum,
+                          self.remat, name=f'block{g + 1}')(x, train)
+    x = nn.relu(batch_norm(train, 'bn1', self.dtype, self.bn_momentum)(x))
     return pooled_logits(x, self.num_classes, 'fc', self.dtype)
 
 
@@ -150,17 +177,19 @@ class ResNet(nn.Module):
   stem_bn: bool = True
   final_bn: bool = False
   dtype: Dtype = jnp.float32
+  remat: str = ''
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     x = conv(self.base_width, 3, name='conv1', dtype=self.dtype)(x.astype(self.dtype))
     if self.stem_bn:
       x = nn.relu(batch_norm(train, 'bn1', self.dtype)(x))
+    block = maybe_remat(self.block, self.remat)
     for s, n in enumerate(self.stage_sizes):
       for i in range(n):
         stride = 2 if s > 0 and i == 0 else 1
-        x = self.block(self.base_width * 2**s, stride, self.dtype,
-                       name=f'layer{s + 1}_{i}')(x, train)
+        x = block(self.base_width * 2**s, stride, self.dtype,
+                  name=f'layer{s + 1}_{i}')(x, train)
     if self.final_bn:
       x = nn.relu(batch_norm(train, 'bn', self.dtype)(x))
     return pooled_logits(x, self.num_classes, 'linear', self.dtype)
@@ -194,16 +223,18 @@ class ImageNetResNet(nn.Module):
   width_factor: int = 1
   num_classes: int = 1000
   dtype: Dtype = jnp.float32
+  remat: str = ''
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     x = conv(64, 7, 2, name='conv1', dtype=self.dtype)(x.astype(self.dtype))
     x = nn.relu(batch_norm(train, 'bn1', self.dtype)(x))
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    block = maybe_remat(Bottleneck, self.remat)
     for s, n in enumerate(self.stage_sizes):
       planes = 64 * 2**s
       for i in range(n):
-        x = Bottleneck(planes, 2 if s > 0 and i == 0 else 1, planes * self.width_factor,
+        x = block(planes, 2 if s > 0 and i == 0 else 1, planes * self.width_factor,
                        self.dtype, name=f'layer{s + 1}_{i}')(x, train)
     return pooled_logits(x, self.num_classes, 'fc', self.dtype)
 
@@ -288,17 +319,18 @@ class DMWideBlock(nn.Module):
   stride: int
   activation: Callable = nn.silu
   dtype: Dtype = jnp.float32
+  bn_momentum: float = 0.1
 
   @nn.compact
   def __call__(self, x, train: bool):
     has_shortcut = self.in_planes != self.out_planes
-    out = self.activation(batch_norm(train, 'batchnorm__0', self.dtype)(x))
+    out = self.activation(batch_norm(train, 'batchnorm__0', self.dtype, self.bn_momentum)(x))
     if has_shortcut:
       x = out
     pad = ((1, 1), (1, 1)) if self.stride == 1 else ((0, 1), (0, 1))
     out = nn.Conv(self.out_planes, (3, 3), strides=(self.stride, self.stride), padding=pad,
                   use_bias=False, kernel_init=conv_init, dtype=self.dtype, name='conv__0')(out)
-    out = self.activation(batch_norm(train, 'batchnorm__1', self.dtype)(out))
+    out = self.activation(batch_norm(train, 'batchnorm__1', self.dtype, self.bn_momentum)(out))
     out = conv(self.out_planes, 3, 1, name='conv__1', dtype=self.dtype)(out)
     if has_shortcut:
       x = nn.Conv(self.out_planes, (1, 1), strides=(self.stride, self.stride), padding='VALID',
@@ -314,13 +346,16 @@ class DMWideGroup(nn.Module):
   stride: int
   activation: Callable = nn.silu
   dtype: Dtype = jnp.float32
+  bn_momentum: float = 0.1
+  remat: str = ''
 
   @nn.compact
   def __call__(self, x, train: bool):
+    block = maybe_remat(DMWideBlock, self.remat)
     for i in range(self.n):
-      x = DMWideBlock(self.in_planes if i == 0 else self.out_planes, self.out_planes,
-                      self.stride if i == 0 else 1, self.activation, self.dtype,
-                      name=f'block_{i}')(x, train)
+      x = block(self.in_planes if i == 0 else self.out_planes, self.out_planes,
+                self.stride if i == 0 else 1, self.activation, self.dtype, self.bn_momentum,
+                name=f'block_{i}')(x, train)
     return x
 
 
@@ -333,6 +368,8 @@ class DMWideResNet(nn.Module):
   num_classes: int = 10
   activation: Callable = nn.silu
   dtype: Dtype = jnp.float32
+  bn_momentum: float = 0.1
+  remat: str = ''
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -348,8 +385,8 @@ class DMWideResNet(nn.Module):
     x = conv(widths[0], 3, name='init_conv', dtype=self.dtype)(x.astype(self.dtype))
     for g, stride in enumerate((1, 2, 2)):
       x = DMWideGroup(n, widths[g], widths[g + 1], stride, self.activation, self.dtype,
-                      name=f'layer_{g}')(x, train)
-    x = self.activation(batch_norm(train, 'batchnorm', self.dtype)(x))
+                      self.bn_momentum, self.remat, name=f'layer_{g}')(x, train)
+    x = self.activation(batch_norm(train, 'batchnorm', self.dtype, self.bn_momentum)(x))
     return pooled_logits(x, self.num_classes, 'logits', self.dtype)
 
 
@@ -359,30 +396,50 @@ ARCHITECTURES = ('wrn-D-W', 'dm-wrn-D-W', 'resnet18', 'preactresnet18', 'preactr
                  'mobilenetv2', 'preactresnet34', 'small_cnn', 'resnet50', 'wrn-50-2')
 
 
+# Architectures whose residual blocks ``remat`` recomputes, and those whose BatchNorm momentum
+# ``bn_momentum`` sets (the others keep PyTorch's 0.1).
+REMAT_FAMILIES = ('wrn-D-W', 'dm-wrn-D-W', 'resnet18', 'preactresnet18', 'preactresnet18-bn',
+                  'preactresnet34', 'resnet50', 'wrn-50-2')
+BN_MOMENTUM_FAMILIES = ('wrn-D-W', 'dm-wrn-D-W')
+
+
 def create_model(name: str, num_classes: int, dtype: Dtype = jnp.float32,
-                 base_width: int = 64, width: int = 32) -> nn.Module:
+                 base_width: int = 64, width: int = 32, remat: str = '',
+                 bn_momentum: float = 0.1) -> nn.Module:
   """Builds an architecture by name: ``wrn-34-10``, ``dm-wrn-70-16`` (DeepMind's SiLU WRN with
   input normalisation, Gowal et al.), ``resnet18``, ``preactresnet18[-bn]``, ``preactresnet34``,
   ``mobilenetv2``, ``small_cnn``, or the ImageNet ``resnet50`` / ``wrn-50-2``. ``base_width``
-  shrinks the CIFAR ResNets for tests."""
+  shrinks the CIFAR ResNets for tests; ``remat`` ('', 'nothing' or 'convs': ``REMAT_POLICIES``)
+  recomputes the residual blocks in the backward pass; ``bn_momentum`` (PyTorch's convention)
+  is that of every BatchNorm of the WideResNets."""
+  if remat and remat not in REMAT_POLICIES:
+    raise ValueError(f'unknown remat policy {remat!r}: use {", ".join(REMAT_POLICIES)}')
+  is_wrn = bool(_WRN.match(name) or _DM_WRN.match(name))
+  if remat and not is_wrn and name not in REMAT_FAMILIES:
+    raise ValueError(f'model {name!r} has no residual blocks to rematerialise: remat works for '
+                     f'{", ".join(REMAT_FAMILIES)}')
+  if bn_momentum != 0.1 and not is_wrn:
+    raise ValueError(f'model {name!r} keeps PyTorch\'s BatchNorm momentum 0.1: bn_momentum is '
+                     f'set for the WideResNets ({", ".join(BN_MOMENTUM_FAMILIES)})')
   if name in ('resnet50', 'wrn-50-2'):
     return ImageNetResNet(width_factor=2 if name == 'wrn-50-2' else 1, num_classes=num_classes,
-                          dtype=dtype)
+                          dtype=dtype, remat=remat)
   if m := _WRN.match(name) or _DM_WRN.match(name):
     depth, widen = int(m.group(1)), int(m.group(2))
     if (depth - 4) % 6 or depth < 10:
       raise ValueError(f'model {name!r}: WideResNet depth must be 6n+4 >= 10 (e.g. wrn-34-10)')
     if name.startswith('dm-'):
-      return DMWideResNet(depth, widen, num_classes, nn.silu, dtype)
-    return WideResNet(depth, widen, num_classes, dtype)
+      return DMWideResNet(depth, widen, num_classes, nn.silu, dtype, bn_momentum, remat)
+    return WideResNet(depth, widen, num_classes, dtype, bn_momentum, remat)
   if name == 'resnet18':
-    return ResNet(ResNetBasicBlock, base_width=base_width, num_classes=num_classes, dtype=dtype)
+    return ResNet(ResNetBasicBlock, base_width=base_width, num_classes=num_classes, dtype=dtype,
+                  remat=remat)
   if name == 'preactresnet34':
     return ResNet(PreActBlock, stage_sizes=(3, 4, 6, 3), base_width=base_width,
-                  num_classes=num_classes, stem_bn=False, dtype=dtype)
+                  num_classes=num_classes, stem_bn=False, dtype=dtype, remat=remat)
   if name in ('preactresnet18', 'preactresnet18-bn'):
     return ResNet(PreActBlock, base_width=base_width, num_classes=num_classes, stem_bn=False,
-                  final_bn=name.endswith('-bn'), dtype=dtype)
+                  final_bn=name.endswith('-bn'), dtype=dtype, remat=remat)
   if name == 'mobilenetv2':
     return MobileNetV2(num_classes, dtype)
   if name == 'small_cnn':

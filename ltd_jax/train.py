@@ -390,7 +390,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   profile = _Profile(config.profile.steps, os.path.join(workdir, 'profile'))
   batches = train_batches(ds, config, mesh, step, total_steps, host_data, device_data)
   progress = _Progress(config, steps_per_epoch)
-  records = _TrainRecords(writer, store, progress, config.optim, steps_per_epoch)
+  records = _TrainRecords(writer, store, progress, config.optim, steps_per_epoch,
+                          config.num_epochs)
   stop = preemption.StopRequest(sync_every=config.log_every_steps)
   try:
     with stop:
@@ -489,10 +490,11 @@ class _Profile:
 class _TrainRecords:
   """The 'train' records of metrics.jsonl: step metrics averaged at each flush."""
 
-  def __init__(self, writer, store, progress: _Progress, optim, steps_per_epoch: int):
+  def __init__(self, writer, store, progress: _Progress, optim, steps_per_epoch: int,
+               num_epochs: int):
     self.writer, self.store, self.progress = writer, store, progress
     self.steps_per_epoch = steps_per_epoch
-    self.lr_schedule = learning_rate_schedule(optim, steps_per_epoch)
+    self.lr_schedule = learning_rate_schedule(optim, steps_per_epoch, num_epochs)
     self.buffer = _MetricBuffer()
     self.last = None
 

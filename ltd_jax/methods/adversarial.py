@@ -48,9 +48,12 @@ def clean_and_adv_logits(forward: TrainForward, inputs: MethodInputs, x_adv, adv
 
 
 def trades_loss(forward: TrainForward, inputs: MethodInputs, x_adv, config, adv_first=False):
-  """CE(f(x), y) + beta * KL_batchmean(f(x) || f(x_adv)); the clean side is not stop-gradient'ed."""
+  """CE(f(x), y) + beta * KL_batchmean(f(x) || f(x_adv)); the clean side is not stop-gradient'ed.
+  ``trades.label_smoothing`` s > 0 smooths the natural term's labels (Wang et al. 2023's recipe)."""
   logits_clean, logits_adv = clean_and_adv_logits(forward, inputs, x_adv, adv_first)
-  natural = losses.cross_entropy(logits_clean, inputs.y)
+  smoothing = config.trades.get('label_smoothing', 0.0)
+  natural = (losses.smoothed_cross_entropy(logits_clean, inputs.y, smoothing) if smoothing
+             else losses.cross_entropy(logits_clean, inputs.y))
   robust = losses.kl_from_logits(logits_clean, logits_adv, 'batchmean')
   aux = loss_aux(inputs.y, logits_clean, logits_adv)
   aux.update(loss_natural=natural, loss_robust=robust)

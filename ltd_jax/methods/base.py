@@ -59,16 +59,23 @@ class AttackStudent:
   """The student as the training attack sees it (``attack.bn_mode``): ``eval`` runs the running
   BatchNorm statistics and changes nothing; ``train`` runs PyTorch's train mode, the batch's
   statistics, and every forward moves the running statistics (``batch_stats``), as a
-  ``model.train()`` attack does in the ARD, IAD and Fair-ARD code. The train step starts the
-  loss's forwards from the statistics the attack left."""
+  ``model.train()`` attack does in the ARD, IAD and Fair-ARD code; ``batch`` runs train mode
+  with the running statistics left alone (``track_running_stats=False``, the DM-Improves-AT
+  TRADES attack). The train step starts the loss's forwards from the statistics the attack
+  left."""
 
   def __init__(self, apply_fn: Callable[..., Any], params, batch_stats, bn_mode: str = 'eval'):
     self.apply_fn, self.params, self.batch_stats = apply_fn, params, batch_stats
     self.moves_statistics = bn_mode == 'train'
+    self.batch_statistics = bn_mode == 'batch'
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """Logits on x; in train mode the running statistics move (not inside a transformation:
-    ``pgd`` threads them through the attack's loop)."""
+    ``pgd`` threads them through the attack's loop); ``batch`` mode normalises by the batch's
+    statistics and leaves the running ones."""
+    if self.batch_statistics:
+      return self.apply_fn({'params': self.params, 'batch_stats': self.batch_stats}, x,
+                           train=True, mutable=['batch_stats'])[0]
     if not self.moves_statistics:
       return self.apply_fn({'params': self.params, 'batch_stats': self.batch_stats}, x,
                            train=False)
@@ -86,6 +93,7 @@ class AttackStudent:
     """The same student at other running statistics."""
     other = AttackStudent(self.apply_fn, self.params, batch_stats)
     other.moves_statistics = self.moves_statistics
+    other.batch_statistics = self.batch_statistics
     return other
 
 
