@@ -57,6 +57,7 @@ def default_config() -> ml_collections.ConfigDict:
   # generated (their code: 0.7); an epoch is ceil(num_real / batch_size) batches.
   c.data.generated_path = ''
   c.data.generated_fraction = 0.7
+  c.data.generated_required = False  # True: a run without data.generated_path stops (recipes)
   # Streamed datasets (imagenet, tiny_imagenet): decode/crop worker threads, crop size (0: the
   # dataset's own, 224 / 64) and the smallest area fraction of ImageNet's random-resized-crop.
   c.data.num_workers = 16

@@ -65,6 +65,11 @@ def load(config):
   ds = data.check(ds)
   if config.get('val_size', 0):
     ds = data.hold_out_validation(ds, int(config.val_size), seed=int(config.get('split_seed', 0)))
+  if config.get('generated_required', False) and not config.get('generated_path', ''):
+    raise DatasetError('this config mixes generated images into every batch: pass '
+                       '--config.data.generated_path=FILE.npz (e.g. cifar10/1m.npz of '
+                       'https://huggingface.co/datasets/P2333/DM-Improves-AT), or set '
+                       '--config.data.generated_required=False to train on the real images alone')
   if config.get('generated_path', ''):
     ds = dataclasses.replace(ds, generated=generated.load(config, ds.image_shape, ds.num_classes))
   return ds

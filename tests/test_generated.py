@@ -151,6 +151,12 @@ def test_a_mixed_run_trains_and_resumed_batches_are_the_same(tiny_config, tmp_pa
   assert config['data']['generated_path'] == c.data.generated_path
 
 
+def test_a_recipe_without_its_archive_stops_with_one_line(tiny_config):
+  tiny_config.data.generated_required = True
+  with pytest.raises(DatasetError, match='pass --config.data.generated_path=FILE.npz'):
+    datasets.load(tiny_config.data)
+
+
 def test_generated_data_is_refused_where_it_cannot_work(tiny_config, tmp_path):
   from ltd_jax import config_lib  # pylint: disable=g-import-not-at-top
   from ltd_jax.errors import ConfigError  # pylint: disable=g-import-not-at-top
@@ -162,3 +168,26 @@ def test_generated_data_is_refused_where_it_cannot_work(tiny_config, tmp_path):
   tiny_config.teacher.cache_logits = True
   with pytest.raises(ConfigError, match='cache_logits'):
     config_lib.validate(tiny_config)
+
+
+def test_the_leaderboard_recipe_trains_mixed_batches_with_an_ema_row_and_its_export(tmp_path):
+  """``trades_cifar10_generated`` at CPU size (``:subset``) from the command line, pointed at a
+  generated archive as the README says: mixed batches, the EMA in the table, its export."""
+  from tests.conftest import run_in_process, shared_path  # pylint: disable=g-import-not-at-top
+  cifar = os.path.dirname(shared_path('data', 'cifar-10-subset', 'cifar-10-batches-py'))
+  _archive(tmp_path / '1m.npz', 600, shape=(32, 32, 3))
+  workdir = tmp_path / 'run'
+  common = ['--config=trades_cifar10_generated:subset', f'--workdir={workdir}',
+            f'--config.data.generated_path={tmp_path}/1m.npz', f'--config.data.dir={cifar}']
+  code = run_in_process(*common, '--config.max_steps=3', '--config.attack.steps=2',
+                        '--config.ema.warmup_fraction=0.0', "--config.eval.final=('clean',)",
+                        '--config.eval.final_subset_size=50', '--config.progress_bar=False')
+  assert code == 0
+  results = json.load(open(workdir / 'results.json'))
+  assert results['trained_steps'] == 3 and results['ema']['checkpoint'] == 'latest:ema'
+  assert '| clean (EMA) |' in open(workdir / 'results.md').read()
+  environment = json.load(open(workdir / 'environment.json'))
+  assert environment['git_commit']  # every run records its commit, versions and devices
+  assert run_in_process(*common, '--mode=export', '--checkpoint=latest:ema') == 0
+  info = json.load(open(workdir / 'export_ema' / 'model.json'))
+  assert info['checkpoint'] == 'latest:ema'
