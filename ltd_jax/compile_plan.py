@@ -43,6 +43,7 @@ import ml_collections
 from ltd_jax import config_lib
 from ltd_jax import datasets
 from ltd_jax import evaluate
+from ltd_jax import generated
 from ltd_jax import methods
 from ltd_jax import models
 from ltd_jax import parallel
@@ -103,6 +104,9 @@ class Stage:
     return methods.get_method(self.config.method)
 
   def steps_per_epoch(self, batch_size: int) -> int:
+    d = self.config.data
+    if d.get('generated_path') or d.get('generated_required'):  # the mixed epoch
+      return generated.steps_per_epoch(self.num_train, batch_size)
     return self.num_train // batch_size
 
   def total_steps(self, batch_size: int) -> int:

@@ -63,7 +63,7 @@ def _npy_in_zip(path: str, zf: zipfile.ZipFile, member: str) -> np.ndarray:
     if not os.path.exists(converted):
       print(f'{path}: {member} is compressed, so it cannot be memory-mapped; converting it once '
             f'to {converted} (later runs map that file)', flush=True)
-      partial = converted + '.partial'
+      partial = f'{converted}.partial{os.getpid()}'  # hosts sharing the folder may race
       with zf.open(member) as src, open(partial, 'wb') as dst:
         shutil.copyfileobj(src, dst, 1 << 24)
       os.replace(partial, converted)

@@ -9,7 +9,7 @@ from ltd_jax.methods import fairness
 from ltd_jax.methods.adversarial import awp_loss, natural_loss, pgd_at_adversary, pgd_at_loss
 from ltd_jax.methods.adversarial import trades_adversary, trades_loss
 from ltd_jax.methods.base import (Aux, AttackStudent, METHODS, Method, MethodInputs, PlotSpec,
-                                  TrainForward, class_values, evaluated_variables,
+                                  TrainForward, class_values,
                                   get_method, validation_pgd, loss_aux, no_adversary,
                                   passes, per_class_sums, pgd, register)
 from ltd_jax.methods.distillation import (absld_epoch_record, distillation_targets, ltd_awp_proxy_loss,

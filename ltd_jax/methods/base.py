@@ -273,14 +273,6 @@ def class_values(values: jax.Array, labels: jax.Array) -> jax.Array:
   return jnp.take(values, labels, axis=0)
 
 
-def evaluated_variables(method: Method, state):
-  """The weights a run is evaluated, selected and exported with: the method's weight average
-  where it keeps one (``Method.weight_average``), else the state's own."""
-  if method.weight_average is None:
-    return state.variables
-  return method.weight_average(state.method_state, state.variables)
-
-
 def validation_pgd(config, steps: int) -> dict:
   """The validation attacks of FRL and CFA: clean, and PGD-``steps`` on CE from a uniform start
   at the training eps and step size (both codes' validation attack)."""
