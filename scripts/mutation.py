@@ -29,13 +29,15 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 MODULES = ('losses', 'methods/base', 'methods/adversarial', 'methods/distillation',
-           'methods/fairness', 'attacks', 'temperatures', 'awp', 'evaluate', 'interchange')
+           'methods/fairness', 'attacks', 'temperatures', 'awp', 'evaluate', 'interchange',
+           'weight_average', 'generated')
 # The fast tests (seconds each) that exercise those modules in-process. Whole training runs
 # (test_train, test_teacher, test_audit) are left out: each would run for every surviving
 # mutant of every function it touches.
 TESTS = ('test_losses.py', 'test_distillation.py', 'test_attacks.py', 'test_evaluate.py',
          'test_interchange.py', 'test_reference_parity.py', 'test_mixed_precision.py',
-         'test_fairness.py')
+         'test_fairness.py', 'test_weight_average.py', 'test_generated.py', 'test_recipe.py',
+         'test_accumulation.py')
 EQUIVALENTS = os.path.join(ROOT, 'scripts', 'mutation_equivalents.json')
 
 
