@@ -74,10 +74,6 @@ def ema_epoch_end(average: dict, batch_stats) -> dict:
   return {**average, 'batch_stats': stats}
 
 
-def has_ema(method_state) -> bool:
-  return isinstance(method_state, dict) and SLOT in method_state
-
-
 def variables_of(state, average: dict):
   """The average as variables of the state's model, in the dtypes of its own weights."""
   return jax.tree_util.tree_map(lambda a, v: a.astype(v.dtype), average, state.variables)
@@ -99,13 +95,13 @@ def with_weights(state, variables):
   return state.replace(params=variables['params'], batch_stats=variables['batch_stats'])
 
 
-def deployed_variables(method, config, state, weights: str = ''):
+def deployed_variables(method, config, state, weights: str):
   """The variables a checkpoint is evaluated, exported or distilled from with: a method's own
   average in place of the trained weights; with ``weights='ema'`` the EMA (refused with one line
   where the run keeps none)."""
   kind = rule(method, config)
   if weights == EMA:
-    if kind != EMA or not has_ema(state.method_state):
+    if kind != EMA:  # an EMA run always holds its average
       from ltd_jax.errors import ConfigError  # pylint: disable=g-import-not-at-top
       raise ConfigError(f'checkpoint weights {weights!r}: this run keeps no EMA of its weights '
                         f'(ema.decay = 0): drop the :ema suffix, or train with --config.ema.decay')

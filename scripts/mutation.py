@@ -49,9 +49,13 @@ def copy_tree(workdir: str) -> str:
   files = subprocess.run(['git', 'ls-files', '-z'], cwd=ROOT, check=True,
                          capture_output=True).stdout.decode().split('\0')
   for f in filter(None, files):
-    if os.path.exists(os.path.join(ROOT, f)):
+    src = os.path.join(ROOT, f)
+    if os.path.islink(src):  # configs/ -> ltd_jax/configs: a link stays a link
       os.makedirs(os.path.dirname(os.path.join(repo, f)) or repo, exist_ok=True)
-      shutil.copy2(os.path.join(ROOT, f), os.path.join(repo, f))
+      os.symlink(os.readlink(src), os.path.join(repo, f))
+    elif os.path.exists(src):
+      os.makedirs(os.path.dirname(os.path.join(repo, f)) or repo, exist_ok=True)
+      shutil.copy2(src, os.path.join(repo, f))
   shared = os.path.join(os.path.dirname(ROOT), 'shared')
   if os.path.isdir(shared):  # tests find ../shared from the repo and from repo/mutants
     os.symlink(shared, os.path.join(workdir, 'shared'))

@@ -191,3 +191,85 @@ def test_the_leaderboard_recipe_trains_mixed_batches_with_an_ema_row_and_its_exp
   assert run_in_process(*common, '--mode=export', '--checkpoint=latest:ema') == 0
   info = json.load(open(workdir / 'export_ema' / 'model.json'))
   assert info['checkpoint'] == 'latest:ema'
+
+
+def _write_npz(path, members: dict, version=None):
+  """An uncompressed .npz written member by member (``np.lib.format`` version ``version``)."""
+  import io  # pylint: disable=g-import-not-at-top
+  import zipfile  # pylint: disable=g-import-not-at-top
+  with zipfile.ZipFile(path, 'w', zipfile.ZIP_STORED) as zf:
+    for name, array in members.items():
+      buf = io.BytesIO()
+      np.lib.format.write_array(buf, array, version=version, allow_pickle=True)
+      zf.writestr(f'{name}.npy', buf.getvalue())
+
+
+def test_reader_layouts_and_every_message_in_full(tmp_path):
+  """What the reader maps (C and Fortran order, .npy format 2.0, converted shards) and each
+  refusal's whole line."""
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (12, 8, 8, 1), dtype=np.uint8)
+  labels = np.arange(12) % 10
+  _write_npz(tmp_path / 'fortran.npz', {'image': np.asfortranarray(images), 'label': labels})
+  _write_npz(tmp_path / 'v2.npz', {'image': images, 'label': labels}, version=(2, 0))
+  _archive(tmp_path / 'packed.npz', 12, compressed=True, image=images, label=labels)
+  for name in ('fortran', 'v2', 'packed'):
+    gen = generated.load(_data_config(tmp_path / f'{name}.npz'), (8, 8, 1), 10)
+    idx = np.array([11, 0, 5, 5])
+    got = gen.images(idx)
+    assert got.dtype == np.uint8 and gen.labels.dtype == np.int32, name
+    np.testing.assert_array_equal(got, images[idx], err_msg=name)
+    assert isinstance(gen.shards[0], np.memmap), name  # mapped, the converted one too
+  rows = generated.load_rows(images, labels.astype(np.int32), gen, np.array([True, False]),
+                             np.array([3, 4]))
+  assert rows[0].dtype == np.uint8 and rows[1].dtype == np.int32
+  assert generated.load(_data_config(''), (8, 8, 1), 10) is None
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  assert generated.load(ml_collections.ConfigDict({}), (8, 8, 1), 10) is None
+
+  def message(spec):
+    with pytest.raises(DatasetError) as e:
+      generated.load(_data_config(spec), (8, 8, 1), 10)
+    return str(e.value)
+
+  _write_npz(tmp_path / 'v3.npz', {'image': images, 'label': labels}, version=(3, 0))
+  assert message(tmp_path / 'v3.npz') == (
+      f'{tmp_path}/v3.npz: image.npy is a .npy of format (3, 0), which this reader does not '
+      f'map: rewrite the archive with np.savez')
+  _write_npz(tmp_path / 'objects.npz', {'image': np.array([None] * 3, object), 'label': labels})
+  assert message(tmp_path / 'objects.npz') == (
+      f'{tmp_path}/objects.npz: image.npy holds Python objects, not numbers')
+  _write_npz(tmp_path / 'column.npz', {'image': images, 'label': labels[:, None]})
+  assert message(tmp_path / 'column.npz') == (
+      f'{tmp_path}/column.npz: label must be an integer vector, got int64 [12, 1]')
+  _write_npz(tmp_path / 'floats.npz', {'image': images, 'label': labels.astype(np.float32)})
+  assert message(tmp_path / 'floats.npz') == (
+      f'{tmp_path}/floats.npz: label must be an integer vector, got float32 [12]')
+  _write_npz(tmp_path / 'other.npz', {'x': images, 'y': labels})
+  assert message(tmp_path / 'other.npz') == (
+      f"{tmp_path}/other.npz has no image or label array (it holds ['x', 'y']): a "
+      f'generated-image archive holds uint8 image [N, H, W, C] and integer label [N]')
+  damaged = tmp_path / 'damaged.npz'
+  _write_npz(damaged, {'image': images, 'label': labels})
+  import zipfile  # pylint: disable=g-import-not-at-top
+  offset = zipfile.ZipFile(damaged).getinfo('image.npy').header_offset
+  raw = bytearray(damaged.read_bytes())
+  raw[offset:offset + 4] = b'JUNK'
+  damaged.write_bytes(bytes(raw))
+  assert message(damaged) == (f'{damaged}: image.npy has no zip header where the directory '
+                              f'says: the archive is damaged; download it again')
+  assert message(' , ') == ' hold no images'
+  assert message(f'{tmp_path}/nothing*.npz') == (
+      f'data.generated_path: no file matches {tmp_path}/nothing*.npz: check the pattern')
+  assert message(f'{tmp_path}/X.npz') == (  # an X is no glob character
+      f'generated-image shard {tmp_path}/X.npz not found: download it or fix '
+      f'--config.data.generated_path')
+  # Two globs: both their matches, in order.
+  assert generated.shard_paths(f'{tmp_path}/fortran*.npz,{tmp_path}/v2*.npz') == [
+      str(tmp_path / 'fortran.npz'), str(tmp_path / 'v2.npz')]
+
+
+def test_every_generated_image_can_be_drawn():
+  seen = np.concatenate([generated.batch_plan(5, 3, 8, 0.5, 0, s)[1][
+      generated.batch_plan(5, 3, 8, 0.5, 0, s)[0]] for s in range(20)])
+  assert set(seen.tolist()) == {0, 1, 2}

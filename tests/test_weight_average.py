@@ -139,3 +139,58 @@ def test_ema_suffix_on_a_run_without_one_is_refused(tiny_config, tmp_path):
   assert runs.parse_checkpoint('ema') == ('auto', 'ema')
   assert runs.parse_checkpoint('/x/model.pt') == ('/x/model.pt', '')
   assert runs.is_torch_file('/x/model.pt') and not runs.is_torch_file('latest:ema')
+
+
+def test_ema_decay_by_hand_after_the_warm_up():
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  c = ml_collections.ConfigDict({'ema': {'decay': 0.99, 'warmup_fraction': 0.1,
+                                         'dynamic_decay': True}})
+  for t in (0, 5, 9, 10, 11, 15, 20, 30, 100, 1000):  # w = 10 of 100 steps
+    want = reference_ema_update({'w': np.ones(1)}, {'w': np.zeros(1)}, t, 0.99, 10.0)['w'][0]
+    np.testing.assert_allclose(float(weight_average.ema_decay(t, c, 100)), want, rtol=1e-6,
+                               err_msg=f'step {t}')
+  assert float(weight_average.ema_decay(20, c, 100)) == pytest.approx(11 / 20)  # delta 10
+
+
+class _State:
+  def __init__(self, params, batch_stats, method_state):
+    self.params, self.batch_stats, self.method_state = params, batch_stats, method_state
+
+  @property
+  def variables(self):
+    return {'params': self.params, 'batch_stats': self.batch_stats}
+
+  def replace(self, **kw):
+    return _State(kw.get('params', self.params), kw.get('batch_stats', self.batch_stats),
+                  kw.get('method_state', self.method_state))
+
+
+def test_weight_sets_dtypes_and_substitution_by_rule(tiny_config):
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  bf16 = {'params': {'w': jnp.full((2,), 1.5, jnp.bfloat16)},
+          'batch_stats': {'m': jnp.full((2,), 0.5, jnp.bfloat16)}}
+  average = weight_average.initial_average(bf16)  # float32 copies of bfloat16 weights
+  assert all(a.dtype == jnp.float32 for a in jax.tree_util.tree_leaves(average))
+  stats = weight_average.ema_epoch_end(average, bf16['batch_stats'])['batch_stats']
+  assert stats['m'].dtype == jnp.float32 and float(stats['m'][0]) == 0.5
+  average = {'params': {'w': jnp.full((2,), 3.0)}, 'batch_stats': {'m': jnp.full((2,), 4.0)}}
+  state = _State(bf16['params'], bf16['batch_stats'], {'average': average})
+  back = weight_average.variables_of(state, average)  # in the model's own dtypes
+  assert back['params']['w'].dtype == jnp.bfloat16 and float(back['params']['w'][0]) == 3.0
+  swapped = weight_average.with_weights(state, back)
+  assert float(swapped.params['w'][0]) == 3.0 and float(swapped.batch_stats['m'][0]) == 4.0
+
+  tiny_config.ema.decay = 0.9
+  natural = methods.get_method('natural')
+  sets = weight_average.weight_sets(natural, tiny_config, state)
+  assert [name for name, _ in sets] == ['', 'ema']
+  assert float(sets[0][1]['params']['w'][0]) == 1.5 and float(sets[1][1]['params']['w'][0]) == 3.0
+  tiny_config.ema.decay = 0.0
+  assert [(n, float(v['params']['w'][0]))
+          for n, v in weight_average.weight_sets(natural, tiny_config, state)] == [('', 1.5)]
+  # CFA's FAWA replaces the trained weights once it has started.
+  cfa = methods.get_method('cfa')
+  state = state.replace(method_state={'average': average, 'average_started': jnp.asarray(True)})
+  sets = weight_average.weight_sets(cfa, tiny_config, state)
+  assert [(n, float(v['params']['w'][0])) for n, v in sets] == [('', 3.0)]
+  assert float(weight_average.deployed_variables(cfa, tiny_config, state, '')['params']['w'][0]) == 3.0
