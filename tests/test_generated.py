@@ -273,3 +273,11 @@ def test_every_generated_image_can_be_drawn():
   seen = np.concatenate([generated.batch_plan(5, 3, 8, 0.5, 0, s)[1][
       generated.batch_plan(5, 3, 8, 0.5, 0, s)[0]] for s in range(20)])
   assert set(seen.tolist()) == {0, 1, 2}
+
+
+def test_shards_without_images_are_named_in_one_line(tmp_path):
+  for name in ('a', 'b'):
+    _archive(tmp_path / f'{name}.npz', 0)
+  with pytest.raises(DatasetError) as e:
+    generated.load(_data_config(f'{tmp_path}/a.npz,{tmp_path}/b.npz'), (8, 8, 1), 10)
+  assert str(e.value) == f'{tmp_path}/a.npz, {tmp_path}/b.npz hold no images'
