@@ -21,6 +21,7 @@ on the CIFAR-10 subset with a small CNN, for a CPU.
 """
 
 from ltd_jax import config_lib
+from ltd_jax.configs import absld_cifar10
 
 VARIANTS = ('ltd', 'absld', 'subset')
 
@@ -70,17 +71,13 @@ def get_config(variant=None):
     c.teacher.config = 'natural_cifar10'
   elif variant == 'absld':
     c.method = 'absld'
-    c.rslad.alpha = 5 / 6
-    c.absld.tau_init = 1.0
-    c.absld.beta = 0.1
-    c.absld.tau_min = 0.5
-    c.absld.tau_max = 5.0
+    paper = absld_cifar10.get_config()  # ABSLD's own settings: temperatures, RSLAD's loss, teacher
+    c.absld, c.rslad = paper.absld, paper.rslad
     # The cosine lr has no milestones: the temperatures' step decays at ABSLD's (215, 260, 285
     # of 300 epochs) scaled to 400.
     c.optim.lr_boundaries_epochs = (287, 347, 380)
-    c.teacher.source = 'train'
-    c.teacher.config = 'trades_cifar10'
-    c.eval.selection = 'fair'
+    c.teacher.source, c.teacher.config = paper.teacher.source, paper.teacher.config
+    c.eval.selection = paper.eval.selection
   return c
 
 
