@@ -1,17 +1,21 @@
 """Mutation run over the modules that hold the maths, and its report (docs/mutation.md).
 
     pip install mutmut==3.8.1
-    python scripts/mutation.py --report=docs/mutation.md
+    python scripts/mutation.py --modules=attacks,losses --workdir=/tmp/mut_a   # one part
+    python scripts/mutation.py --report-only --workdir=none                    # the report
 
 mutmut (https://github.com/boxed/mutmut) writes every mutant of the named modules into a copy of
 the repository and runs, for each mutant, the fast tests that execute the mutated function
-(forked from a server that has imported the test modules: about 2-6 mutants a second on 2 cores).
+(forked from a server that has imported the test modules; 16-28 mutants a minute on 2 cores).
 The copy lives in ``--workdir``, so the checkout is never touched.
 
-Survivors are classified with ``scripts/mutation_equivalents.json``: for a surviving mutant
-whose changed line (before -> after) is listed there, the reason it cannot change what the
-program computes (an equivalent mutant) or why it is left (a named gap). The score is
-killed / (mutants - equivalent). Not part of CI: it is a measurement, like benchmarks/.
+The whole run is too long for one sitting, so it is run in parts (``--modules``): each part
+stores its modules' results in ``benchmarks/results/mutation_parts.json`` (commit, machine,
+counts, every mutant not killed), replacing what those modules had, and the report is written
+from all stored parts. Survivors are classified with ``scripts/mutation_equivalents.json``: for
+a surviving mutant whose changed line (before -> after) is listed there, the reason it cannot
+change what the program computes (an equivalent mutant) or why it is left (a named gap). The
+score is killed / (mutants - equivalent). Not part of CI: it is a measurement, like benchmarks/.
 """
 
 from __future__ import annotations
@@ -39,6 +43,10 @@ TESTS = ('test_losses.py', 'test_distillation.py', 'test_attacks.py', 'test_eval
          'test_fairness.py', 'test_weight_average.py', 'test_generated.py', 'test_recipe.py',
          'test_accumulation.py')
 EQUIVALENTS = os.path.join(ROOT, 'scripts', 'mutation_equivalents.json')
+# Each module's latest part: commit, machine, counts and every mutant not killed.
+PARTS = os.path.join(ROOT, 'benchmarks', 'results', 'mutation_parts.json')
+# The report's text below this line is written by hand and kept when it is rewritten.
+NOTES_MARKER = '<!-- notes below: written by hand, kept by scripts/mutation.py -->'
 
 
 def copy_tree(workdir: str) -> str:
@@ -113,50 +121,108 @@ def module_of(mutant: str) -> str:
   return f'{parts[1]}/{parts[2]}' if f'{parts[1]}/{parts[2]}' in MODULES else parts[1]
 
 
-def write_report(path: str, rows, equivalents: dict, commit: str, seconds: float, tests,
-                 commits: dict | None = None) -> tuple:
-  """docs/mutation.md from ``rows``; mutants not checked (a run stopped early) are counted apart
-  and left out of the score."""
-  checked = [r for r in rows if r[1] != 'not checked']
-  total, unchecked = len(checked), len(rows) - len(checked)
-  killed = sum(s in KILLED for _, s, _, _ in checked)
-  equivalent, gaps = [], []
-  for name, status, before, after in checked:
-    if status in KILLED:
-      continue
-    reason = equivalents.get(f'{before} -> {after}')
-    (equivalent if reason and reason.startswith('equivalent') else gaps).append(
-        (name, status, before, after, reason or 'not yet classified'))
-  score = 100.0 * killed / max(total - len(equivalent), 1)
-  cell = lambda text: text.replace('|', '\\|')  # a table cell
-  per_module = {}
-  for name, status, *_ in rows:
-    k = per_module.setdefault(module_of(name), [0, 0, 0, 0])
-    k[0] += status != 'not checked'
-    k[1] += status in KILLED
-    k[3] += status == 'not checked'
-  for name, *_ in equivalent:
-    per_module[module_of(name)][2] += 1
+def cpu_name() -> str:
+  """The processor's model name (/proc/cpuinfo), else the architecture."""
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        if line.startswith('model name'):
+          return line.split(':', 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
+def load_parts() -> dict:
+  if not os.path.exists(PARTS):
+    return {}
+  with open(PARTS) as f:
+    return json.load(f)
+
+
+def record_parts(rows, commit: str, seconds: float, selection) -> list[str]:
+  """Stores in PARTS each module of ``rows`` that was checked: its commit, machine, counts and
+  every mutant not killed (killed ones are only counted). A later part replaces the modules it
+  ran; the others keep theirs. Returns the modules recorded."""
   import mutmut  # pylint: disable=g-import-not-at-top
+  parts, recorded = load_parts(), []
+  modules = sorted({module_of(r[0]) for r in rows}, key=MODULES.index)
+  for m in modules:
+    module_rows = [r for r in rows if module_of(r[0]) == m]
+    checked = [r for r in module_rows if r[1] != 'not checked']
+    if not checked:
+      continue
+    parts[m] = {
+        'commit': commit, 'date': datetime.date.today().isoformat(),
+        'machine': f'{cpu_name()} ({os.cpu_count()} cores), Python {platform.python_version()}, '
+                   f'mutmut {mutmut.__version__}',
+        'part_minutes': round(seconds / 60), 'part_modules': modules, 'tests': list(selection),
+        'mutants': len(module_rows), 'checked': len(checked),
+        'killed': sum(r[1] in KILLED for r in checked),
+        'not_killed': [list(r) for r in checked if r[1] not in KILLED]}
+    recorded.append(m)
+  with open(PARTS, 'w') as f:
+    json.dump({m: parts[m] for m in MODULES if m in parts}, f, indent=1, ensure_ascii=False)
+    f.write('\n')
+  return recorded
+
+
+def write_report(path: str, parts: dict, equivalents: dict) -> tuple:
+  """docs/mutation.md from the stored ``parts`` (one per module); mutants not checked (a part
+  stopped early) are counted apart and left out of the score."""
+  cell = lambda text: text.replace('|', '\\|')  # a table cell
+  total = killed = unchecked = mutants = 0
+  equivalent, gaps, per_module = [], [], {}
+  for m in MODULES:
+    if m not in parts:
+      continue
+    part = parts[m]
+    eq = 0
+    for name, status, before, after in part['not_killed']:
+      reason = equivalents.get(f'{before} -> {after}')
+      if reason and reason.startswith('equivalent'):
+        equivalent.append((name, before, after, reason))
+        eq += 1
+      else:
+        gaps.append((name, status, before, after, reason or 'not yet classified'))
+    per_module[m] = (part['checked'], part['killed'], eq, part['mutants'] - part['checked'])
+    total += part['checked']
+    killed += part['killed']
+    mutants += part['mutants']
+    unchecked += part['mutants'] - part['checked']
+  score = 100.0 * killed / max(total - len(equivalent), 1)
+  runs = {}
+  for m, part in parts.items():
+    key = (part['commit'], part['date'], part['machine'], part['part_minutes'])
+    runs.setdefault(key, []).append(m)
+  selections = sorted({tuple(p['tests']) for p in parts.values()}, key=len)
   lines = [
       '# Mutation testing of the core modules', '',
-      f'Measured {datetime.date.today().isoformat()} at commit `{commit}` with mutmut '
-      f'{mutmut.__version__} on {platform.processor() or platform.machine()} '
-      f'({os.cpu_count()} cores), Python {platform.python_version()}; {seconds / 60:.0f} min.', '',
-      f'    python scripts/mutation.py --report={os.path.relpath(path, ROOT)}', '',
-      'Tests run for each mutant: those of ' + ', '.join(f'`{t}`' for t in tests) +
-      ' (not slow) that execute the mutated function.', '',
-      f'**{total} mutants checked, {killed} killed, {len(equivalent)} equivalent, '
-      f'{len(gaps)} surviving non-equivalent: {score:.1f}% of non-equivalent mutants killed.**'
-      + (f' {unchecked} of the {len(rows)} mutants were not checked: the run was stopped before '
-         f'it reached them.' if unchecked else ''), '',
-      '| module | commit | mutants checked | killed | equivalent | killed / non-equivalent | not checked |',
-      '|---|---|---:|---:|---:|---:|---:|']
-  for m in MODULES:
-    if m in per_module:
-      n, k, e, u = per_module[m]
-      lines.append(f'| {m} | `{(commits or {}).get(m, commit)}` | {n} | {k} | {e} | '
-                   f'{100.0 * k / max(n - e, 1):.1f}% | {u} |')
+      'Written by `scripts/mutation.py` from `benchmarks/results/mutation_parts.json`, where each '
+      'part of the run stores its modules\' results (a later part replaces the modules it ran):',
+      '']
+  for (commit, date, machine, minutes), ms in runs.items():
+    lines.append(f'- `--modules={",".join(ms)}` at commit `{commit}`, {date}, on {machine}; '
+                 f'the part took {minutes} min')
+    for m in ms:
+      for r in parts[m].get('rechecks', []):
+        lines.append(f'  - `{m}`: its {r["rechecked"]} surviving non-equivalent mutants run again '
+                     f'with the tests of commit `{r["commit"]}` ({r["date"]}, {r["machine"]}; '
+                     f'the module unchanged): {len(r["killed"])} killed')
+  lines += ['', '    python scripts/mutation.py --modules=A,B --workdir=/tmp/mut_AB   # one part',
+            '    python scripts/mutation.py --report-only --workdir=none           # this page', '',
+            'Tests run for each mutant: those of ' +
+            ', '.join(f'`{t}`' for t in selections[-1]) +
+            ' (not slow) that execute the mutated function.', '',
+            f'**{total} mutants checked, {killed} killed, {len(equivalent)} equivalent, '
+            f'{len(gaps)} surviving non-equivalent: {score:.1f}% of non-equivalent mutants '
+            f'killed.**' + (f' {unchecked} of the {mutants} mutants were not checked: a part was '
+                            f'stopped before it reached them.' if unchecked else ''), '',
+            '| module | commit | mutants checked | killed | equivalent | killed / non-equivalent '
+            '| not checked |', '|---|---|---:|---:|---:|---:|---:|']
+  for m, (n, k, e, u) in per_module.items():
+    lines.append(f'| {m} | `{parts[m]["commit"]}` | {n} | {k} | {e} | '
+                 f'{100.0 * k / max(n - e, 1):.1f}% | {u} |')
   lines += ['', '## Surviving non-equivalent mutants', '']
   if gaps:
     lines += ['| mutant | status | line | mutated to | why it survives |', '|---|---|---|---|---|']
@@ -168,63 +234,136 @@ def write_report(path: str, rows, equivalents: dict, commit: str, seconds: float
             'from `scripts/mutation_equivalents.json`).', '',
             '| mutant | line | mutated to | why it is equivalent |', '|---|---|---|---|']
   lines += [f'| `{n}` | `{cell(b)}` | `{cell(a)}` | {r[len("equivalent: "):]} |'
-            for n, _, b, a, r in equivalent]
+            for n, b, a, r in equivalent]
+  if os.path.exists(path):  # the hand-written notes below the marker are kept
+    with open(path) as f:
+      previous = f.read()
+    if NOTES_MARKER in previous:
+      lines += ['', NOTES_MARKER + previous.split(NOTES_MARKER, 1)[1].rstrip('\n')]
   with open(path, 'w') as f:
     f.write('\n'.join(lines) + '\n')
   return total, killed, len(equivalent), len(gaps), score
 
 
+def source_changed_since(module: str, commit: str) -> bool:
+  """Whether ltd_jax/MODULE.py differs between ``commit`` and the working tree."""
+  return subprocess.run(['git', 'diff', '--quiet', commit, '--', f'ltd_jax/{module}.py'],
+                        cwd=ROOT).returncode != 0
+
+
+def recheck(workdir: str, modules, selection, max_children: int) -> None:
+  """Runs again only the stored non-equivalent survivors of ``modules`` (their source unchanged
+  since their part), with the tests as they are now, and moves those now killed to the killed
+  count of their part. In the part's own workdir its test-to-function map is reused (mutmut
+  maps only the new tests); elsewhere a fresh copy is mapped with ``selection``."""
+  import mutmut  # pylint: disable=g-import-not-at-top
+  parts = load_parts()
+  with open(EQUIVALENTS) as f:
+    equivalents = json.load(f)
+  names = {}
+  for m in modules:
+    if m not in parts:
+      sys.exit(f'no stored part for {m}: run it first (--modules={m})')
+    if source_changed_since(m, parts[m]['commit']):
+      sys.exit(f'ltd_jax/{m}.py changed since its part at {parts[m]["commit"]}: run the part again '
+               f'(--modules={m}), a recheck of its survivors would mix two versions')
+    names[m] = [n for n, _, b, a in parts[m]['not_killed']
+                if not equivalents.get(f'{b} -> {a}', '').startswith('equivalent')]
+  todo = [n for m in modules for n in names[m]]
+  if not todo:
+    print('no surviving non-equivalent mutants to recheck')
+    return
+  repo = os.path.join(workdir, 'repo')
+  if os.path.isdir(os.path.join(repo, 'mutants')):  # the part's workdir: refresh the tests only
+    shutil.rmtree(os.path.join(repo, 'tests'))
+    files = subprocess.run(['git', 'ls-files', '-z', 'tests'], cwd=ROOT, check=True,
+                           capture_output=True).stdout.decode().split('\0')
+    for f in filter(None, files):
+      os.makedirs(os.path.dirname(os.path.join(repo, f)), exist_ok=True)
+      shutil.copy2(os.path.join(ROOT, f), os.path.join(repo, f))
+  else:
+    repo = copy_tree(workdir)
+    write_config(repo, modules, selection)
+  env = dict(os.environ, JAX_PLATFORMS='cpu',
+             JAX_COMPILATION_CACHE_DIR=os.path.join(workdir, 'xla_cache'))
+  subprocess.run([sys.executable, '-m', 'mutmut', 'run', '--max-children', str(max_children),
+                  *todo], cwd=repo, env=env, check=True, stdout=subprocess.DEVNULL)
+  status = {name: s for name, s, _, _ in collect(repo, sys.executable, modules)}
+  head = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=ROOT, capture_output=True,
+                        text=True).stdout.strip()
+  for m in modules:
+    part = parts[m]
+    killed_now = [n for n in names[m] if status.get(n) in KILLED]
+    part['killed'] += len(killed_now)
+    part['not_killed'] = [r for r in part['not_killed'] if r[0] not in killed_now]
+    part.setdefault('rechecks', []).append({
+        'commit': head, 'date': datetime.date.today().isoformat(),
+        'machine': f'{cpu_name()} ({os.cpu_count()} cores), mutmut {mutmut.__version__}',
+        'rechecked': len(names[m]), 'killed': killed_now})
+    print(f'{m}: {len(killed_now)} of {len(names[m])} survivors killed now')
+  with open(PARTS, 'w') as f:
+    json.dump(parts, f, indent=1, ensure_ascii=False)
+    f.write('\n')
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--workdir', default='/tmp/ltd_jax_mutation',
-                      help='with --report-only, several comma-separated runs may be merged: a '
-                           'later one replaces the modules it ran')
+                      help='with --report-only, the comma-separated runs whose results are '
+                           'stored (a later one replaces the modules it ran), or none')
   parser.add_argument('--report', default=os.path.join(ROOT, 'docs', 'mutation.md'))
   parser.add_argument('--max-children', type=int, default=2)
   parser.add_argument('--modules', default=','.join(MODULES))
   parser.add_argument('--report-only', action='store_true',
-                      help='re-classify the results already in --workdir')
+                      help='store the results already in --workdir (if any) and rewrite the '
+                           'report from all stored parts')
+  parser.add_argument('--recheck', action='store_true',
+                      help="run again only the stored survivors of --modules with today's tests")
+  parser.add_argument('--tests', default=','.join(TESTS),
+                      help='the test files of the selection (a recheck may narrow it)')
   args = parser.parse_args()
   modules = args.modules.split(',')
   start = datetime.datetime.now()
-  if not args.report_only:
+  if args.recheck:
+    recheck(args.workdir, modules, args.tests.split(','), args.max_children)
+    args.workdir = 'none'
+  elif not args.report_only:
     repo = copy_tree(args.workdir)
-    write_config(repo, modules, TESTS)
+    write_config(repo, modules, args.tests.split(','))
     head = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=ROOT, capture_output=True,
                           text=True).stdout.strip()
     with open(os.path.join(args.workdir, 'commit'), 'w') as f:
       f.write(head)
+    with open(os.path.join(args.workdir, 'tests'), 'w') as f:
+      f.write('\n'.join(args.tests.split(',')))
     env = dict(os.environ, JAX_PLATFORMS='cpu',
                JAX_COMPILATION_CACHE_DIR=os.path.join(args.workdir, 'xla_cache'))
     subprocess.run([sys.executable, '-m', 'mutmut', 'run', '--max-children', str(args.max_children)],
                    cwd=repo, env=env, check=True, stdout=subprocess.DEVNULL)
     with open(os.path.join(args.workdir, 'seconds'), 'w') as f:
       f.write(str((datetime.datetime.now() - start).total_seconds()))
-  by_module, commits, seconds = {}, {}, 0.0
-  for workdir in args.workdir.split(','):
+  for workdir in filter(lambda w: w != 'none', args.workdir.split(',')):
     repo = os.path.join(workdir, 'repo')
     with open(os.path.join(workdir, 'commit')) as f:  # the commit the run copied
       commit = f.read().strip()
+    selection = TESTS
+    if os.path.exists(os.path.join(workdir, 'tests')):
+      with open(os.path.join(workdir, 'tests')) as f:
+        selection = f.read().split()
     seconds_file = os.path.join(workdir, 'seconds')
     if os.path.exists(seconds_file):
       with open(seconds_file) as f:
-        seconds += float(f.read())
+        seconds = float(f.read())
     else:  # stopped early: from its start to the last result it wrote
       metas = glob.glob(os.path.join(repo, 'mutants', 'ltd_jax', '*.meta'))
-      seconds += max(map(os.path.getmtime, metas)) - os.path.getmtime(os.path.join(repo, 'setup.cfg'))
+      seconds = max(map(os.path.getmtime, metas)) - os.path.getmtime(os.path.join(repo, 'setup.cfg'))
     ran = [m for m in modules
            if os.path.exists(os.path.join(repo, 'mutants', 'ltd_jax', f'{m}.py.meta'))]
-    rows = collect(repo, sys.executable, ran)
-    for m in ran:
-      module_rows = [r for r in rows if module_of(r[0]) == m]
-      if any(r[1] != 'not checked' for r in module_rows) or m not in by_module:
-        by_module[m], commits[m] = module_rows, commit
-  rows = [r for m in MODULES if m in by_module for r in by_module[m]]
+    recorded = record_parts(collect(repo, sys.executable, ran), commit, seconds, selection)
+    print(f'{workdir}: stored {", ".join(recorded) or "nothing"} (commit {commit})')
   with open(EQUIVALENTS) as f:
     equivalents = json.load(f)
-  label = ', '.join(sorted(set(commits.values())))
-  total, killed, equivalent, gaps, score = write_report(
-      args.report, rows, equivalents, label, seconds, TESTS, commits)
+  total, killed, equivalent, gaps, score = write_report(args.report, load_parts(), equivalents)
   print(f'{total} mutants, {killed} killed, {equivalent} equivalent, {gaps} surviving: '
         f'{score:.1f}% of non-equivalent killed -> {args.report}')
 

@@ -81,6 +81,18 @@ def test_inits():
                        steps=1, init='gaussian')
 
 
+def test_clipped_normal_init_stays_in_the_image_box_and_is_the_normal_init_inside_it():
+  """BAT's init: clip(x + 0.001 N(0, 1), 0, 1): at black and white pixels the noise that would
+  leave [0, 1] is cut off; elsewhere it is init_normal's draw."""
+  x = jnp.concatenate([jnp.zeros((500, 4)), jnp.ones((500, 4)), jnp.full((500, 4), 0.5)])
+  rng = jax.random.PRNGKey(4)
+  got = np.asarray(attacks.init_normal_clipped(rng, x, 0.1))
+  free = np.asarray(attacks.init_normal(rng, x, 0.1))
+  np.testing.assert_array_equal(got, np.clip(free, 0.0, 1.0))
+  assert free[:500].min() < 0 and free[500:1000].max() > 1  # the draw does leave the box
+  assert got.min() == 0.0 and got.max() == 1.0
+
+
 def test_projection():
   x = jnp.array([0.0, 0.5, 1.0])
   np.testing.assert_allclose(attacks.project_linf(jnp.array([-1.0, 0.9, 0.95]), x, 0.1),
@@ -227,6 +239,13 @@ def test_margin_square_init_and_proposal_by_hand():
     np.testing.assert_allclose(window, np.broadcast_to(window[:1, :1], window.shape))
   places = {tuple(np.argwhere(np.any(out[b] != 0, -1)).min(0)) for b in range(3)}
   assert len(places) > 1  # a different place per example
+  # The window is x + eps * s for the signs s drawn from the proposal's third key (the sign is
+  # a fair coin, so only the draw itself tells x + eps * s from x - eps * s).
+  signs = jax.random.choice(jax.random.split(jax.random.PRNGKey(3), 3)[2], jnp.array([-1.0, 1.0]),
+                            (3, 1, 1, 2))
+  for b in range(3):
+    r0, c0 = np.argwhere(np.any(out[b] != 0.0, axis=-1)).min(0)
+    np.testing.assert_allclose(out[b, r0, c0], 0.5 + 0.25 * np.asarray(signs[b, 0, 0]))
 
 
 def test_square_attack_keeps_only_improvements():
@@ -301,6 +320,25 @@ def test_square_attack_leaves_ties_and_keeps_only_strict_improvements():
                                 queries=30)
   start = attacks.square_init(jax.random.split(jax.random.PRNGKey(5))[0], x, 0.2)
   assert float(jnp.max(jnp.abs(x_adv - start))) > 0  # proposals were accepted
+
+
+def test_square_attack_stops_an_example_whose_margin_reaches_exactly_zero():
+  """As in the Square attack's code (only margin > 0 is attacked further), an example whose
+  stripes start already has margin exactly 0 is fooled and stays at the start, though a later
+  proposal would push its margin below 0; examples starting above 0 are attacked on.
+  Model: z = (10 (x[0, 0] - x[1, 0]), 0), clean x[0, 0] = 0.95, x[1, 0] = 0.92 (margin 0.3):
+  a +eps stripe on column 0 clips both to 1, margin 0."""
+  x = jnp.full((32, 4, 4, 1), 0.5).at[:, 0, 0, 0].set(0.95).at[:, 1, 0, 0].set(0.92)
+  y = jnp.zeros(32, jnp.int32)
+  logits_fn = lambda z: jnp.stack([10 * (z[:, 0, 0, 0] - z[:, 1, 0, 0]), jnp.zeros(len(z))], -1)
+  rng = jax.random.PRNGKey(6)
+  start = attacks.square_attack(logits_fn, x, y, rng, eps=0.1, queries=1)
+  at_zero = np.asarray(attacks.margin(logits_fn(start), y)) == 0.0
+  assert 0 < at_zero.sum() < 32  # both kinds of start are present
+  x_adv = attacks.square_attack(logits_fn, x, y, rng, eps=0.1, queries=200)
+  np.testing.assert_array_equal(np.asarray(x_adv)[at_zero], np.asarray(start)[at_zero])
+  final = np.asarray(attacks.margin(logits_fn(x_adv), y))
+  assert (final[~at_zero] < 0).any()  # the others were pushed across the boundary
 
 
 def test_square_side_and_defaults_by_hand():

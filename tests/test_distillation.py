@@ -93,6 +93,24 @@ def test_temperature_update_on_unbalanced_counts_with_unseen_and_single_samples(
   np.testing.assert_allclose(one, tau, rtol=1e-6)
 
 
+@pytest.mark.parametrize('level, gap, moves', [
+    (1e-3, 2e-8, True),    # tiny risks, relative gap 1e-5 above rtol: a real gap, the update runs
+    (1e3, 2e-4, False),    # large risks, relative gap 1e-7 below rtol: rounding, nothing moves
+    (1e3, 0.4, True)])     # large risks, relative gap 4e-4: the update runs
+def test_temperature_update_threshold_is_relative_to_the_largest_risk(level, gap, moves):
+  """The skip test is max|gap| > rtol * max|risk| (rtol 1e-6), so it scales with the risks: an
+  absolute threshold, or one divided by the risks, gives the other answer in one of these rows."""
+  tau = jnp.array([1.0, 1.0, 1.0], jnp.float32)
+  sums = jnp.array([level, level, level + gap], jnp.float32)
+  got = np.asarray(temperatures.absld_update_temperatures(tau, sums, jnp.ones(3), 0.1, 0.5, 5.0))
+  if moves:
+    np.testing.assert_allclose(got, np_eq10(np.ones(3), np.asarray(sums, np.float64), 0.1, 0.5, 5.0),
+                               rtol=1e-4)
+    assert got[2] == pytest.approx(0.9, abs=1e-5)
+  else:
+    np.testing.assert_array_equal(got, np.ones(3, np.float32))
+
+
 def test_class_temperatures_default_to_the_papers_separate_sets():
   labels = jnp.array([0, 2])
   t_adv, t_clean = temperatures.class_temperatures(labels, jnp.array([1.0, 2.0, 3.0]),

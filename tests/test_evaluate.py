@@ -75,6 +75,51 @@ def test_padded_last_batch_gives_the_same_result_as_one_batch():
   assert one['clean']['avg'] == pytest.approx(np.mean(logits.argmax(1) == labels))
 
 
+class ProcessShareStep:
+  """An eval step as one of ``processes`` processes sees it: the first 1/processes of each
+  batch's rows (the other process holds the rest); correct = (label + attack index) is even."""
+  attack_names = ('pgd20', 'clean', 'fgsm')  # not alphabetical: results keep this order
+
+  def __init__(self, processes):
+    self.processes = processes
+
+  def __call__(self, variables, x, y, rng):
+    local = np.asarray(y)[:len(y) // self.processes]
+    return {name: (local + i) % 2 == 0 for i, name in enumerate(self.attack_names)}
+
+
+@pytest.mark.parametrize('processes', [1, 2])
+def test_several_processes_gather_each_batch_tiled_and_one_process_does_not(processes,
+                                                                            monkeypatch):
+  """With more than one process every batch's per-example results are gathered
+  (process_allgather(out, tiled=True): the processes' rows end to end) before the accuracies;
+  one process never gathers. The summaries are checked by hand."""
+  labels = np.array([0, 1, 2, 3, 0, 2, 1, 1, 2, 0, 3, 2], np.int32)
+  images = np.zeros((len(labels), 1, 1, 1), np.uint8)
+  calls = []
+
+  def allgather(out, tiled=False):
+    calls.append(tiled)
+    assert tiled is True, "the processes' rows must be concatenated, not stacked"
+    other = labels[len(calls) * 4 - 2:len(calls) * 4]  # the other process's half of this batch
+    return {name: np.concatenate([c, (other + i) % 2 == 0])
+            for i, (name, c) in enumerate(out.items())}
+
+  monkeypatch.setattr(evaluate.jax, 'process_count', lambda: processes)
+  monkeypatch.setattr(evaluate.multihost_utils, 'process_allgather', allgather)
+  step = ProcessShareStep(processes)
+  results = evaluate.evaluate(step, {}, images, labels, 4, 4, jax.random.PRNGKey(0))
+  assert calls == ([True] * 3 if processes == 2 else [])
+  assert list(results) == ['pgd20', 'clean', 'fgsm']
+  for i, name in enumerate(step.attack_names):
+    correct = (labels + i) % 2 == 0  # even classes all right (i even) or all wrong (i odd)
+    assert results[name]['per_class'] == [float((c + i) % 2 == 0) for c in range(4)]
+    assert results[name]['avg'] == pytest.approx(correct.mean())  # 7/12 or 5/12, not 1/2
+    assert results[name]['class_mean'] == pytest.approx(0.5)
+    assert results[name]['worst'] == 0.0 and results[name]['worst10'] == 0.0
+    assert results[name]['nsd'] == pytest.approx(1.0)  # std 0.5 over mean 0.5
+
+
 def test_unrolled_evaluation_attacks_equal_the_looped_ones():
   """eval.unroll only changes how the program is written: same rng, same adversarial images."""
   rng = np.random.default_rng(2)

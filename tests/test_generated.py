@@ -29,6 +29,10 @@ def test_shards_are_read_by_offset_or_converted_once(tmp_path, capsys):
   gen = generated.load(_data_config(f'{tmp_path}/part*.npz'), (8, 8, 1), 10)
   assert len(gen) == 80 and gen.paths == [str(tmp_path / 'part1.npz'), str(tmp_path / 'part2.npz')]
   assert isinstance(gen.shards[0], np.memmap)  # stored: mapped inside the zip, not loaded
+  for shard in gen.shards:  # mapped read-only: nothing in a run can write into the archive
+    assert not shard.flags.writeable
+    with pytest.raises(ValueError, match='read-only'):
+      shard[0, 0, 0, 0] = 1
   assert 'converting it once' in capsys.readouterr().out
   assert os.path.exists(tmp_path / 'part2.image.npy')
   all_images = np.concatenate([a['image'], b['image']])

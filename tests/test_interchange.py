@@ -300,6 +300,36 @@ def test_truncated_missing_and_non_dict_files(tiny_state_dict, tmp_path):
     interchange.load_torch_file(str(tmp_path / 'tensor.pt'))
 
 
+def test_a_checkpoint_saved_from_cuda_tensors_loads_on_a_machine_without_a_gpu(tmp_path,
+                                                                               monkeypatch):
+  """Released teachers are saved from CUDA tensors; torch.load restores each storage to the
+  device it names unless told otherwise, which fails where there is no GPU. The file is made
+  here as a GPU machine writes it: the storages' location tag reads 'cuda:0'."""
+  if torch.cuda.is_available():
+    pytest.skip('with a GPU, a cuda:0 tag loads without map_location')
+  sd = {'conv1.weight': torch.arange(6.0).reshape(1, 1, 2, 3), 'bn1.running_var': torch.ones(2)}
+  with monkeypatch.context() as m:
+    m.setattr(torch.serialization, 'location_tag', lambda storage: 'cuda:0')
+    torch.save(sd, tmp_path / 'gpu_saved.pt')
+  with pytest.raises(RuntimeError, match='CUDA'):  # the file really names a CUDA device
+    torch.load(tmp_path / 'gpu_saved.pt', weights_only=True)
+  loaded = interchange.load_torch_file(str(tmp_path / 'gpu_saved.pt'))
+  assert sorted(loaded) == sorted(sd)
+  for k, v in sd.items():
+    np.testing.assert_array_equal(loaded[k], v.numpy())
+
+
+def test_pt_files_are_unpickled_with_weights_only_whatever_torchs_default(tmp_path, monkeypatch):
+  """torch.load's weights_only default was False before torch 2.6 (a GPU box may carry an older
+  CUDA build): the library asks for True itself, so code-carrying pickles are refused on any
+  torch; and it maps storages to the CPU."""
+  torch.save({'conv1.weight': torch.ones(2)}, tmp_path / 'm.pt')
+  seen, load = [], torch.load
+  monkeypatch.setattr(torch, 'load', lambda *a, **kw: seen.append(kw) or load(*a, **kw))
+  interchange.load_torch_file(str(tmp_path / 'm.pt'))
+  assert seen == [{'map_location': 'cpu', 'weights_only': True}]
+
+
 def _torchvision_resnet_module():
   """torchvision's own ``models/resnet.py`` (torchvision comes with robustbench in
   requirements-dev.txt), imported without running the package's ``__init__``, whose compiled

@@ -104,6 +104,12 @@ def test_label_smoothing_is_smooth_cross_entropy_loss():
   np.testing.assert_allclose(float(got), want, rtol=1e-6)
   np.testing.assert_allclose(float(losses.smoothed_cross_entropy(logits, labels, 0.0)),
                              float(losses.cross_entropy(logits, labels)), rtol=1e-6)
+  # Every reduction of the per-sample terms (6 samples, 10 classes: the axes cannot be swapped).
+  per_sample = (0.9 * nll + 0.1 * -logprobs.mean(dim=-1)).numpy()
+  for reduction, value in (('none', per_sample), ('sum', per_sample.sum()),
+                           ('elementwise_mean', per_sample.mean() / 10)):
+    got = losses.smoothed_cross_entropy(jnp.asarray(logits), jnp.asarray(labels), 0.1, reduction)
+    np.testing.assert_allclose(np.asarray(got), value, rtol=1e-5, err_msg=reduction)
 
 
 def test_batch_mode_attack_uses_batch_statistics_and_moves_nothing():
