@@ -81,6 +81,23 @@ def test_inits():
                        steps=1, init='gaussian')
 
 
+def test_unclipped_uniform_init_is_the_drawn_uniform_noise_in_the_inputs_dtype():
+  """ARD / IAD start: x + U(-eps, eps), not clipped: at black pixels half the starts are
+  negative; the noise is the draw of jax.random.uniform with the input's key and dtype."""
+  x = jnp.zeros((2000, 4))
+  rng = jax.random.PRNGKey(7)
+  got = np.asarray(attacks.init_uniform_unclipped(rng, x, 0.1))
+  np.testing.assert_array_equal(got, np.asarray(jax.random.uniform(rng, x.shape, x.dtype, -0.1,
+                                                                   0.1)))
+  assert -0.1 <= got.min() < -0.099 and 0.099 < got.max() <= 0.1
+  assert 0.45 < (got < 0).mean() < 0.55
+  half = attacks.init_uniform_unclipped(rng, jnp.full((8, 4), 0.5, jnp.bfloat16), 0.1)
+  assert half.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(
+      np.asarray(half, np.float32),
+      np.asarray(0.5 + jax.random.uniform(rng, (8, 4), jnp.bfloat16, -0.1, 0.1), np.float32))
+
+
 def test_clipped_normal_init_stays_in_the_image_box_and_is_the_normal_init_inside_it():
   """BAT's init: clip(x + 0.001 N(0, 1), 0, 1): at black and white pixels the noise that would
   leave [0, 1] is cut off; elsewhere it is init_normal's draw."""

@@ -300,6 +300,17 @@ def test_truncated_missing_and_non_dict_files(tiny_state_dict, tmp_path):
     interchange.load_torch_file(str(tmp_path / 'tensor.pt'))
 
 
+def test_only_kernels_change_layout_between_flax_and_torch():
+  """HWIO conv kernels -> OIHW, dense (in, out) -> (out, in); every other leaf keeps its shape,
+  two-dimensional ones included."""
+  assert interchange.torch_shape('kernel', (3, 5, 2, 7)) == (7, 2, 3, 5)
+  assert interchange.torch_shape('kernel', (64, 10)) == (10, 64)
+  assert interchange.torch_shape('kernel', (10,)) == (10,)
+  for name in ('scale', 'bias', 'mean', 'var', 'embedding'):
+    assert interchange.torch_shape(name, (4, 6)) == (4, 6), name
+    assert interchange.torch_shape(name, (6,)) == (6,), name
+
+
 def test_a_checkpoint_saved_from_cuda_tensors_loads_on_a_machine_without_a_gpu(tmp_path,
                                                                                monkeypatch):
   """Released teachers are saved from CUDA tensors; torch.load restores each storage to the
