@@ -98,6 +98,25 @@ def test_unclipped_uniform_init_is_the_drawn_uniform_noise_in_the_inputs_dtype()
       np.asarray(0.5 + jax.random.uniform(rng, (8, 4), jnp.bfloat16, -0.1, 0.1), np.float32))
 
 
+def test_uniform_init_is_the_drawn_noise_added_then_clipped_to_the_image_box():
+  """Madry / evaluation PGD start: clip(x + U(-eps, eps), 0, 1) with the input's key and dtype:
+  at black and white pixels the half of the draws that leaves [0, 1] is cut to the bound, at
+  grey pixels the draw is added (not subtracted) as it is."""
+  rng = jax.random.PRNGKey(11)
+  x = jnp.tile(jnp.array([0.0, 0.5, 1.0]), (2000, 1))
+  noise = np.asarray(jax.random.uniform(rng, x.shape, x.dtype, -0.1, 0.1))
+  got = np.asarray(attacks.init_uniform(rng, x, 0.1))
+  np.testing.assert_array_equal(got, np.clip(np.asarray(x) + noise, 0.0, 1.0))
+  assert got.min() == 0.0 and got.max() == 1.0
+  assert 0.45 < (got[:, 0] == 0.0).mean() < 0.55 and 0.45 < (got[:, 2] == 1.0).mean() < 0.55
+  np.testing.assert_array_equal(got[:, 1], np.float32(0.5) + noise[:, 1])
+  half = attacks.init_uniform(rng, jnp.full((8, 4), 0.5, jnp.bfloat16), 0.1)
+  assert half.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(
+      np.asarray(half, np.float32),
+      np.asarray(0.5 + jax.random.uniform(rng, (8, 4), jnp.bfloat16, -0.1, 0.1), np.float32))
+
+
 def test_clipped_normal_init_stays_in_the_image_box_and_is_the_normal_init_inside_it():
   """BAT's init: clip(x + 0.001 N(0, 1), 0, 1): at black and white pixels the noise that would
   leave [0, 1] is cut off; elsewhere it is init_normal's draw."""

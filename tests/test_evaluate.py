@@ -144,6 +144,57 @@ def test_unrolled_evaluation_attacks_equal_the_looped_ones():
   assert out[True]['pgd20'].sum() < out[True]['clean'].sum()  # the attacks did something
 
 
+def test_evaluation_loops_follow_the_default_of_the_platform_they_are_built_for(monkeypatch):
+  """With eval.unroll unset the PGD and CW loops take the default of the ``platform`` the step
+  is built for (a deviceless GPU compile on a CPU host asks for 'gpu'), not of the host."""
+  from ltd_jax import attacks  # pylint: disable=g-import-not-at-top
+  monkeypatch.setitem(attacks.UNROLL_DEFAULTS, 'eval', {'cpu': False, 'gpu': True})
+  w = np.random.default_rng(4).normal(size=(12, 3)).astype(np.float32)
+  apply_fn = lambda variables, x, train=False: x.reshape(x.shape[0], -1) @ variables['w']
+  images = np.zeros((4, 2, 2, 3), np.uint8)
+  labels = np.zeros(4, np.int32)
+  cfg = ml_collections.ConfigDict({'alpha': 0.02, 'pgd_steps': 3, 'cw_steps': 3,
+                                   'cw_kappa': 50., 'unroll': None})
+  loops = {}
+  for platform in ('cpu', 'gpu', None):  # None: JAX's default backend, the CPU here
+    step = evaluate.make_eval_step(apply_fn, ('pgd20', 'cw'), eps=0.1, eval_config=cfg,
+                                   platform=platform)
+    program = step.lower({'w': w}, images, labels, jax.random.PRNGKey(0)).as_text()
+    loops[platform] = program.count('stablehlo.while')
+  assert loops['cpu'] == loops[None] == loops['gpu'] + 2
+
+
+def test_cw_evaluation_uses_the_configured_confidence():
+  """eval.cw_kappa reaches the CW objective: with kappa 0 an example already misclassified has
+  no gradient and stays where it is; with the default 50 the attack goes on moving it."""
+  from ltd_jax import attacks  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(5)
+  w = rng.normal(size=(12, 3)).astype(np.float32)
+  logits_fn = lambda x: x.reshape(x.shape[0], -1) @ w
+  x = jnp.asarray(rng.uniform(size=(32, 2, 2, 3)).astype(np.float32))
+  y = jnp.asarray(rng.integers(0, 3, size=32).astype(np.int32))
+  key = jax.random.PRNGKey(1)
+  adv = {}
+  for kappa in (0.0, 50.0):
+    cfg = ml_collections.ConfigDict({'alpha': 0.02, 'pgd_steps': 3, 'cw_steps': 4,
+                                     'cw_kappa': kappa, 'unroll': False})
+    adv[kappa] = np.asarray(evaluate.attack_images('cw', logits_fn, x, y, key, eps=0.1,
+                                                   eval_config=cfg))
+    want = attacks.pgd_attack(attacks.cw_objective(logits_fn, y, kappa), x, key, eps=0.1,
+                              alpha=0.02, steps=4, init='uniform')
+    np.testing.assert_array_equal(adv[kappa], np.asarray(want))
+  moved = np.abs(adv[0.0] - adv[50.0]).reshape(32, -1).max(axis=1) > 0
+  assert 0 < moved.sum() < 32  # the examples misclassified on the way, and only those
+
+
+def test_an_unknown_evaluation_attack_is_named_in_the_error():
+  cfg = ml_collections.ConfigDict({'alpha': 0.02, 'pgd_steps': 3, 'cw_steps': 3,
+                                   'cw_kappa': 50., 'unroll': False})
+  with pytest.raises(ValueError, match="unknown evaluation attack 'pgd100'"):
+    evaluate.attack_images('pgd100', lambda x: x, jnp.zeros((1, 2)), jnp.zeros(1, jnp.int32),
+                           jax.random.PRNGKey(0), eps=0.1, eval_config=cfg)
+
+
 def test_evaluation_schedule_of_the_paper_configs_is_the_released_scripts():
   """resnet18_absld_cifar10.py evaluates after epoch e when (e % 10 == 0 and e < 215) or
   e >= 215; absld_cifar10.py and rslad_cifar10.py (selected the same way) do the same, on the
