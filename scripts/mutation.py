@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import glob
+import importlib.metadata
 import json
 import os
 import platform
@@ -133,6 +134,13 @@ def cpu_name() -> str:
   return platform.processor() or platform.machine()
 
 
+def mutmut_version() -> str:
+  try:
+    return importlib.metadata.version('mutmut')
+  except importlib.metadata.PackageNotFoundError:
+    return 'not installed'
+
+
 def load_parts() -> dict:
   if not os.path.exists(PARTS):
     return {}
@@ -144,7 +152,6 @@ def record_parts(rows, commit: str, seconds: float, selection) -> list[str]:
   """Stores in PARTS each module of ``rows`` that was checked: its commit, machine, counts and
   every mutant not killed (killed ones are only counted). A later part replaces the modules it
   ran; the others keep theirs. Returns the modules recorded."""
-  import mutmut  # pylint: disable=g-import-not-at-top
   parts, recorded = load_parts(), []
   modules = sorted({module_of(r[0]) for r in rows}, key=MODULES.index)
   for m in modules:
@@ -155,7 +162,7 @@ def record_parts(rows, commit: str, seconds: float, selection) -> list[str]:
     parts[m] = {
         'commit': commit, 'date': datetime.date.today().isoformat(),
         'machine': f'{cpu_name()} ({os.cpu_count()} cores), Python {platform.python_version()}, '
-                   f'mutmut {mutmut.__version__}',
+                   f'mutmut {mutmut_version()}',
         'part_minutes': round(seconds / 60), 'part_modules': modules, 'tests': list(selection),
         'mutants': len(module_rows), 'checked': len(checked),
         'killed': sum(r[1] in KILLED for r in checked),
@@ -256,7 +263,6 @@ def recheck(workdir: str, modules, selection, max_children: int) -> None:
   since their part), with the tests as they are now, and moves those now killed to the killed
   count of their part. In the part's own workdir its test-to-function map is reused (mutmut
   maps only the new tests); elsewhere a fresh copy is mapped with ``selection``."""
-  import mutmut  # pylint: disable=g-import-not-at-top
   parts = load_parts()
   with open(EQUIVALENTS) as f:
     equivalents = json.load(f)
@@ -298,7 +304,7 @@ def recheck(workdir: str, modules, selection, max_children: int) -> None:
     part['not_killed'] = [r for r in part['not_killed'] if r[0] not in killed_now]
     part.setdefault('rechecks', []).append({
         'commit': head, 'date': datetime.date.today().isoformat(),
-        'machine': f'{cpu_name()} ({os.cpu_count()} cores), mutmut {mutmut.__version__}',
+        'machine': f'{cpu_name()} ({os.cpu_count()} cores), mutmut {mutmut_version()}',
         'rechecked': len(names[m]), 'killed': killed_now})
     print(f'{m}: {len(killed_now)} of {len(names[m])} survivors killed now')
   with open(PARTS, 'w') as f:

@@ -38,6 +38,8 @@ def test_kl_matches_numpy_and_both_forms_agree(logits):
   np.testing.assert_allclose(losses.kl_divergence(p.astype(np.float32), z, 'batchmean'),
                              per.mean(), rtol=1e-4)
   assert float(losses.kl_from_logits(t, t, 'sum')) == pytest.approx(0.0, abs=1e-5)
+  # Without a reduction: the mean over the batch (KLDivLoss(reduction='batchmean')).
+  np.testing.assert_allclose(losses.kl_from_logits(t, z), per.mean(), rtol=1e-4)
 
 
 def test_kl_handles_zero_probabilities():

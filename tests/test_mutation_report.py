@@ -1,0 +1,64 @@
+"""scripts/mutation.py's bookkeeping: parts stored per module, the report's counts by hand."""
+
+import json
+import os
+import sys
+
+from tests.conftest import ROOT
+
+sys.path.insert(0, os.path.join(ROOT, 'scripts'))
+import mutation  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def test_a_mutants_module_includes_the_package_of_the_methods():
+  assert mutation.module_of('ltd_jax.losses.x_cross_entropy__mutmut_3') == 'losses'
+  assert mutation.module_of('ltd_jax.methods.base.x_make__mutmut_1') == 'methods/base'
+  assert mutation.module_of('ltd_jax.generated.xǁGeneratedImagesǁimages__mutmut_3') == 'generated'
+
+
+def test_a_later_part_replaces_only_the_modules_it_ran(tmp_path, monkeypatch):
+  monkeypatch.setattr(mutation, 'PARTS', str(tmp_path / 'parts.json'))
+  first = [('ltd_jax.losses.x_f__mutmut_1', 'killed', '', ''),
+           ('ltd_jax.losses.x_f__mutmut_2', 'survived', 'a + b', 'a - b'),
+           ('ltd_jax.awp.x_g__mutmut_1', 'timeout', '', ''),
+           ('ltd_jax.awp.x_g__mutmut_2', 'not checked', '', '')]
+  assert mutation.record_parts(first, 'aaa', 600, ['test_losses.py']) == ['losses', 'awp']
+  second = [('ltd_jax.awp.x_g__mutmut_1', 'killed', '', ''),
+            ('ltd_jax.awp.x_g__mutmut_2', 'no tests', 'x', 'None'),
+            ('ltd_jax.evaluate.x_h__mutmut_1', 'not checked', '', '')]  # nothing checked: not kept
+  assert mutation.record_parts(second, 'bbb', 60, ['test_awp.py']) == ['awp']
+  with open(tmp_path / 'parts.json') as f:
+    parts = json.load(f)
+  assert list(parts) == ['losses', 'awp']  # MODULES order
+  losses, awp = parts['losses'], parts['awp']
+  assert (losses['commit'], losses['mutants'], losses['checked'], losses['killed']) == ('aaa', 2, 2, 1)
+  assert losses['not_killed'] == [['ltd_jax.losses.x_f__mutmut_2', 'survived', 'a + b', 'a - b']]
+  assert losses['part_minutes'] == 10 and losses['part_modules'] == ['losses', 'awp']
+  assert (awp['commit'], awp['mutants'], awp['checked'], awp['killed']) == ('bbb', 2, 2, 1)
+  assert awp['tests'] == ['test_awp.py'] and awp['part_minutes'] == 1
+
+
+def test_the_report_counts_equivalents_apart_and_keeps_the_hand_written_notes(tmp_path):
+  part = lambda commit, mutants, checked, killed, not_killed: {
+      'commit': commit, 'date': '2026-12-03', 'machine': 'cpu (2 cores)', 'part_minutes': 5,
+      'part_modules': ['losses', 'awp'], 'tests': ['test_losses.py'], 'mutants': mutants,
+      'checked': checked, 'killed': killed, 'not_killed': not_killed}
+  parts = {
+      'losses': part('aaa', 12, 10, 7, [['m1', 'survived', 'a + b', 'a - b'],
+                                        ['m2', 'survived', 'x', 'None'],
+                                        ['m3', 'no tests', 'y', 'z']]),
+      'awp': part('aaa', 4, 4, 4, [])}
+  equivalents = {'a + b -> a - b': 'equivalent: b is 0 here', 'y -> z': 'survives: a GPU path'}
+  path = tmp_path / 'mutation.md'
+  path.write_text('old text\n' + mutation.NOTES_MARKER + '\nkept by hand\n')
+  total, killed, eq, gaps, score = mutation.write_report(str(path), parts, equivalents)
+  assert (total, killed, eq, gaps) == (14, 11, 1, 2)
+  assert score == 100.0 * 11 / 13
+  text = path.read_text()
+  assert '| losses | `aaa` | 10 | 7 | 1 | 77.8% | 2 |' in text  # 7 / (10 - 1)
+  assert '| awp | `aaa` | 4 | 4 | 0 | 100.0% | 0 |' in text
+  assert '| `m2` | survived | `x` | `None` | not yet classified |' in text
+  assert '| `m3` | no tests | `y` | `z` | survives: a GPU path |' in text
+  assert '| `m1` | `a + b` | `a - b` | b is 0 here |' in text
+  assert '2 of the 16 mutants were not checked' in text
+  assert 'old text' not in text and text.endswith(mutation.NOTES_MARKER + '\nkept by hand\n')
