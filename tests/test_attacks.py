@@ -42,6 +42,28 @@ def test_pgd_stays_in_eps_ball_and_box(linear, init, objective):
   assert float(jnp.max(jnp.abs(x_adv - x))) > 0.05  # it moved
 
 
+def test_attack_objectives_are_sums_over_the_batch(linear):
+  """The released attacks' losses are summed (CrossEntropyLoss(reduction='sum'),
+  KLDivLoss(size_average=False), the CW margin summed): each is checked against numpy per
+  example, so a mean (1/B of it) would fail."""
+  w, x, y = linear
+  logits = np.asarray(x).reshape(8, -1).astype(np.float64) @ np.asarray(w, np.float64)
+  log_q = logits - logits.max(1, keepdims=True)
+  log_q -= np.log(np.exp(log_q).sum(1, keepdims=True))
+  yy = np.asarray(y)
+  f = linear_logits_fn(w)
+  assert float(attacks.ce_objective(f, y)(x)) == pytest.approx(-log_q[np.arange(8), yy].sum(),
+                                                                rel=1e-5)
+  p = np.full((8, 3), 0.2)
+  p[np.arange(8), yy] = 0.6
+  kl = (p * (np.log(p) - log_q)).sum()
+  assert float(attacks.kl_objective(f, jnp.asarray(p, jnp.float32))(x)) == pytest.approx(kl,
+                                                                                     rel=1e-5)
+  other = np.where(np.eye(3, dtype=bool)[yy], -np.inf, logits).max(1)
+  cw = -np.maximum(logits[np.arange(8), yy] - other + 50.0, 0.0).sum()
+  assert float(attacks.cw_objective(f, y)(x)) == pytest.approx(cw, rel=1e-5)
+
+
 def test_fgsm_matches_hand_computed_gradient_sign(linear):
   w, x, y = linear
   xf = np.asarray(x).reshape(8, -1).astype(np.float64)
