@@ -6,6 +6,7 @@ import pickle
 import re
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -309,6 +310,23 @@ def test_only_kernels_change_layout_between_flax_and_torch():
   for name in ('scale', 'bias', 'mean', 'var', 'embedding'):
     assert interchange.torch_shape(name, (4, 6)) == (4, 6), name
     assert interchange.torch_shape(name, (6,)) == (6,), name
+
+
+def test_an_export_is_float32_whatever_the_dtype_the_variables_are_kept_in():
+  """A PyTorch model holds float32 tensors: bfloat16 (mixed-precision) or float64 variables
+  are written as their float32 values, in torch's layout; num_batches_tracked stays int64."""
+  _, params, batch_stats = random_variables('small_cnn', (8, 8, 1), width=4)
+  want = interchange.to_torch_state_dict(params, batch_stats)
+  for dtype in (jnp.bfloat16, np.float64):
+    cast = lambda tree: jax.tree_util.tree_map(lambda v: np.asarray(v).astype(dtype), tree)
+    got = interchange.to_torch_state_dict(cast(params), cast(batch_stats))
+    assert set(got) == set(want)
+    for key, value in got.items():
+      if key.endswith('num_batches_tracked'):
+        assert value.dtype == np.int64, key
+        continue
+      assert value.dtype == np.float32 and value.shape == want[key].shape, (dtype, key)
+      np.testing.assert_allclose(value, want[key], rtol=1e-2 if dtype == jnp.bfloat16 else 1e-7)
 
 
 def test_a_checkpoint_saved_from_cuda_tensors_loads_on_a_machine_without_a_gpu(tmp_path,

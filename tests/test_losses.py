@@ -40,6 +40,9 @@ def test_kl_matches_numpy_and_both_forms_agree(logits):
   assert float(losses.kl_from_logits(t, t, 'sum')) == pytest.approx(0.0, abs=1e-5)
   # Without a reduction: the mean over the batch (KLDivLoss(reduction='batchmean')).
   np.testing.assert_allclose(losses.kl_from_logits(t, z), per.mean(), rtol=1e-4)
+  # elementwise_mean divides by batch x classes (6 x 5 here; not 6 x 6).
+  np.testing.assert_allclose(losses.kl_from_logits(t, z, 'elementwise_mean'), per.mean() / 5,
+                             rtol=1e-4)
 
 
 def test_kl_handles_zero_probabilities():
