@@ -312,6 +312,15 @@ def test_only_kernels_change_layout_between_flax_and_torch():
     assert interchange.torch_shape(name, (6,)) == (6,), name
 
 
+def test_torch_module_names_by_hand():
+  """A trailing _N is an index (layer_0 -> layer.0), a double underscore one underscore, and a
+  name that is only an index (_3: nothing to index) is kept whole."""
+  assert interchange.torch_module_name(('block1', 'layer_0', 'bn1')) == 'block1.layer.0.bn1'
+  assert interchange.torch_module_name(('features_12', 'batchnorm__0')) == 'features.12.batchnorm_0'
+  assert interchange.torch_module_name(('_3', 'conv')) == '_3.conv'
+  assert interchange.torch_module_name(('logits',)) == 'logits'
+
+
 def test_an_export_is_float32_whatever_the_dtype_the_variables_are_kept_in():
   """A PyTorch model holds float32 tensors: bfloat16 (mixed-precision) or float64 variables
   are written as their float32 values, in torch's layout; num_batches_tracked stays int64."""
