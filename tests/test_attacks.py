@@ -139,6 +139,22 @@ def test_uniform_init_is_the_drawn_noise_added_then_clipped_to_the_image_box():
       np.asarray(0.5 + jax.random.uniform(rng, (8, 4), jnp.bfloat16, -0.1, 0.1), np.float32))
 
 
+def test_normal_init_is_a_thousandth_of_the_drawn_normal_noise_in_the_inputs_dtype():
+  """TRADES / AWP / RSLAD start: x + 0.001 N(0, 1), drawn with the input's key and dtype (a
+  bfloat16 batch stays bfloat16), whatever the radius."""
+  rng = jax.random.PRNGKey(3)
+  x = jnp.full((500, 4), 0.5)
+  got = np.asarray(attacks.init_normal(rng, x, 0.3))
+  np.testing.assert_array_equal(
+      got, np.float32(0.5) + np.float32(0.001) * np.asarray(jax.random.normal(rng, x.shape)))
+  assert 0.0008 < np.std(got - 0.5) < 0.0012
+  half = attacks.init_normal(rng, x.astype(jnp.bfloat16), 0.3)
+  assert half.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(
+      np.asarray(half, np.float32),
+      np.asarray(0.5 + 0.001 * jax.random.normal(rng, x.shape, jnp.bfloat16), np.float32))
+
+
 def test_clipped_normal_init_stays_in_the_image_box_and_is_the_normal_init_inside_it():
   """BAT's init: clip(x + 0.001 N(0, 1), 0, 1): at black and white pixels the noise that would
   leave [0, 1] is cut off; elsewhere it is init_normal's draw."""
