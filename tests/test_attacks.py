@@ -446,3 +446,29 @@ def test_square_attack_starts_correct_examples_from_stripes_and_uses_every_query
   one = attacks.square_attack(logits_fn, x, y, jax.random.PRNGKey(2), eps=0.1, queries=2)
   moved = np.any(np.asarray(one) != np.asarray(start), axis=(1, 2, 3))
   assert 0 < moved.sum() < 64
+
+
+def test_methods_pgd_tracks_the_iterates_of_a_plain_logits_function(linear, tiny_config):
+  """``methods.pgd`` with a logits function that is no AttackStudent and a ``track``: the same
+  iterates as ``attacks.pgd_attack`` from the same start, and ``update`` sees each iterate and
+  the function's logits on it."""
+  w, x, y = linear
+  f = linear_logits_fn(w)
+  inputs = methods.MethodInputs(x, y, jax.random.PRNGKey(5))
+  steps = tiny_config.attack.steps
+  assert steps >= 2
+  zeros = (jnp.zeros((steps,) + x.shape), jnp.zeros((steps, x.shape[0], 3)))
+  record = lambda t, k, xk, logits: (t[0].at[k].set(xk), t[1].at[k].set(logits))
+  x_adv, (iterates, logits) = methods.pgd(f, lambda g: attacks.ce_objective(g, y), inputs,
+                                          tiny_config, track=(zeros, record))
+  plain = methods.pgd(f, lambda g: attacks.ce_objective(g, y), inputs, tiny_config)
+  np.testing.assert_array_equal(x_adv, plain)
+  by_hand, hand_iterates = attacks.pgd_attack(
+      attacks.ce_objective(f, y), x, inputs.rng, eps=tiny_config.eps,
+      alpha=tiny_config.attack.alpha, steps=steps, init=tiny_config.attack.init,
+      track=(zeros[0], lambda t, k, xk, s: t.at[k].set(xk)))
+  np.testing.assert_allclose(x_adv, by_hand, rtol=0, atol=1e-6)
+  np.testing.assert_allclose(iterates, hand_iterates, rtol=0, atol=1e-6)
+  assert not np.allclose(iterates[0], iterates[1])  # the iterates move
+  for k in range(steps):
+    np.testing.assert_allclose(logits[k], f(iterates[k]), rtol=1e-5, atol=1e-5)

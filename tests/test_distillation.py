@@ -504,3 +504,33 @@ def test_register_adds_a_method_by_name():
     methods.METHODS.pop('test_only_method', None)
   with pytest.raises(ValueError, match="unknown method 'test_only_method'"):
     methods.get_method('test_only_method')
+
+
+# The passes each method cannot do without, counted by hand in forward-pass units (forward 1,
+# backward to the input 1, backward to the weights 2) for a K-step training attack, and the
+# statistics-only replays ``reference_bn_passes`` adds (tests/test_compile_plan.py checks the
+# counts against XLA's FLOPs of the compiled steps where the CUDA plugin is installed).
+HAND_PASSES = {
+    'natural': (lambda k: 3, 0), 'pgd_at': (lambda k: 2 * k + 3, 0),
+    'trades': (lambda k: 2 * k + 7, 1), 'awp': (lambda k: 2 * k + 13, 1),
+    'ltd': (lambda k: 2 * k + 7, 1), 'rslad': (lambda k: 2 * k + 6, 0),
+    'absld': (lambda k: 2 * k + 6, 0), 'absld_manual': (lambda k: 2 * k + 6, 0),
+    'ard': (lambda k: 2 * k + 6, 0), 'iad': (lambda k: 2 * k + 10, 0),
+    'adaad': (lambda k: 2 * k + 6, 0), 'soft_label_natural': (lambda k: 3, 0),
+    'fair_ard': (lambda k: 2 * k + 6, 0), 'fair_rslad': (lambda k: 2 * k + 6, 0),
+    'bat': (lambda k: 4 * k + 10, 0), 'frl': (lambda k: 2 * k + 7, 1),
+    'cfa': (lambda k: 2 * k + 7, 2)}
+
+
+@pytest.mark.parametrize('replayed', [False, True])
+@pytest.mark.parametrize('steps', [3, 10])
+def test_minimal_passes_are_the_hand_counted_passes(steps, replayed):
+  c = config_lib.default_config()
+  c.attack.steps, c.reference_bn_passes = steps, replayed
+  assert set(HAND_PASSES) <= set(methods.METHODS)
+  for name, (base, replays) in HAND_PASSES.items():
+    c.method = name
+    assert methods.get_method(name).minimal_passes(c) == base(steps) + replayed * replays, name
+  c.method, c.ltd.base = 'ltd', 'awp'  # LTD on TRADES-AWP adds AWP's proxy step
+  assert methods.get_method('ltd').minimal_passes(c) == 2 * steps + 13 + replayed
+  assert methods.passes(lambda k: 5 * k)(c) == 5 * steps  # no replays unless stated
