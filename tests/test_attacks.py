@@ -472,3 +472,35 @@ def test_methods_pgd_tracks_the_iterates_of_a_plain_logits_function(linear, tiny
   assert not np.allclose(iterates[0], iterates[1])  # the iterates move
   for k in range(steps):
     np.testing.assert_allclose(logits[k], f(iterates[k]), rtol=1e-5, atol=1e-5)
+
+
+def test_batch_mode_attack_uses_the_batch_statistics_with_or_without_a_track(tiny_config):
+  """``attack.bn_mode='batch'`` (DM-Improves-AT's TRADES attack): train-mode normalisation by
+  the batch's statistics, the running ones left alone, and the same iterates when ``pgd``
+  follows them (``track``, which runs the student through ``AttackStudent.at``)."""
+  ds = data.load_digits()
+  model = state_lib.build_model(tiny_config, 10)
+  state = state_lib.create_train_state(tiny_config, model, ds.image_shape, 10, 5)
+  state = state.replace(batch_stats=jax.tree_util.tree_map(lambda a: a + 0.5, state.batch_stats))
+  x, y = data.to_float(ds.train_images[:32]), ds.train_labels[:32]
+  inputs = methods.MethodInputs(x, y, jax.random.PRNGKey(3))
+  batch = methods.AttackStudent.of(state, 'batch')
+  train_mode = state.apply_fn(state.variables, x, train=True, mutable=['batch_stats'])[0]
+  np.testing.assert_allclose(batch(x), train_mode, rtol=1e-6, atol=1e-6)
+  assert not np.allclose(batch(x), state.apply_fn(state.variables, x, train=False), atol=1e-3)
+  moved = batch.at(batch.batch_stats)
+  assert moved.batch_statistics and not moved.moves_statistics
+  np.testing.assert_allclose(moved(x), train_mode, rtol=1e-6, atol=1e-6)
+
+  objective = lambda f: attacks.ce_objective(f, y)
+  steps = tiny_config.attack.steps
+  record = (jnp.zeros((steps,) + x.shape), lambda t, k, xk, logits: t.at[k].set(xk))
+  plain = methods.pgd(batch, objective, inputs, tiny_config)
+  tracked, _ = methods.pgd(methods.AttackStudent.of(state, 'batch'), objective, inputs,
+                           tiny_config, track=record)
+  np.testing.assert_allclose(tracked, plain, rtol=0, atol=1e-6)
+  eval_mode = methods.pgd(methods.AttackStudent.of(state, 'eval'), objective, inputs, tiny_config)
+  assert np.abs(np.asarray(eval_mode) - np.asarray(plain)).max() > 1e-3  # the mode shows
+  for leaf, start in zip(jax.tree_util.tree_leaves(batch.batch_stats),
+                         jax.tree_util.tree_leaves(state.batch_stats)):
+    np.testing.assert_array_equal(leaf, start)  # the running statistics stay
