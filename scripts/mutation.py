@@ -312,6 +312,20 @@ def recheck(workdir: str, modules, selection, max_children: int) -> None:
     f.write('\n')
 
 
+def part_seconds(workdir: str) -> float:
+  """A part's length: what a finished part wrote, or for one stopped early, from its start (the
+  mutmut config it wrote) to the last result of any module, a package's modules included."""
+  seconds_file = os.path.join(workdir, 'seconds')
+  if os.path.exists(seconds_file):
+    with open(seconds_file) as f:
+      return float(f.read())
+  repo = os.path.join(workdir, 'repo')
+  metas = glob.glob(os.path.join(repo, 'mutants', 'ltd_jax', '**', '*.meta'), recursive=True)
+  if not metas:
+    sys.exit(f'{workdir} holds no mutmut results (mutants/ltd_jax/**/*.meta): nothing to store')
+  return max(map(os.path.getmtime, metas)) - os.path.getmtime(os.path.join(repo, 'setup.cfg'))
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--workdir', default='/tmp/ltd_jax_mutation',
@@ -356,13 +370,7 @@ def main():
     if os.path.exists(os.path.join(workdir, 'tests')):
       with open(os.path.join(workdir, 'tests')) as f:
         selection = f.read().split()
-    seconds_file = os.path.join(workdir, 'seconds')
-    if os.path.exists(seconds_file):
-      with open(seconds_file) as f:
-        seconds = float(f.read())
-    else:  # stopped early: from its start to the last result it wrote
-      metas = glob.glob(os.path.join(repo, 'mutants', 'ltd_jax', '*.meta'))
-      seconds = max(map(os.path.getmtime, metas)) - os.path.getmtime(os.path.join(repo, 'setup.cfg'))
+    seconds = part_seconds(workdir)
     ran = [m for m in modules
            if os.path.exists(os.path.join(repo, 'mutants', 'ltd_jax', f'{m}.py.meta'))]
     recorded = record_parts(collect(repo, sys.executable, ran), commit, seconds, selection)

@@ -4,6 +4,8 @@ import json
 import os
 import sys
 
+import pytest
+
 from tests.conftest import ROOT
 
 sys.path.insert(0, os.path.join(ROOT, 'scripts'))
@@ -62,3 +64,27 @@ def test_the_report_counts_equivalents_apart_and_keeps_the_hand_written_notes(tm
   assert '| `m1` | `a + b` | `a - b` | b is 0 here |' in text
   assert '2 of the 16 mutants were not checked' in text
   assert 'old text' not in text and text.endswith(mutation.NOTES_MARKER + '\nkept by hand\n')
+
+
+def test_a_stopped_parts_length_reaches_the_last_result_of_a_packages_module(tmp_path):
+  """No 'seconds' file (the part was stopped): from the config it wrote to the newest .meta, a
+  result of ltd_jax/methods/ included; a finished part's own 'seconds' wins."""
+  repo = tmp_path / 'repo'
+  (repo / 'mutants' / 'ltd_jax' / 'methods').mkdir(parents=True)
+  (repo / 'setup.cfg').write_text('[mutmut]\n')
+  top = repo / 'mutants' / 'ltd_jax' / 'losses.py.meta'
+  nested = repo / 'mutants' / 'ltd_jax' / 'methods' / 'base.py.meta'
+  for path in (top, nested):
+    path.write_text('{}')
+  start = os.path.getmtime(repo / 'setup.cfg')
+  os.utime(top, (start + 60, start + 60))
+  os.utime(nested, (start + 600, start + 600))
+  assert mutation.part_seconds(str(tmp_path)) == 600
+  (tmp_path / 'seconds').write_text('42.5')
+  assert mutation.part_seconds(str(tmp_path)) == 42.5
+
+
+def test_a_workdir_without_results_is_refused_by_name(tmp_path):
+  (tmp_path / 'repo').mkdir()
+  with pytest.raises(SystemExit, match='holds no mutmut results'):
+    mutation.part_seconds(str(tmp_path))
