@@ -148,30 +148,68 @@ def load_parts() -> dict:
     return json.load(f)
 
 
-def record_parts(rows, commit: str, seconds: float, selection) -> list[str]:
-  """Stores in PARTS each module of ``rows`` that was checked: its commit, machine, counts and
-  every mutant not killed (killed ones are only counted). A later part replaces the modules it
-  ran; the others keep theirs. Returns the modules recorded."""
+def record_parts(rows, commit: str, seconds: float, selection, continuing: bool = False) -> list[str]:
+  """Stores in PARTS each module of ``rows`` that was checked: its commit, machine, counts, every
+  mutant not killed (killed ones are only counted) and, for a part stopped early, the names of
+  those not reached (``not_checked``). A later part replaces the modules it ran; the others keep
+  theirs. With ``continuing`` (``--unreached``: a part over a stopped part's unreached mutants,
+  the module's source unchanged) the mutants it checked are added to the stored part instead,
+  with the sitting listed under ``continued``. Returns the modules recorded."""
   parts, recorded = load_parts(), []
   modules = sorted({module_of(r[0]) for r in rows}, key=MODULES.index)
+  machine = (f'{cpu_name()} ({os.cpu_count()} cores), Python {platform.python_version()}, '
+             f'mutmut {mutmut_version()}')
   for m in modules:
     module_rows = [r for r in rows if module_of(r[0]) == m]
+    if continuing:
+      part = parts[m]
+      waiting = set(part.get('not_checked', ()))
+      checked = [r for r in module_rows if r[0] in waiting and r[1] != 'not checked']
+      if not checked:
+        continue
+      done = {r[0] for r in checked}
+      part['checked'] += len(checked)
+      part['killed'] += sum(r[1] in KILLED for r in checked)
+      part['not_killed'] += [list(r) for r in checked if r[1] not in KILLED]
+      part['not_checked'] = [n for n in part['not_checked'] if n not in done]
+      if not part['not_checked']:
+        del part['not_checked']
+      part.setdefault('continued', []).append({
+          'commit': commit, 'date': datetime.date.today().isoformat(), 'machine': machine,
+          'part_minutes': round(seconds / 60), 'checked': len(checked)})
+      recorded.append(m)
+      continue
     checked = [r for r in module_rows if r[1] != 'not checked']
     if not checked:
       continue
     parts[m] = {
-        'commit': commit, 'date': datetime.date.today().isoformat(),
-        'machine': f'{cpu_name()} ({os.cpu_count()} cores), Python {platform.python_version()}, '
-                   f'mutmut {mutmut_version()}',
+        'commit': commit, 'date': datetime.date.today().isoformat(), 'machine': machine,
         'part_minutes': round(seconds / 60), 'part_modules': modules, 'tests': list(selection),
         'mutants': len(module_rows), 'checked': len(checked),
         'killed': sum(r[1] in KILLED for r in checked),
         'not_killed': [list(r) for r in checked if r[1] not in KILLED]}
+    unreached = [r[0] for r in module_rows if r[1] == 'not checked']
+    if unreached:
+      parts[m]['not_checked'] = unreached
     recorded.append(m)
   with open(PARTS, 'w') as f:
     json.dump({m: parts[m] for m in MODULES if m in parts}, f, indent=1, ensure_ascii=False)
     f.write('\n')
   return recorded
+
+
+def unreached_mutants(modules) -> list[str]:
+  """The stored ``not_checked`` mutants of ``modules``, for a part that continues theirs
+  (``--unreached``); refused where a module has none stored or changed since its part."""
+  parts, names = load_parts(), []
+  for m in modules:
+    if not parts.get(m, {}).get('not_checked'):
+      sys.exit(f'no unreached mutants stored for {m}: run its part in full (--modules={m})')
+    if source_changed_since(m, parts[m]['commit']):
+      sys.exit(f'ltd_jax/{m}.py changed since its part at {parts[m]["commit"]}: run the part again '
+               f'in full (--modules={m}), a continuation would mix two versions')
+    names += parts[m]['not_checked']
+  return names
 
 
 def write_report(path: str, parts: dict, equivalents: dict) -> tuple:
@@ -212,11 +250,17 @@ def write_report(path: str, parts: dict, equivalents: dict) -> tuple:
     lines.append(f'- `--modules={",".join(ms)}` at commit `{commit}`, {date}, on {machine}; '
                  f'the part took {minutes} min')
     for m in ms:
+      for c in parts[m].get('continued', []):
+        lines.append(f'  - `{m}` continued (`--unreached`) at commit `{c["commit"]}`, {c["date"]}, '
+                     f'on {c["machine"]} (the module unchanged): {c["checked"]} more mutants '
+                     f'checked in {c["part_minutes"]} min')
       for r in parts[m].get('rechecks', []):
         lines.append(f'  - `{m}`: its {r["rechecked"]} surviving non-equivalent mutants run again '
                      f'with the tests of commit `{r["commit"]}` ({r["date"]}, {r["machine"]}; '
                      f'the module unchanged): {len(r["killed"])} killed')
   lines += ['', '    python scripts/mutation.py --modules=A,B --workdir=/tmp/mut_AB   # one part',
+            '    python scripts/mutation.py --modules=A --unreached --workdir=/tmp/mut_A2  '
+            '# the rest of a stopped part',
             '    python scripts/mutation.py --report-only --workdir=none           # this page', '',
             'Tests run for each mutant: those of ' +
             ', '.join(f'`{t}`' for t in selections[-1]) +
@@ -339,6 +383,9 @@ def main():
                            'report from all stored parts')
   parser.add_argument('--recheck', action='store_true',
                       help="run again only the stored survivors of --modules with today's tests")
+  parser.add_argument('--unreached', action='store_true',
+                      help="run only the mutants of --modules that their stored parts, stopped "
+                           "early, did not reach, and add the results to those parts")
   parser.add_argument('--tests', default=','.join(TESTS),
                       help='the test files of the selection (a recheck may narrow it)')
   args = parser.parse_args()
@@ -348,6 +395,7 @@ def main():
     recheck(args.workdir, modules, args.tests.split(','), args.max_children)
     args.workdir = 'none'
   elif not args.report_only:
+    names = unreached_mutants(modules) if args.unreached else []  # refused before any copy
     repo = copy_tree(args.workdir)
     write_config(repo, modules, args.tests.split(','))
     head = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=ROOT, capture_output=True,
@@ -358,8 +406,11 @@ def main():
       f.write('\n'.join(args.tests.split(',')))
     env = dict(os.environ, JAX_PLATFORMS='cpu',
                JAX_COMPILATION_CACHE_DIR=os.path.join(args.workdir, 'xla_cache'))
-    subprocess.run([sys.executable, '-m', 'mutmut', 'run', '--max-children', str(args.max_children)],
-                   cwd=repo, env=env, check=True, stdout=subprocess.DEVNULL)
+    if args.unreached:
+      with open(os.path.join(args.workdir, 'unreached'), 'w') as f:
+        f.write('\n'.join(names))
+    subprocess.run([sys.executable, '-m', 'mutmut', 'run', '--max-children', str(args.max_children),
+                    *names], cwd=repo, env=env, check=True, stdout=subprocess.DEVNULL)
     with open(os.path.join(args.workdir, 'seconds'), 'w') as f:
       f.write(str((datetime.datetime.now() - start).total_seconds()))
   for workdir in filter(lambda w: w != 'none', args.workdir.split(',')):
@@ -373,7 +424,9 @@ def main():
     seconds = part_seconds(workdir)
     ran = [m for m in modules
            if os.path.exists(os.path.join(repo, 'mutants', 'ltd_jax', f'{m}.py.meta'))]
-    recorded = record_parts(collect(repo, sys.executable, ran), commit, seconds, selection)
+    continuing = os.path.exists(os.path.join(workdir, 'unreached'))  # an --unreached part
+    recorded = record_parts(collect(repo, sys.executable, ran), commit, seconds, selection,
+                            continuing)
     print(f'{workdir}: stored {", ".join(recorded) or "nothing"} (commit {commit})')
   with open(EQUIVALENTS) as f:
     equivalents = json.load(f)

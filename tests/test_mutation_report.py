@@ -88,3 +88,52 @@ def test_a_workdir_without_results_is_refused_by_name(tmp_path):
   (tmp_path / 'repo').mkdir()
   with pytest.raises(SystemExit, match='holds no mutmut results'):
     mutation.part_seconds(str(tmp_path))
+
+
+def test_a_continued_part_adds_the_unreached_mutants_it_checked(tmp_path, monkeypatch):
+  """A stopped part stores the names it did not reach; an ``--unreached`` part checks those only
+  and adds them to it (counts, survivors, one 'continued' sitting) instead of replacing it."""
+  monkeypatch.setattr(mutation, 'PARTS', str(tmp_path / 'parts.json'))
+  name = lambda i: f'ltd_jax.methods.base.x_pgd__mutmut_{i}'
+  stopped = [(name(1), 'killed', '', ''), (name(2), 'survived', 'a', 'b'),
+             (name(3), 'not checked', '', ''), (name(4), 'not checked', '', ''),
+             (name(5), 'not checked', '', '')]
+  assert mutation.record_parts(stopped, 'aaa', 7200, ['test_attacks.py']) == ['methods/base']
+  assert mutation.load_parts()['methods/base']['not_checked'] == [name(3), name(4), name(5)]
+  monkeypatch.setattr(mutation, 'source_changed_since', lambda m, c: False)
+  assert mutation.unreached_mutants(['methods/base']) == [name(3), name(4), name(5)]
+
+  # The continuation's copy lists every mutant; only 3 and 4 were reached there.
+  later = [(name(1), 'not checked', '', ''), (name(2), 'not checked', '', ''),
+           (name(3), 'timeout', '', ''), (name(4), 'survived', 'c', 'd'),
+           (name(5), 'not checked', '', '')]
+  assert mutation.record_parts(later, 'bbb', 600, ['test_attacks.py'], continuing=True) == \
+      ['methods/base']
+  part = mutation.load_parts()['methods/base']
+  assert (part['commit'], part['mutants'], part['checked'], part['killed']) == ('aaa', 5, 4, 2)
+  assert part['not_killed'] == [[name(2), 'survived', 'a', 'b'], [name(4), 'survived', 'c', 'd']]
+  assert part['not_checked'] == [name(5)] and part['part_minutes'] == 120
+  assert [(c['commit'], c['checked'], c['part_minutes']) for c in part['continued']] == [('bbb', 2, 10)]
+  last = [(name(5), 'killed', '', '')]
+  mutation.record_parts(last, 'ccc', 60, ['test_attacks.py'], continuing=True)
+  part = mutation.load_parts()['methods/base']
+  assert 'not_checked' not in part and part['checked'] == 5 and part['killed'] == 3
+  path = tmp_path / 'mutation.md'
+  mutation.write_report(str(path), mutation.load_parts(), {})
+  text = path.read_text()
+  assert '`methods/base` continued (`--unreached`) at commit `bbb`' in text
+  assert '2 more mutants checked in 10 min' in text and 'were not checked' not in text
+
+
+def test_a_continuation_is_refused_without_unreached_mutants_or_after_a_change(tmp_path, monkeypatch):
+  monkeypatch.setattr(mutation, 'PARTS', str(tmp_path / 'parts.json'))
+  mutation.record_parts([('ltd_jax.losses.x_f__mutmut_1', 'killed', '', ''),
+                         ('ltd_jax.awp.x_g__mutmut_1', 'not checked', '', ''),
+                         ('ltd_jax.awp.x_g__mutmut_2', 'killed', '', '')], 'aaa', 60, ['t.py'])
+  monkeypatch.setattr(mutation, 'source_changed_since', lambda m, c: m == 'awp')
+  with pytest.raises(SystemExit, match='no unreached mutants stored for losses'):
+    mutation.unreached_mutants(['losses'])
+  with pytest.raises(SystemExit, match=r'ltd_jax/awp.py changed since its part at aaa'):
+    mutation.unreached_mutants(['awp'])
+  with pytest.raises(SystemExit, match='no unreached mutants stored for evaluate'):
+    mutation.unreached_mutants(['evaluate'])
