@@ -296,6 +296,16 @@ def write_report(path: str, parts: dict, equivalents: dict) -> tuple:
   return total, killed, len(equivalent), len(gaps), score
 
 
+def mutmut_env(workdir: str, repo: str) -> dict:
+  """mutmut's environment: the CPU, the workdir's compilation cache, and the durations of the
+  test-to-function map, from which tests/conftest.py runs each mutant's fastest tests first (the
+  clean run mutmut makes before the mutants runs in that order too, so an order the tests cannot
+  take stops the part there)."""
+  return dict(os.environ, JAX_PLATFORMS='cpu',
+              JAX_COMPILATION_CACHE_DIR=os.path.join(workdir, 'xla_cache'),
+              LTD_JAX_TEST_DURATIONS=os.path.join(repo, 'mutants', 'mutmut-stats.json'))
+
+
 def source_changed_since(module: str, commit: str) -> bool:
   """Whether ltd_jax/MODULE.py differs between ``commit`` and the working tree."""
   return subprocess.run(['git', 'diff', '--quiet', commit, '--', f'ltd_jax/{module}.py'],
@@ -334,8 +344,7 @@ def recheck(workdir: str, modules, selection, max_children: int) -> None:
   else:
     repo = copy_tree(workdir)
     write_config(repo, modules, selection)
-  env = dict(os.environ, JAX_PLATFORMS='cpu',
-             JAX_COMPILATION_CACHE_DIR=os.path.join(workdir, 'xla_cache'))
+  env = mutmut_env(workdir, repo)
   subprocess.run([sys.executable, '-m', 'mutmut', 'run', '--max-children', str(max_children),
                   *todo], cwd=repo, env=env, check=True, stdout=subprocess.DEVNULL)
   status = {name: s for name, s, _, _ in collect(repo, sys.executable, modules)}
@@ -404,8 +413,7 @@ def main():
       f.write(head)
     with open(os.path.join(args.workdir, 'tests'), 'w') as f:
       f.write('\n'.join(args.tests.split(',')))
-    env = dict(os.environ, JAX_PLATFORMS='cpu',
-               JAX_COMPILATION_CACHE_DIR=os.path.join(args.workdir, 'xla_cache'))
+    env = mutmut_env(args.workdir, repo)
     if args.unreached:
       with open(os.path.join(args.workdir, 'unreached'), 'w') as f:
         f.write('\n'.join(names))

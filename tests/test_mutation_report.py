@@ -3,6 +3,7 @@
 import json
 import os
 import sys
+import types
 
 import pytest
 
@@ -137,3 +138,23 @@ def test_a_continuation_is_refused_without_unreached_mutants_or_after_a_change(t
     mutation.unreached_mutants(['awp'])
   with pytest.raises(SystemExit, match='no unreached mutants stored for evaluate'):
     mutation.unreached_mutants(['evaluate'])
+
+
+def test_a_mutation_run_takes_each_modules_fastest_tests_first_and_keeps_modules_together():
+  from tests import conftest  # pylint: disable=g-import-not-at-top
+  item = lambda path, name: types.SimpleNamespace(path=path, nodeid=f'tests/{path}::{name}')
+  items = [item('test_a.py', 'slow'), item('test_a.py', 'quick'), item('test_a.py', 'unmapped'),
+           item('test_b.py', 'mid'), item('test_b.py', 'fast'), item('test_c.py', 'only')]
+  durations = {'tests/test_a.py::slow': 30.0, 'tests/test_a.py::quick': 2.0,
+               'tests/test_b.py::mid': 5.0, 'tests/test_b.py::fast': 1.0,
+               'tests/test_c.py::only': 3.0}
+  conftest.fastest_first(items, durations)
+  assert [i.nodeid.split('/', 1)[1] for i in items] == [
+      'test_b.py::fast', 'test_b.py::mid', 'test_a.py::quick', 'test_a.py::slow',
+      'test_a.py::unmapped', 'test_c.py::only']
+
+
+def test_mutmut_runs_with_the_durations_of_its_own_map(tmp_path):
+  env = mutation.mutmut_env(str(tmp_path), str(tmp_path / 'repo'))
+  assert env['LTD_JAX_TEST_DURATIONS'] == str(tmp_path / 'repo' / 'mutants' / 'mutmut-stats.json')
+  assert env['JAX_PLATFORMS'] == 'cpu' and env['JAX_COMPILATION_CACHE_DIR'] == str(tmp_path / 'xla_cache')
