@@ -108,6 +108,12 @@ def test_trades_loss_matches_numpy():
   kl = (np.exp(ls_c) * (ls_c - ls_a)).sum(-1).mean()
   np.testing.assert_allclose(loss, ce + 6.0 * kl, rtol=1e-5)
   np.testing.assert_allclose(aux['ce_adv'], -ls_a[np.arange(6), y], rtol=1e-5)
+  np.testing.assert_allclose(aux['ce_clean'], -ls_c[np.arange(6), y], rtol=1e-5)
+  # The logged terms (train.LOSS_TERMS) and the logits of train accuracy.
+  np.testing.assert_allclose(aux['loss_natural'], ce, rtol=1e-5)
+  np.testing.assert_allclose(aux['loss_robust'], kl, rtol=1e-5)
+  np.testing.assert_allclose(aux['logits_clean'], clean, rtol=1e-6)
+  np.testing.assert_allclose(aux['logits_adv'], adv, rtol=1e-6)
 
 
 def test_per_class_sums():
