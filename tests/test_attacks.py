@@ -504,3 +504,29 @@ def test_batch_mode_attack_uses_the_batch_statistics_with_or_without_a_track(tin
   for leaf, start in zip(jax.tree_util.tree_leaves(batch.batch_stats),
                          jax.tree_util.tree_leaves(state.batch_stats)):
     np.testing.assert_array_equal(leaf, start)  # the running statistics stay
+
+
+def test_methods_pgd_takes_its_overrides_and_the_configured_loop_form(linear, tiny_config):
+  """``eps``, ``alpha``, ``steps`` and ``init`` given to ``methods.pgd`` replace the training
+  attack's config; ``attack.unroll`` decides the loop's form (a while loop unless unrolled)."""
+  w, x, y = linear
+  f = linear_logits_fn(w)
+  inputs = methods.MethodInputs(x, y, jax.random.PRNGKey(6))
+  objective = lambda g: attacks.ce_objective(g, y)
+  assert tiny_config.attack.steps != 1 and tiny_config.attack.init != 'none'
+  one = methods.pgd(f, objective, inputs, tiny_config, eps=0.05, alpha=0.02, init='none', steps=1)
+  by_hand = attacks.pgd_attack(attacks.ce_objective(f, y), x, inputs.rng, eps=0.05, alpha=0.02,
+                               steps=1, init='none')
+  np.testing.assert_allclose(one, by_hand, rtol=0, atol=1e-7)
+  step = np.abs(np.asarray(one) - np.asarray(x))
+  assert step.max() <= 0.02 + 1e-6 and np.mean(np.isclose(step, 0.02, atol=1e-6)) > 0.9  # one step
+  configured = methods.pgd(f, objective, inputs, tiny_config)
+  assert np.abs(np.asarray(configured) - np.asarray(one)).max() > 1e-3
+  loops = {}
+  for unroll in (False, True):
+    c = tiny_config.copy_and_resolve_references()
+    c.attack.unroll = unroll
+    attack = jax.jit(lambda images: methods.pgd(f, objective, methods.MethodInputs(
+        images, y, jax.random.PRNGKey(6)), c))
+    loops[unroll] = attack.lower(x).as_text().count('stablehlo.while')
+  assert loops[False] == loops[True] + 1, loops
