@@ -530,3 +530,23 @@ def test_methods_pgd_takes_its_overrides_and_the_configured_loop_form(linear, ti
         images, y, jax.random.PRNGKey(6)), c))
     loops[unroll] = attack.lower(x).as_text().count('stablehlo.while')
   assert loops[False] == loops[True] + 1, loops
+
+
+def test_methods_pgd_follows_the_iterates_of_a_bfloat16_student(linear, tiny_config):
+  """A mixed-precision student's logits are bfloat16: the tracked path's carry holds logits of
+  that dtype (a float32 placeholder would not match the loop's carry)."""
+  w, x, y = linear
+  f = lambda images: linear_logits_fn(w)(images).astype(jnp.bfloat16)
+  inputs = methods.MethodInputs(x, y, jax.random.PRNGKey(7))
+  steps = tiny_config.attack.steps
+  record = (jnp.zeros((steps, x.shape[0], 3), jnp.bfloat16),
+            lambda t, k, xk, logits: t.at[k].set(logits))
+  x_adv, logits = methods.pgd(f, lambda g: attacks.ce_objective(g, y), inputs, tiny_config,
+                              track=record)
+  assert logits.dtype == jnp.bfloat16 and x_adv.dtype == x.dtype
+  np.testing.assert_array_equal(logits[0], f(attack_start(x, inputs, tiny_config)))  # x_0's
+
+
+def attack_start(x, inputs, config):
+  """The training attack's start from x (its init drawn from the inputs' rng)."""
+  return attacks.INITS[config.attack.init](inputs.rng, x, config.eps)
