@@ -219,15 +219,20 @@ def test_custom_projection_and_step_compose(linear):
   assert float(jnp.max(jnp.abs(x_l - x))) <= 0.02 + 1e-6
 
 
-def test_training_attack_batchnorm_modes(tiny_config):
-  """eval: the running statistics, unchanged; train: the batch's statistics, and every attack
-  forward moves the running ones, as K chained train-mode forwards on the iterates would."""
+def digits_student_with_moved_statistics(tiny_config):
+  """A tiny student whose running BatchNorm statistics are off its batch's (+0.5), and 32 digits."""
   ds = data.load_digits()
   model = state_lib.build_model(tiny_config, 10)
   state = state_lib.create_train_state(tiny_config, model, ds.image_shape, 10, 5)
   state = state.replace(batch_stats=jax.tree_util.tree_map(lambda a: a + 0.5, state.batch_stats))
   x, y = data.to_float(ds.train_images[:32]), ds.train_labels[:32]
-  inputs = methods.MethodInputs(x, y, jax.random.PRNGKey(3))
+  return state, x, y, methods.MethodInputs(x, y, jax.random.PRNGKey(3))
+
+
+def test_training_attack_batchnorm_modes(tiny_config):
+  """eval: the running statistics, unchanged; train: the batch's statistics, and every attack
+  forward moves the running ones, as K chained train-mode forwards on the iterates would."""
+  state, x, y, inputs = digits_student_with_moved_statistics(tiny_config)
   evaluator = methods.AttackStudent.of(state, 'eval')
   np.testing.assert_allclose(evaluator(x), state.apply_fn(state.variables, x, train=False))
   mover = methods.AttackStudent.of(state, 'train')
@@ -478,12 +483,7 @@ def test_batch_mode_attack_uses_the_batch_statistics_with_or_without_a_track(tin
   """``attack.bn_mode='batch'`` (DM-Improves-AT's TRADES attack): train-mode normalisation by
   the batch's statistics, the running ones left alone, and the same iterates when ``pgd``
   follows them (``track``, which runs the student through ``AttackStudent.at``)."""
-  ds = data.load_digits()
-  model = state_lib.build_model(tiny_config, 10)
-  state = state_lib.create_train_state(tiny_config, model, ds.image_shape, 10, 5)
-  state = state.replace(batch_stats=jax.tree_util.tree_map(lambda a: a + 0.5, state.batch_stats))
-  x, y = data.to_float(ds.train_images[:32]), ds.train_labels[:32]
-  inputs = methods.MethodInputs(x, y, jax.random.PRNGKey(3))
+  state, x, y, inputs = digits_student_with_moved_statistics(tiny_config)
   batch = methods.AttackStudent.of(state, 'batch')
   train_mode = state.apply_fn(state.variables, x, train=True, mutable=['batch_stats'])[0]
   np.testing.assert_allclose(batch(x), train_mode, rtol=1e-6, atol=1e-6)
