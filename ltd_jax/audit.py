@@ -169,8 +169,10 @@ def audit_checkpoint(config: ml_collections.ConfigDict, workdir: str, which: str
   images, labels = ds.split('test')
   subset = evaluate.stratified_subset(labels, config.audit.n_examples, config.seed)
   rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 3)
+  mesh = parallel.make_mesh()
+  parallel.connect_hosts(mesh)
   record = audit_model(state.apply_fn, state.variables, images[subset], labels[subset],
-                       ds.num_classes, config, rng, mesh=parallel.make_mesh())
+                       ds.num_classes, config, rng, mesh=mesh)
   record.update(title=runs.run_title(config), checkpoint=which,
                 step=None if runs.is_torch_file(which) else int(state.step))
   if parallel.is_primary():

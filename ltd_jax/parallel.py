@@ -13,7 +13,10 @@ assembled into one global array with ``jax.make_array_from_process_local_data``.
 
 from __future__ import annotations
 
+import itertools
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -37,6 +40,32 @@ def initialize_distributed(config) -> None:
     kwargs = dict(coordinator_address=d.coordinator_address, num_processes=d.num_processes,
                   process_id=d.process_id)
   jax.distributed.initialize(**kwargs)
+
+
+_barriers = itertools.count()
+
+
+def connect_hosts(mesh: Mesh, timeout_s: int = 1800) -> None:
+  """Waits until every process gets here, then all-reduces once over every device of ``mesh``.
+
+  The CPU backend makes a collective's gloo connections when it first runs, and waits only
+  30 s for the other hosts' addresses: a host that compiles the train step more slowly than
+  the others (a loaded machine) made the first step fail with 'Gloo context initialization
+  failed'. The coordination service's barrier waits ``timeout_s``; the all-reduce right after it
+  makes the connections while the hosts are in step, and later collectives wait for a slow
+  peer for the backend's collective timeout (30 min) instead. One process: nothing to do.
+  """
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed  # pylint: disable=g-import-not-at-top
+  distributed.global_state.client.wait_at_barrier(
+      f'ltd_jax_connect_hosts_{next(_barriers)}', timeout_in_ms=timeout_s * 1000)
+  ones = jax.make_array_from_process_local_data(
+      batch_sharded(mesh), np.ones(mesh.local_mesh.devices.size, np.int32))
+  total = jax.jit(jnp.sum, out_shardings=replicated(mesh))(ones)
+  if int(total) != mesh.devices.size:
+    raise RuntimeError(f'connect_hosts: {int(total)} of the mesh\'s {mesh.devices.size} devices '
+                       f'answered')
 
 
 def make_mesh(devices=None) -> Mesh:

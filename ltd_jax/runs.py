@@ -164,6 +164,7 @@ def final_evaluation(config, workdir: str, state: TrainState, ds: data.Dataset,
   subset = evaluate.stratified_subset(labels, config.eval.final_subset_size, config.seed)
   images, labels = images[subset], labels[subset]
   mesh = parallel.make_mesh()
+  parallel.connect_hosts(mesh)
   eval_step = evaluate.make_eval_step(state.apply_fn, config.eval.final,
                                       eps=config_lib.eval_eps(config), eval_config=config.eval,
                                       platform=parallel.platform(mesh))

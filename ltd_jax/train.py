@@ -354,6 +354,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   augment_kind = (datasets.default_augmentation(ds.name) if config.data.augment == 'auto'
                   else config.data.augment)
   mesh = parallel.make_mesh()
+  parallel.connect_hosts(mesh)
   state = parallel.replicate(state, mesh)
   teacher_variables = (parallel.replicate(teacher.variables, mesh)
                        if teacher is not None and cached_logits is None else None)

@@ -20,6 +20,7 @@ from ltd_jax.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, 'tests', 'train_worker.py')
+LATE_FIRST_STEP_S = 40
 
 
 def _env(devices: int) -> dict:
@@ -48,10 +49,14 @@ def runs(tmp_path_factory):
     procs[(name, process_id)] = (subprocess.Popen(cmd, env={**_env(devices), **(env or {})},
                                                   stdout=log, stderr=subprocess.STDOUT), log, out)
 
-  def two_processes(name, sigterm_at=None):
+  def two_processes(name, sigterm_at=None, late_first_step_s=None):
     port = _free_port()
     for pid in (0, 1):
-      env = {'LTD_TEST_SIGTERM_AT_STEP': str(sigterm_at)} if sigterm_at and pid == 1 else None
+      env = {}
+      if pid == 1 and sigterm_at:
+        env['LTD_TEST_SIGTERM_AT_STEP'] = str(sigterm_at)
+      if pid == 1 and late_first_step_s:
+        env['LTD_TEST_LATE_FIRST_STEP_S'] = str(late_first_step_s)
       launch(name, 2, '--config.method=natural', '--config.distributed.initialize=True',
              f'--config.distributed.coordinator_address=localhost:{port}',
              '--config.distributed.num_processes=2', f'--config.distributed.process_id={pid}',
@@ -72,7 +77,9 @@ def runs(tmp_path_factory):
   for method in ('natural', 'trades'):
     launch(f'{method}_1', 1, f'--config.method={method}')
     launch(f'{method}_8', 8, f'--config.method={method}')
-  two_processes('natural_2x2')
+  # Process 1 starts its first step 40 s after process 0, as a host that compiles more slowly
+  # would: longer than the 30 s the CPU backend waits when it first connects the hosts.
+  two_processes('natural_2x2', late_first_step_s=LATE_FIRST_STEP_S)
   two_processes('natural_2x2_preempted', sigterm_at=3)  # process 1 alone gets SIGTERM
   wait_all({'natural_2x2_preempted': 143})
   results['preempted_at'] = [
@@ -109,6 +116,7 @@ def test_eight_devices_trades_agree_within_sign_flips(runs):
 
 
 def test_two_processes_train_the_same_model_as_one_device(runs):
+  # natural_2x2's process 1 started its first step LATE_FIRST_STEP_S late: process 0 waited.
   assert _max_diff(runs['natural_1'], runs['natural_2x2']) < 1e-5
 
 

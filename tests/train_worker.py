@@ -4,13 +4,16 @@
 
 Tests run it under different XLA_FLAGS (device counts) or as one of several processes; with
 LTD_TEST_SIGTERM_AT_STEP=N the process sends itself SIGTERM after step N and, once preempted,
-records the step it stopped at in OUT.npz.<process index>.preempted.json and exits 143.
+records the step it stopped at in OUT.npz.<process index>.preempted.json and exits 143; with
+LTD_TEST_LATE_FIRST_STEP_S=S it starts its first step S seconds late, as a host whose compilation
+is slower would.
 """
 
 import json
 import os
 import signal
 import sys
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -33,6 +36,21 @@ def _typed(config, key: str, text: str):
   return text == 'True' if isinstance(current, bool) else type(current)(text)
 
 
+def _start_first_step_late(seconds: float) -> None:
+  make_step = train.make_train_step_fn
+
+  def late_make_step(*args, **kwargs):
+    step_fn, calls = make_step(*args, **kwargs), []
+
+    def late_step(*step_args):
+      if not calls:
+        time.sleep(seconds)
+      calls.append(1)
+      return step_fn(*step_args)
+    return late_step
+  train.make_train_step_fn = late_make_step
+
+
 def main(workdir, out, *overrides):
   config = conftest.make_tiny_config()
   config.max_steps = 6
@@ -40,6 +58,8 @@ def main(workdir, out, *overrides):
   pairs = [item[len('--config.'):].split('=', 1) for item in overrides]
   conftest.apply_overrides(config, {k: _typed(config, k, v) for k, v in pairs})
   parallel.initialize_distributed(config)
+  if os.environ.get('LTD_TEST_LATE_FIRST_STEP_S'):
+    _start_first_step_late(float(os.environ['LTD_TEST_LATE_FIRST_STEP_S']))
   hook = None
   if os.environ.get('LTD_TEST_SIGTERM_AT_STEP'):  # this process alone receives SIGTERM then
     at = int(os.environ['LTD_TEST_SIGTERM_AT_STEP'])
