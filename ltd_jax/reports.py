@@ -95,10 +95,9 @@ class MetricWriter:
 
   def _write_board(self, record: dict) -> None:
     if self._board is None:
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       # A resumed run appends a new file: the suffix keeps two in one second apart.
-      self._board = SummaryWriter(self.tensorboard_dir, flush_secs=30,
-                                  filename_suffix=f'.{time.time_ns()}')
+      self._board = summary_writer_class()(self.tensorboard_dir, flush_secs=30,
+                                           filename_suffix=f'.{time.time_ns()}')
     kind, step, wall = record['kind'], record['step'], record['time']
     number = lambda v: isinstance(v, (int, float, np.number)) and not isinstance(v, (bool, np.bool_))
     for key, value in record.items():
@@ -115,6 +114,22 @@ class MetricWriter:
     if self._board is not None:
       self._board.close()
       self._board = None
+
+
+def summary_writer_class():
+  """tensorboardX's ``SummaryWriter``, imported without PyTorch where the process has not loaded
+  it: tensorboardX imports torch (seconds of every run's start) only so that it can take torch
+  tensors, and ``MetricWriter`` gives it Python floats. While it is imported, ``import torch``
+  raises ImportError, which tensorboardX catches; torch imports as usual afterwards."""
+  if 'torch' in sys.modules:
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    return SummaryWriter
+  sys.modules['torch'] = None  # an import of a None entry raises ImportError
+  try:
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+  finally:
+    del sys.modules['torch']
+  return SummaryWriter
 
 
 class NullWriter:

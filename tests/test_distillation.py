@@ -502,8 +502,12 @@ def test_register_adds_a_method_by_name():
     assert methods.get_method('test_only_method') is method
   finally:
     methods.METHODS.pop('test_only_method', None)
-  with pytest.raises(ValueError, match="unknown method 'test_only_method'"):
+  with pytest.raises(ValueError) as error:
     methods.get_method('test_only_method')
+  # The message lists every registered method, comma-separated, in order.
+  assert str(error.value) == ("unknown method 'test_only_method': choose one of "
+                              + ', '.join(sorted(methods.METHODS)))
+  assert ', absld_manual, ' in str(error.value)
 
 
 # The passes each method cannot do without, counted by hand in forward-pass units (forward 1,

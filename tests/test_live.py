@@ -6,10 +6,12 @@ import glob
 import json
 import os
 import struct
+import subprocess
+import sys
 
 import pytest
 
-from tests.conftest import run_in_process
+from tests.conftest import ROOT, run_in_process
 
 TINY = ['--config=configs/trades_digits.py', '--config.num_epochs=2', '--config.model.width=4',
         '--config.attack.steps=2', '--config.eval.every_epochs=2', '--config.eval.subset_size=60',
@@ -58,6 +60,27 @@ def test_console_lines_tensorboard_and_resume(tmp_path, capfd):
         tag = f"{r['kind']}/{key}" + (f'/{c}' if isinstance(value, list) else '')
         assert (r['step'], pytest.approx(v, rel=1e-6)) in events[tag], tag
   assert len(events['eval/pgd20/per_class/9']) == 1 and 'train/loss' in events
+
+
+def test_tensorboard_writer_starts_without_pytorch(tmp_path):
+  """The event writer does not load torch (seconds of every run's start) unless the process has;
+  torch still imports afterwards, and the events hold the values written."""
+  code = (
+      'import sys\n'
+      'from ltd_jax import reports\n'
+      'writer = reports.MetricWriter(sys.argv[1])\n'
+      'writer.write("train", 3, loss=0.25, per_class=[0.5, 0.75])\n'
+      'writer.close()\n'
+      'print("torch" in sys.modules)\n'
+      'import torch\n'
+      'print(torch.ones(2).sum().item())\n')
+  proc = subprocess.run([sys.executable, '-c', code, str(tmp_path)], cwd=ROOT, capture_output=True,
+                        text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout.split() == ['False', '2.0']
+  events = read_events(str(tmp_path / 'tensorboard'))
+  assert events == {'train/loss': [(3, 0.25)], 'train/per_class/0': [(3, 0.5)],
+                    'train/per_class/1': [(3, 0.75)]}
 
 
 def test_profiler_trace_of_the_steps_asked_for(tmp_path, capfd):

@@ -38,7 +38,8 @@ def _free_port() -> int:
 
 @pytest.fixture(scope='module')
 def runs(tmp_path_factory):
-  """Final parameters of each run, all launched at once: {name: {key: array}}."""
+  """Final parameters of each run, all launched at once (the preempted pair's rerun as soon as
+  it stopped): {name: {key: array}}."""
   root = tmp_path_factory.mktemp('parallel')
   procs = {}
 
@@ -62,8 +63,10 @@ def runs(tmp_path_factory):
              '--config.distributed.num_processes=2', f'--config.distributed.process_id={pid}',
              process_id=pid, env=env)
 
-  def wait_all(expected_rc=None):
-    for (name, pid), (proc, log, out) in procs.items():
+  def wait(names, expected_rc=None):
+    for (name, pid), (proc, log, out) in list(procs.items()):
+      if name not in names:
+        continue
       rc = proc.wait(timeout=600)
       log.close()
       assert rc == (expected_rc or {}).get(name, 0), \
@@ -71,21 +74,21 @@ def runs(tmp_path_factory):
       if rc == 0 and pid in (None, 0):
         with np.load(out) as f:
           results[name] = dict(f)
-    procs.clear()
+      del procs[(name, pid)]
 
   results = {}
-  for method in ('natural', 'trades'):
-    launch(f'{method}_1', 1, f'--config.method={method}')
-    launch(f'{method}_8', 8, f'--config.method={method}')
+  two_processes('natural_2x2_preempted', sigterm_at=3)  # process 1 alone gets SIGTERM
   # Process 1 starts its first step 40 s after process 0, as a host that compiles more slowly
   # would: longer than the 30 s the CPU backend waits when it first connects the hosts.
   two_processes('natural_2x2', late_first_step_s=LATE_FIRST_STEP_S)
-  two_processes('natural_2x2_preempted', sigterm_at=3)  # process 1 alone gets SIGTERM
-  wait_all({'natural_2x2_preempted': 143})
+  for method in ('natural', 'trades'):
+    launch(f'{method}_1', 1, f'--config.method={method}')
+    launch(f'{method}_8', 8, f'--config.method={method}')
+  wait({'natural_2x2_preempted'}, {'natural_2x2_preempted': 143})
   results['preempted_at'] = [
       json.load(open(root / f'natural_2x2_preempted.npz.{i}.preempted.json')) for i in (0, 1)]
-  two_processes('natural_2x2_preempted')  # rerun: resumes on both hosts
-  wait_all()
+  two_processes('natural_2x2_preempted')  # rerun, while the others run: resumes on both hosts
+  wait({name for name, _ in procs})
   results['root'] = root
   return results
 
