@@ -15,6 +15,7 @@ from ltd_jax import methods
 from ltd_jax import state as state_lib
 from ltd_jax import temperatures
 from ltd_jax import train
+from tests.conftest import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -476,7 +477,8 @@ def test_temperature_update_after_a_milestone_on_8_devices_with_unbalanced_class
   import subprocess
   import sys
   out = tmp_path / 'absld.json'
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu')
+  env = dict(os.environ, XLA_FLAGS=xla_flags('--xla_force_host_platform_device_count=8'),
+             JAX_PLATFORMS='cpu')
   proc = subprocess.run([sys.executable, os.path.join(ROOT, 'tests', 'absld_epoch_worker.py'),
                          str(out)], env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]

@@ -17,6 +17,7 @@ import pytest
 
 from ltd_jax import parallel
 from ltd_jax.errors import ConfigError
+from tests.conftest import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, 'tests', 'train_worker.py')
@@ -25,7 +26,7 @@ LATE_FIRST_STEP_S = 40
 
 def _env(devices: int) -> dict:
   env = dict(os.environ)
-  env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+  env['XLA_FLAGS'] = xla_flags(f'--xla_force_host_platform_device_count={devices}')
   env['JAX_PLATFORMS'] = 'cpu'
   return env
 
