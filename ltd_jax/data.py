@@ -15,6 +15,7 @@ import glob
 import io
 import os
 import pickle
+import zipfile
 
 import jax
 import jax.numpy as jnp
@@ -143,7 +144,35 @@ def load_tfds(name: str, data_dir: str | None, num_classes: int) -> Dataset:
 
 
 def load_digits() -> Dataset:
-  """scikit-learn's 8x8 digits (values 0..16) as uint8 [0, 255], stratified 1437/360 split."""
+  """scikit-learn's 8x8 digits (values 0..16) as uint8 [0, 255], stratified 1437/360 split.
+
+  The split is kept in ``~/.cache/ltd_jax/digits-sklearn-VERSION.npz`` after the first load, so
+  that later runs start without importing scikit-learn (seconds); a cache that cannot be read is
+  made again, one that cannot be written is skipped."""
+  import importlib.metadata  # pylint: disable=g-import-not-at-top
+  path = os.path.join(os.path.expanduser(download.DEFAULT_ROOT),
+                      f'digits-sklearn-{importlib.metadata.version("scikit-learn")}.npz')
+  try:
+    with np.load(path) as f:
+      arrays = tuple(f[k] for k in ('train_x', 'train_y', 'test_x', 'test_y'))
+  except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+    arrays = split_digits()
+    try:
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      partial = f'{path}.{os.getpid()}.partial.npz'
+      np.savez(partial, **dict(zip(('train_x', 'train_y', 'test_x', 'test_y'), arrays)))
+      os.replace(partial, path)  # whole or absent, when several processes write it at once
+    except OSError:
+      pass
+  train_x, train_y, test_x, test_y = arrays
+  return Dataset('digits', 10, train_x, train_y, test_x, test_y,
+                 class_names=tuple(str(i) for i in range(10)))
+
+
+def split_digits():
+  """(train images, train labels, test images, test labels) of the digits, made with
+  scikit-learn: ``train_test_split`` stratified, ``DIGITS_TEST_SIZE`` images, seed
+  ``DIGITS_SPLIT_SEED``."""
   from sklearn import datasets as skdatasets  # pylint: disable=g-import-not-at-top
   from sklearn import model_selection  # pylint: disable=g-import-not-at-top
   digits = skdatasets.load_digits()
@@ -152,8 +181,7 @@ def load_digits() -> Dataset:
   train_x, test_x, train_y, test_y = model_selection.train_test_split(
       images, labels, test_size=DIGITS_TEST_SIZE, stratify=labels,
       random_state=DIGITS_SPLIT_SEED)
-  return Dataset('digits', 10, train_x, train_y, test_x, test_y,
-                 class_names=tuple(str(i) for i in range(10)))
+  return train_x, train_y, test_x, test_y
 
 
 def candidate_roots(data_dir: str) -> list[str]:

@@ -31,6 +31,46 @@ def test_digits_is_the_real_dataset_with_a_stratified_split():
   np.testing.assert_array_equal(again.test_labels, ds.test_labels)  # fixed split
 
 
+def test_digits_split_is_cached_and_later_runs_start_without_sklearn(tmp_path):
+  """The first load writes the split to HOME/.cache/ltd_jax; a later process reads the same
+  arrays without importing scikit-learn; a damaged cache is made again."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  from tests.conftest import ROOT  # pylint: disable=g-import-not-at-top
+  code = ('import sys, numpy as np\n'
+          'from ltd_jax import data\n'
+          'ds = data.load_digits()\n'
+          'np.savez(sys.argv[1], *(getattr(ds, k) for k in ("train_images", "train_labels", '
+          '"test_images", "test_labels")))\n'
+          'print("sklearn" in sys.modules)\n')
+  env = dict(os.environ, HOME=str(tmp_path))
+
+  def load(name):
+    out = tmp_path / f'{name}.npz'
+    proc = subprocess.run([sys.executable, '-c', code, str(out)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    with np.load(out) as f:
+      return proc.stdout.strip(), [f[f'arr_{i}'] for i in range(4)]
+
+  want = data.split_digits()
+  assert not (tmp_path / '.cache').exists()
+  for name, imported in (('first', 'True'), ('second', 'False')):
+    said, got = load(name)
+    assert said == imported, name  # the second run never imports scikit-learn
+    for a, b in zip(got, want):
+      np.testing.assert_array_equal(a, b)
+      assert a.dtype == b.dtype
+  cache, = (tmp_path / '.cache' / 'ltd_jax').iterdir()
+  assert cache.name.startswith('digits-sklearn-') and cache.suffix == '.npz'
+  cache.write_bytes(cache.read_bytes()[:100])  # damaged: made again, and the split unchanged
+  said, got = load('third')
+  assert said == 'True'
+  for a, b in zip(got, want):
+    np.testing.assert_array_equal(a, b)
+  assert load('fourth')[0] == 'False'
+
+
 def test_validation_hold_out_is_stratified_and_disjoint():
   ds = datasets.load(data_config(val_size=200))
   assert len(ds.val_labels) == 200 and len(ds.train_labels) == 1237
