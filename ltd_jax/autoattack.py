@@ -177,8 +177,9 @@ def autoattack_checkpoint(config: ml_collections.ConfigDict, workdir: str,
       **evaluate.summarize(class_acc, correct.mean()), 'num_examples': int(len(labels))}
   entry['autoattack'] = info
   md = reports.write_results(workdir, results, ds.class_names)
+  if config.report.get('plots', True):
+    reports.plot_per_class(workdir, results, ds.class_names, runs.comparison_runs(config, workdir))
   reports.write_report(workdir)
-  reports.plot_per_class(workdir, results, ds.class_names, runs.comparison_runs(config, workdir))
   print(md)
   return results
 

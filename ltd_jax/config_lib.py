@@ -257,6 +257,7 @@ def default_config() -> ml_collections.ConfigDict:
 
   c.report = ml_collections.ConfigDict()
   c.report.baseline_workdir = ''  # a finished run to plot per-class accuracy beside
+  c.report.plots = True  # the PNGs (False: tables and records only, for sweeps of many runs)
 
   c.eval = ml_collections.ConfigDict()
   c.eval.every_epochs = 1

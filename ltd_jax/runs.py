@@ -187,10 +187,11 @@ def final_evaluation(config, workdir: str, state: TrainState, ds: data.Dataset,
                                                ds.num_classes)}
   if parallel.is_primary():
     md = reports.write_results(workdir, results, ds.class_names)
-    reports.plot_per_class(workdir, results, ds.class_names, comparison_runs(config, workdir))
-    reports.plot_training_curves(workdir)
-    for spec in method.plots:
-      reports.plot_class_series(workdir, spec, ds.class_names)
+    if config.report.get('plots', True):
+      reports.plot_per_class(workdir, results, ds.class_names, comparison_runs(config, workdir))
+      reports.plot_training_curves(workdir)
+      for spec in method.plots:
+        reports.plot_class_series(workdir, spec, ds.class_names)
     reports.write_report(workdir)
     print(md)
   return results

@@ -85,6 +85,7 @@ def make_tiny_config():
   c.eval.alpha = 0.1
   c.log_every_steps = 2
   c.progress_bar = False
+  c.report.plots = False  # a second or two of every run; the tests of the plots turn them on
   return c
 
 

@@ -434,6 +434,7 @@ def test_absld_training_updates_logs_and_checkpoints_temperatures(tiny_config, t
   tiny_config.method = 'absld'
   tiny_config.teacher.source, tiny_config.teacher.path = 'workdir', str(teacher_dir)
   tiny_config.num_epochs = 2
+  tiny_config.report.plots = True  # temperatures.png
   st = train.train_and_evaluate(tiny_config, str(tmp_path / 'student'))
 
   class Stop(Exception):

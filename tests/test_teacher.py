@@ -41,6 +41,7 @@ def ltd_config(tiny_config, tmp_path):
 
 def test_teacher_stage_runs_first_and_is_skipped_when_complete(ltd_config, tmp_path):
   workdir = tmp_path / 'run'
+  ltd_config.report.plots = True
   train.train_and_evaluate(ltd_config, str(workdir))
   teacher_cfg = json.load(open(workdir / 'teacher' / 'config.json'))
   assert teacher_cfg['method'] == 'natural' and teacher_cfg['model']['width'] == 6

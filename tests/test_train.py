@@ -149,6 +149,7 @@ def test_work_directory_contents_and_best_checkpoint(tiny_config, tmp_path):
   tiny_config.checkpoint.keep = 1
   tiny_config.num_epochs = 3
   tiny_config.optim.warmup_epochs = 1.0
+  tiny_config.report.plots = True
   workdir = str(tmp_path)
   train.train_and_evaluate(tiny_config, workdir)
   for name in ('config.json', 'environment.json', 'metrics.jsonl', 'results.json', 'results.md',
@@ -317,6 +318,9 @@ def test_selection_on_the_validation_split(tiny_config, tmp_path):
   assert best['clean/avg'] != pytest.approx(accuracy(*ds.split('test')), abs=1e-9)
   results = json.load(open(os.path.join(workdir, 'results.json')))
   assert results['selection_split'] == 'val' and results['split'] == 'test'
+  # report.plots=False (the tiny config's): the tables and records, no PNG, none in report.md.
+  assert not [f for f in os.listdir(workdir) if f.endswith('.png')]
+  assert '.png)' not in open(os.path.join(workdir, 'report.md')).read()
 
 
 @pytest.mark.parametrize('method', ['absld', 'trades'])
