@@ -208,7 +208,9 @@ def stage2(args, log: str, tmp: str) -> Stage:
 
 def run_overrides(args, data_dir: str) -> dict[str, list[str]]:
   """--config overrides of stage 3: the teacher's and the students' (both methods)."""
-  common = [f'--config.data.dir={data_dir}', '--config.progress_bar=False']
+  # No PNGs: runs.tar.gz leaves them out.
+  common = [f'--config.data.dir={data_dir}', '--config.progress_bar=False',
+            '--config.report.plots=False']
   if args.dry_run:
     # Batch 2048: two steps make the one epoch, so its end (ABSLD's update, evaluation,
     # selection) runs too.

@@ -24,7 +24,7 @@ torch_models = pytest.importorskip('ltd_jax.torch_models')
 
 OVERRIDES = {'num_epochs': 2, 'batch_size': 128, 'model.width': 4, 'attack.steps': 2,
              'eval.final_subset_size': 100, 'eval.pgd_steps': 5, 'eval.cw_steps': 5,
-             'progress_bar': False}
+             'progress_bar': False, 'report.plots': False}
 CLI_TINY = ['--config=configs/trades_digits.py',
             *(f'--config.{k}={v}' for k, v in OVERRIDES.items())]
 

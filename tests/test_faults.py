@@ -180,7 +180,8 @@ def _cli(workdir, *extra):
           f'--workdir={workdir}', '--config.model.width=4', '--config.num_epochs=2',
           '--config.batch_size=64', '--config.attack.steps=2', '--config.checkpoint.every_steps=1',
           '--config.eval.final=("clean",)', '--config.eval.subset_size=50',
-          '--config.eval.pgd_steps=2', '--config.progress_bar=False', *extra]
+          '--config.eval.pgd_steps=2', '--config.progress_bar=False', '--config.report.plots=False',
+          *extra]
 
 
 def _train_step_records(workdir):

@@ -69,9 +69,11 @@ def test_wheel_installs_the_ltd_jax_command(tmp_path):
 
   listed = ltd_jax('--list-configs').stdout
   assert 'absld_digits' in listed and 'ltd_awp_cifar10' in listed
-  ltd_jax('--config=natural_digits', '--config.max_steps=3', '--workdir=by_name')
+  ltd_jax('--config=natural_digits', '--config.max_steps=3', '--config.report.plots=False',
+          '--workdir=by_name')
   bundled = site / 'ltd_jax' / 'configs' / 'natural_digits.py'
-  ltd_jax(f'--config={bundled}', '--config.max_steps=3', '--workdir=by_path')
+  ltd_jax(f'--config={bundled}', '--config.max_steps=3', '--config.report.plots=False',
+          '--workdir=by_path')
   for run in ('by_name', 'by_path'):
     assert json.load(open(empty / run / 'results.json'))['title'].startswith('natural / small_cnn')
   # A user's own files beside each other: a config importing a bundled one and a neighbour.
@@ -84,7 +86,8 @@ def test_wheel_installs_the_ltd_jax_command(tmp_path):
       '  c.teacher.config = "my_teacher.py"\n  c.max_steps = 3\n  return c\n')
   ltd_jax('--config=my_absld.py', '--workdir=absld')
   ltd_jax('--config=absld_digits', f'--config.teacher.config={empty / "my_teacher.py"}',
-          '--config.max_steps=3', '--workdir=absld_bundled')
+          '--config.max_steps=3', '--config.report.plots=False', '--workdir=absld_bundled')
+  assert (empty / 'absld' / 'temperatures.png').exists()  # matplotlib from the installed package
   for run in ('absld', 'absld_bundled'):
     results = json.load(open(empty / run / 'results.json'))
     assert results['title'].startswith('absld / small_cnn / digits')
