@@ -401,11 +401,14 @@ def test_imagenet_models_have_torchvisions_keys_and_load_into_it(name, builder):
   with torch.device('meta'):
     want = {k: tuple(v.shape) for k, v in
             getattr(resnet, builder)(num_classes=10).state_dict().items()}
-  model, params, batch_stats = random_variables(name, (64, 64, 3))
+  # The image size and batch of test_pytorch_logits_equal_jax_logits: the same programs, which
+  # the compilation cache then holds.
+  shape = next(s for n, _, s in ARCHS if n == name)
+  model, params, batch_stats = random_variables(name, shape)
   assert interchange.torch_state_dict_shapes(params, batch_stats) == want
   tm = load_strict(getattr(resnet, builder)(num_classes=10).eval(),
                    interchange.to_torch_state_dict(params, batch_stats))
-  x = np.random.default_rng(5).uniform(size=(2, 64, 64, 3)).astype(np.float32)
+  x = np.random.default_rng(5).uniform(size=(4, *shape)).astype(np.float32)
   jax_out = np.asarray(jax.jit(model.apply)({'params': params, 'batch_stats': batch_stats}, x))
   assert np.abs(torch_logits(tm, x) - jax_out).max() / np.abs(jax_out).max() < 1e-4
 

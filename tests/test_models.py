@@ -61,9 +61,10 @@ def test_forward_and_batchnorm_modes(name, kw, shape):
   params, batch_stats = models.init_variables(model, jax.random.PRNGKey(0), shape)
   x = jax.random.uniform(jax.random.PRNGKey(1), (4, *shape))
   variables = {'params': params, 'batch_stats': batch_stats}
-  logits = model.apply(variables, x, train=False)
+  logits = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x)  # not op by op
   assert logits.shape == (4, 10) and logits.dtype == jnp.float32
-  logits_train, upd = model.apply(variables, x, train=True, mutable=['batch_stats'])
+  logits_train, upd = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=['batch_stats']))(
+      variables, x)
   assert not np.allclose(logits, logits_train)  # batch statistics differ from running ones
   # PyTorch momentum 0.1: running_mean <- 0.9 * running_mean + 0.1 * batch_mean (init 0).
   first_bn = sorted(upd['batch_stats'])[0]
