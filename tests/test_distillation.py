@@ -247,6 +247,53 @@ def test_ltd_loss_matches_numpy(batch):
   np.testing.assert_allclose(aux['logits_adv'], adv, rtol=1e-5)
 
 
+def test_ard_loss_and_what_it_logs_match_numpy(batch):
+  """ARD: alpha T^2 KL_elementwise-mean(softmax(t(x) / T) || softmax(f(x') / T)) + (1 - alpha)
+  CE(f(x), y), and as aux the logits each forward gave with their per-sample cross-entropies and
+  the two terms, which training logs."""
+  teacher, (x_adv, adv), (x, clean), y, _, _ = batch
+  config = config_lib.default_config()
+  config.ard.alpha, config.ard.temperature = 0.75, 3.0
+  inputs = methods.MethodInputs(x, y, None, None, teacher)
+  loss, aux = methods.get_method('ard').loss(linear_forward, inputs, x_adv, config)
+  robust = 0.75 * 9.0 * _np_kl(np_softmax(teacher, 3.0), adv / 3.0).sum() / adv.size
+  natural = -np.log(np_softmax(clean))[np.arange(6), y].mean()
+  np.testing.assert_allclose(loss, robust + 0.25 * natural, rtol=1e-5)
+  np.testing.assert_allclose(aux['loss_robust'], robust, rtol=1e-5)
+  np.testing.assert_allclose(aux['loss_natural'], natural, rtol=1e-5)
+  np.testing.assert_allclose(aux['logits_clean'], clean, rtol=1e-5)
+  np.testing.assert_allclose(aux['logits_adv'], adv, rtol=1e-5)
+  np.testing.assert_allclose(aux['ce_clean'], -np.log(np_softmax(clean))[np.arange(6), y],
+                             rtol=1e-5)
+  np.testing.assert_allclose(aux['ce_adv'], -np.log(np_softmax(adv))[np.arange(6), y], rtol=1e-5)
+
+
+def test_fair_ard_loss_and_what_it_logs_match_numpy(batch):
+  """Fair-ARD: ARD's terms with each sample weighted by its class's weight, alpha T^2 (1 / (B C))
+  sum_i w[y_i] KL_i + (1 - alpha) (1 / B) sum_i w[y_i] CE_i, and as aux the logits each forward
+  gave, their per-sample cross-entropies, the two terms and the attack's kappa."""
+  teacher, (x_adv, adv), (x, clean), y, _, _ = batch
+  config = config_lib.default_config()
+  config.ard.alpha, config.ard.temperature = 0.75, 3.0
+  weight = np.array([2.0, 0.5, 1.0, 1.5], np.float32)
+  kappa = np.array([3.0, 0.0, 1.0, 2.0, 3.0, 1.0], np.float32)
+  inputs = methods.MethodInputs(x, y, None, {'class_weight': jnp.asarray(weight)}, teacher)
+  loss, aux = methods.get_method('fair_ard').loss(
+      linear_forward, inputs, {'x_adv': x_adv, 'kappa': jnp.asarray(kappa)}, config)
+  w = weight[y]
+  robust = 0.75 * 9.0 * (w * _np_kl(np_softmax(teacher, 3.0), adv / 3.0)).sum() / adv.size
+  ce_clean = -np.log(np_softmax(clean))[np.arange(6), y]
+  natural = (w * ce_clean).mean()
+  np.testing.assert_allclose(loss, robust + 0.25 * natural, rtol=1e-5)
+  np.testing.assert_allclose(aux['loss_robust'], robust, rtol=1e-5)
+  np.testing.assert_allclose(aux['loss_natural'], natural, rtol=1e-5)
+  np.testing.assert_allclose(aux['logits_clean'], clean, rtol=1e-5)
+  np.testing.assert_allclose(aux['logits_adv'], adv, rtol=1e-5)
+  np.testing.assert_allclose(aux['ce_clean'], ce_clean, rtol=1e-5)
+  np.testing.assert_allclose(aux['ce_adv'], -np.log(np_softmax(adv))[np.arange(6), y], rtol=1e-5)
+  np.testing.assert_array_equal(aux['kappa'], kappa)
+
+
 def test_absld_epoch_record_is_the_mean_risk_per_class():
   """Per-class mean risks (NaN for a class not seen this epoch) and the new temperatures."""
   before = {'risk_adv_sum': np.array([0.0, 2.0, 6.0]), 'risk_adv_count': np.array([0.0, 1.0, 3.0]),

@@ -65,7 +65,7 @@ def weight_assign(kappa, beta, guard, num_classes):
 def test_fair_class_weights_against_the_code_on_unbalanced_classes_with_one_absent():
   config = config_lib.default_config()
   rng = np.random.default_rng(0)
-  counts = np.array([30, 5, 12, 0, 40, 8, 20, 3, 17, 9], np.float32)  # class 3 absent
+  counts = np.array([30, 5, 12, 0, 40, 8, 20, 1, 17, 9], np.float32)  # 3 absent, 7 seen once
   kappa = rng.uniform(0, 10, size=10).astype(np.float32) * (counts > 0)
   sums = kappa * counts
   got = fairness.fair_class_weights(jnp.asarray(sums), jnp.asarray(counts), config)
@@ -76,11 +76,41 @@ def test_fair_class_weights_against_the_code_on_unbalanced_classes_with_one_abse
   ended = fairness.fair_epoch_end(state, 1, config)
   np.testing.assert_allclose(ended['class_weight'], got)
   assert float(jnp.sum(ended['kappa_sum'])) == 0 and float(jnp.sum(ended['kappa_count'])) == 0
+  # beta 1: the guard's sign shows at the absent class (kappa 0), which beta 2 squares away.
+  config.fair.beta = 1.0
+  np.testing.assert_allclose(
+      fairness.fair_class_weights(jnp.asarray(sums), jnp.asarray(counts), config),
+      weight_assign(kappa, 1.0, 1e-5, 10), rtol=1e-5)
+  config.fair.beta = 2.0
   # The weights are per class: a wrong class index shows.
   config.fair.kappa_guard = 0.0
   np.testing.assert_allclose(
       fairness.fair_class_weights(jnp.asarray(sums[:3]), jnp.asarray(counts[:3]), config),
       weight_assign(kappa[:3], 2.0, 0.0, 3), rtol=1e-5)
+
+
+def test_fair_and_cfa_epoch_records_are_the_per_class_means_and_the_new_values():
+  """Fair-ARD / Fair-RSLAD log each class's mean kappa of the epoch (NaN for a class not seen)
+  and next epoch's weights; CFA the train robust accuracy per class (NaN unseen), the new class
+  eps and TRADES weights, and whether FAWA has started."""
+  before = {'kappa_sum': np.array([0.0, 3.0, 12.0, 5.0]),
+            'kappa_count': np.array([0.0, 1.0, 4.0, 2.0])}
+  after = {'class_weight': jnp.asarray([2.5, 1.0, 0.9, 1.25])}
+  kind, values = fairness.fair_epoch_record(before, after)
+  assert kind == 'class_weights' and sorted(values) == ['class_weight', 'kappa']
+  np.testing.assert_array_equal(values['kappa'], [np.nan, 3.0, 3.0, 2.5])
+  assert values['class_weight'] == [2.5, 1.0, 0.8999999761581421, 1.25]  # float32, as a list
+  before = {'robust_sum': np.array([0.0, 1.0, 3.0]), 'robust_count': np.array([0.0, 1.0, 4.0])}
+  after = {'class_eps': jnp.asarray([0.5, 0.25, 0.125]), 'class_beta': jnp.asarray([0.5, 0.75, 1.0]),
+           'average_started': jnp.asarray(True)}
+  kind, values = fairness.cfa_epoch_record(before, after)
+  assert kind == 'cfa'
+  assert sorted(values) == ['class_beta', 'class_eps', 'fawa_started', 'train_robust']
+  np.testing.assert_array_equal(values['train_robust'], [np.nan, 1.0, 0.75])
+  assert values['class_eps'] == [0.5, 0.25, 0.125] and values['class_beta'] == [0.5, 0.75, 1.0]
+  assert values['fawa_started'] is True
+  after['average_started'] = jnp.asarray(False)
+  assert fairness.cfa_epoch_record(before, after)[1]['fawa_started'] is False
 
 
 def test_fair_accumulate_sums_kappa_per_class():
