@@ -268,6 +268,29 @@ def test_ard_loss_and_what_it_logs_match_numpy(batch):
   np.testing.assert_allclose(aux['ce_adv'], -np.log(np_softmax(adv))[np.arange(6), y], rtol=1e-5)
 
 
+def test_adaad_loss_and_what_it_logs_match_numpy(batch):
+  """AdaAD: alpha KL(softmax(t(x')) || f(x')) + (1 - alpha) KL(softmax(t(x)) || f(x)), the
+  teacher queried on x' itself (a function of its input here, so x for x' would show),
+  elementwise mean; the aux as every loss's."""
+  teacher, (x_adv, adv), (x, clean), y, _, _ = batch
+  w_teacher = np.random.default_rng(9).normal(size=(3, 4)).astype(np.float32)
+  config = config_lib.default_config()
+  config.adaad.alpha = 0.75
+  inputs = methods.MethodInputs(x, y, None, None, teacher,
+                                teacher_fn=lambda z: jnp.asarray(z) @ w_teacher)
+  loss, aux = methods.get_method('adaad').loss(linear_forward, inputs, x_adv, config)
+  robust = _np_kl(np_softmax(x_adv @ w_teacher), adv).mean() / 4
+  natural = _np_kl(np_softmax(teacher), clean).mean() / 4
+  np.testing.assert_allclose(loss, 0.75 * robust + 0.25 * natural, rtol=1e-5)
+  np.testing.assert_allclose(aux['loss_robust'], robust, rtol=1e-5)
+  np.testing.assert_allclose(aux['loss_natural'], natural, rtol=1e-5)
+  np.testing.assert_allclose(aux['logits_clean'], clean, rtol=1e-5)
+  np.testing.assert_allclose(aux['logits_adv'], adv, rtol=1e-5)
+  np.testing.assert_allclose(aux['ce_clean'], -np.log(np_softmax(clean))[np.arange(6), y],
+                             rtol=1e-5)
+  np.testing.assert_allclose(aux['ce_adv'], -np.log(np_softmax(adv))[np.arange(6), y], rtol=1e-5)
+
+
 def test_fair_ard_loss_and_what_it_logs_match_numpy(batch):
   """Fair-ARD: ARD's terms with each sample weighted by its class's weight, alpha T^2 (1 / (B C))
   sum_i w[y_i] KL_i + (1 - alpha) (1 / B) sum_i w[y_i] CE_i, and as aux the logits each forward
