@@ -317,6 +317,58 @@ def test_fair_ard_loss_and_what_it_logs_match_numpy(batch):
   np.testing.assert_array_equal(aux['kappa'], kappa)
 
 
+def test_fair_rslad_loss_and_what_it_logs_match_numpy(batch):
+  """Fair-RSLAD: RSLAD's terms with each sample's KL weighted by its class's weight,
+  scale (alpha L(x') + (1 - alpha) L(x)), L = (1 / (B C)) sum_i w[y_i] sum_c p (log(p + eps) -
+  log q); the aux as every loss's, with the attack's kappa."""
+  teacher, (x_adv, adv), (x, clean), y, _, _ = batch
+  config = config_lib.default_config()
+  config.rslad.loss_scale, config.rslad.target_log_eps = 2.0, 1e-5
+  weight = np.array([2.0, 0.5, 1.0, 1.5], np.float32)
+  kappa = np.array([1.0, 2.0, 0.0, 3.0, 1.0, 2.0], np.float32)
+  inputs = methods.MethodInputs(x, y, None, {'class_weight': jnp.asarray(weight)}, teacher)
+  loss, aux = methods.get_method('fair_rslad').loss(
+      linear_forward, inputs, {'x_adv': x_adv, 'kappa': jnp.asarray(kappa)}, config)
+  p = np_softmax(teacher)
+  term = lambda z: (weight[y] * (p * (np.log(p + 1e-5) - np.log(np_softmax(z)))).sum(-1)).mean() / 4
+  robust, natural = term(adv), term(clean)
+  np.testing.assert_allclose(loss, 2.0 * (5 / 6 * robust + 1 / 6 * natural), rtol=1e-5)
+  np.testing.assert_allclose(aux['loss_robust'], robust, rtol=1e-5)
+  np.testing.assert_allclose(aux['loss_natural'], natural, rtol=1e-5)
+  np.testing.assert_allclose(aux['logits_clean'], clean, rtol=1e-5)
+  np.testing.assert_allclose(aux['logits_adv'], adv, rtol=1e-5)
+  np.testing.assert_allclose(aux['ce_clean'], -np.log(np_softmax(clean))[np.arange(6), y],
+                             rtol=1e-5)
+  np.testing.assert_allclose(aux['ce_adv'], -np.log(np_softmax(adv))[np.arange(6), y], rtol=1e-5)
+  np.testing.assert_array_equal(aux['kappa'], kappa)
+
+
+def test_bat_loss_and_what_it_logs_match_numpy(batch):
+  """BAT: CE(f(x_lc), y) + beta KL_batchmean(f(x) || f(x_fa)) + KL(f(x_lc) || U) + KL(f(x_fa) ||
+  U), U uniform, from three distinct inputs; the aux: the clean and x_fa logits, their CEs and
+  the natural and robust terms."""
+  _, (x_fa, fa), (x, clean), y, _, _ = batch
+  x_lc = x - 0.5 * (x_fa - x)
+  lc = x_lc @ W_LINEAR
+  config = config_lib.default_config()
+  config.trades.beta = 3.0
+  inputs = methods.MethodInputs(x, y, None, None, None)
+  loss, aux = methods.get_method('bat').loss(linear_forward, inputs, {'x_lc': x_lc, 'x_fa': x_fa},
+                                             config)
+  kl = lambda a, b: _np_kl(np_softmax(a), b).mean()
+  natural = -np.log(np_softmax(lc))[np.arange(6), y].mean()
+  robust = kl(clean, fa)
+  spread = kl(lc, np.zeros_like(lc)) + kl(fa, np.zeros_like(fa))
+  np.testing.assert_allclose(loss, natural + 3.0 * robust + spread, rtol=1e-5)
+  np.testing.assert_allclose(aux['loss_natural'], natural, rtol=1e-5)
+  np.testing.assert_allclose(aux['loss_robust'], robust, rtol=1e-5)
+  np.testing.assert_allclose(aux['logits_clean'], clean, rtol=1e-5)
+  np.testing.assert_allclose(aux['logits_adv'], fa, rtol=1e-5)
+  np.testing.assert_allclose(aux['ce_clean'], -np.log(np_softmax(clean))[np.arange(6), y],
+                             rtol=1e-5)
+  np.testing.assert_allclose(aux['ce_adv'], -np.log(np_softmax(fa))[np.arange(6), y], rtol=1e-5)
+
+
 def test_absld_epoch_record_is_the_mean_risk_per_class():
   """Per-class mean risks (NaN for a class not seen this epoch) and the new temperatures."""
   before = {'risk_adv_sum': np.array([0.0, 2.0, 6.0]), 'risk_adv_count': np.array([0.0, 1.0, 3.0]),

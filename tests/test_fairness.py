@@ -115,6 +115,10 @@ def test_fair_and_cfa_epoch_records_are_the_per_class_means_and_the_new_values()
 
 def test_fair_accumulate_sums_kappa_per_class():
   state = fairness.fair_init_state(None, 4)
+  # The first epoch is ARD's / RSLAD's: every class weight 1, nothing counted yet.
+  assert sorted(state) == ['class_weight', 'kappa_count', 'kappa_sum']
+  np.testing.assert_array_equal(state['class_weight'], np.ones(4, np.float32))
+  np.testing.assert_array_equal(state['kappa_sum'], np.zeros(4, np.float32))
   labels = jnp.asarray([0, 2, 2, 3, 0])
   out = fairness.fair_accumulate(state, {'kappa': jnp.asarray([1., 2., 3., 4., 5.])}, labels, 4)
   np.testing.assert_array_equal(out['kappa_sum'], [6, 0, 5, 4])
@@ -178,8 +182,9 @@ def test_cfa_margins_beta_and_fawa_against_the_code():
   config.eps, config.trades.beta = 8 / 255, 6.0
   state = fairness.cfa_init_state(config, 10)
   np.testing.assert_allclose(state['class_beta'], 6 / 7)
-  counts = np.array([30, 10, 50, 20, 0, 40, 25, 35, 15, 45], np.float32)
+  counts = np.array([30, 1, 50, 20, 0, 40, 25, 35, 15, 45], np.float32)  # 4 absent, 1 seen once
   robust = np.round(counts * np.linspace(0.1, 0.7, 10))
+  robust[1] = 1.0
   variables = {'params': {'w': jnp.full((3,), 2.0)}, 'batch_stats': {'m': jnp.full((2,), 4.0)}}
   average = {'params': {'w': jnp.zeros((3,))}, 'batch_stats': {'m': jnp.zeros((2,))}}
   state = {**state, 'robust_sum': jnp.asarray(robust), 'robust_count': jnp.asarray(counts),
@@ -215,6 +220,18 @@ def test_cfa_margins_beta_and_fawa_against_the_code():
   config.cfa.fawa_threshold = 0.29
   assert not bool(fairness.cfa_epoch_end(state, 10, config, val(np.nan),
                                          variables)['average_started'])
+  # 30 classes: the worst 10% are the 3 worst, (0.1 + 0.3 + 0.35) / 3 = 0.25 >= 0.24, while the
+  # worst class alone, 0.1, is not.
+  config.cfa.fawa_threshold = 0.24
+  state30 = {**fairness.cfa_init_state(config, 30), 'robust_sum': jnp.zeros(30),
+             'robust_count': jnp.ones(30), 'average': average}
+  per_class = np.r_[0.35, np.full(26, 0.9), 0.1, 0.3, 0.5].astype(np.float32)
+  val30 = {'clean': {'per_class': jnp.ones(30), 'avg': jnp.float32(1)},
+           'pgd': {'per_class': jnp.asarray(per_class), 'avg': jnp.float32(0.8)}}
+  for worst, starts in (('worst10', True), ('worst', False)):
+    config.cfa.fawa_worst = worst
+    assert bool(fairness.cfa_epoch_end(state30, 10, config, val30, variables)['average_started']) \
+        == starts, worst
 
 
 def _records(workdir, kind):
