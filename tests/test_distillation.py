@@ -291,6 +291,43 @@ def test_adaad_loss_and_what_it_logs_match_numpy(batch):
   np.testing.assert_allclose(aux['ce_adv'], -np.log(np_softmax(adv))[np.arange(6), y], rtol=1e-5)
 
 
+class _LinearTrainForward:
+  """linear_forward as the train step hands it to a loss: with (no) BatchNorm statistics."""
+  batch_stats = {}
+
+  def __call__(self, x):
+    return linear_forward(x)
+
+
+@pytest.mark.parametrize('epoch', [0, 2])
+def test_iad_loss_and_what_it_logs_match_numpy(batch, epoch):
+  """IAD-I: ARD's teacher term + from iad.begin_epoch alpha (1/B) sum_i (1 - w_i)
+  KL(f(x_i) || f(x'_i)) with w_i = softmax(t(x'_i))[y_i]^beta, + (1 - alpha) CE(f(x), y); the
+  aux as every loss's."""
+  teacher, (x_adv, adv), (x, clean), y, _, _ = batch
+  w_teacher = np.random.default_rng(9).normal(size=(3, 4)).astype(np.float32)
+  config = config_lib.default_config()
+  config.ard.alpha, config.ard.temperature, config.ard.reduction = 0.75, 1.0, 'batchmean'
+  config.iad.beta, config.iad.begin_epoch = 0.5, 1
+  inputs = methods.MethodInputs(x, y, None, None, teacher,
+                                teacher_fn=lambda z: jnp.asarray(z) @ w_teacher,
+                                epoch=jnp.asarray(epoch))
+  loss, aux = methods.get_method('iad').loss(_LinearTrainForward(), inputs, x_adv, config)
+  robust = 0.75 * _np_kl(np_softmax(teacher), adv).mean()
+  w = np_softmax(x_adv @ w_teacher)[np.arange(6), y] ** 0.5
+  introspection = ((1 - w) * _np_kl(np_softmax(clean), adv)).mean()
+  natural = -np.log(np_softmax(clean))[np.arange(6), y].mean()
+  want = robust + (0.75 * introspection if epoch >= 1 else 0.0) + 0.25 * natural
+  np.testing.assert_allclose(loss, want, rtol=1e-5)
+  np.testing.assert_allclose(aux['loss_robust'], robust, rtol=1e-5)
+  np.testing.assert_allclose(aux['loss_natural'], natural, rtol=1e-5)
+  np.testing.assert_allclose(aux['logits_clean'], clean, rtol=1e-5)
+  np.testing.assert_allclose(aux['logits_adv'], adv, rtol=1e-5)
+  np.testing.assert_allclose(aux['ce_clean'], -np.log(np_softmax(clean))[np.arange(6), y],
+                             rtol=1e-5)
+  np.testing.assert_allclose(aux['ce_adv'], -np.log(np_softmax(adv))[np.arange(6), y], rtol=1e-5)
+
+
 def test_fair_ard_loss_and_what_it_logs_match_numpy(batch):
   """Fair-ARD: ARD's terms with each sample weighted by its class's weight, alpha T^2 (1 / (B C))
   sum_i w[y_i] KL_i + (1 - alpha) (1 / B) sum_i w[y_i] CE_i, and as aux the logits each forward

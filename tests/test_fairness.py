@@ -113,6 +113,20 @@ def test_fair_and_cfa_epoch_records_are_the_per_class_means_and_the_new_values()
   assert fairness.cfa_epoch_record(before, after)[1]['fawa_started'] is False
 
 
+def test_cfa_accumulate_counts_each_class_train_robust_hits():
+  """CFA's per-class train robust accuracy sums: argmax f(x') == y, per sample, by class."""
+  state = fairness.cfa_init_state(config_lib.default_config(), 3)
+  logits_adv = jnp.asarray([[0.1, 2.0, 0.3], [3.0, 0.0, 0.0], [0.0, 0.5, 0.4], [0.2, 0.1, 0.9],
+                            [1.0, 0.0, 5.0]])
+  labels = jnp.asarray([1, 0, 2, 2, 0])  # hits: 1, 1, 0, 1, 0
+  out = fairness.cfa_accumulate(state, {'logits_adv': logits_adv}, labels, 3)
+  np.testing.assert_array_equal(out['robust_sum'], [1, 1, 1])
+  np.testing.assert_array_equal(out['robust_count'], [2, 1, 2])
+  again = fairness.cfa_accumulate(out, {'logits_adv': logits_adv}, labels, 3)
+  np.testing.assert_array_equal(again['robust_sum'], [2, 2, 2])
+  assert again['robust_sum'].dtype == jnp.float32
+
+
 def test_fair_accumulate_sums_kappa_per_class():
   state = fairness.fair_init_state(None, 4)
   # The first epoch is ARD's / RSLAD's: every class weight 1, nothing counted yet.
