@@ -15,6 +15,7 @@ from ltd_jax import methods
 from ltd_jax import state as state_lib
 from ltd_jax import temperatures
 from ltd_jax import train
+from ltd_jax.methods import distillation
 from tests.conftest import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -143,6 +144,32 @@ def test_beta_decays_as_in_the_released_script():
   assert ours[214] == pytest.approx(0.1) and ours[215] == pytest.approx(0.01)
 
 
+def test_absld_epoch_end_updates_each_set_by_eq10_within_the_bounds_and_zeroes_the_risks():
+  """The method's epoch end: Eq. 10 with beta_t of the epoch, tau_adv from the adversarial
+  risks and tau_clean from the clean ones, clipped to [tau_min, tau_max] (a step of 2 pushes
+  the extreme classes past both bounds); the four risk accumulators start again at zero."""
+  config = config_lib.default_config()
+  config.absld.beta, config.absld.tau_min, config.absld.tau_max = 2.0, 0.8, 2.5
+  config.optim.lr_boundaries_epochs, config.optim.lr_decay = (5,), 0.5
+  tau_adv, tau_clean = np.array([1.0, 1.5, 2.0, 1.2]), np.array([2.0, 1.0, 1.4, 0.9])
+  risk_adv, risk_clean = np.array([3.0, 0.5, 1.0, 2.0]), np.array([0.2, 0.4, 1.6, 0.1])
+  counts = np.array([4.0, 2.0, 5.0, 3.0])
+  state = {'tau_adv': tau_adv, 'tau_clean': tau_clean,
+           'risk_adv_sum': risk_adv * counts, 'risk_adv_count': counts,
+           'risk_clean_sum': risk_clean * counts, 'risk_clean_count': counts}
+  state = {k: jnp.asarray(v, jnp.float32) for k, v in state.items()}
+  for epochs_completed, beta_t in ((2, 2.0), (5, 1.0)):  # epoch 5 reaches the milestone
+    got = distillation.absld_epoch_end(state, epochs_completed, config)
+    want_adv = np_eq10(tau_adv, risk_adv, beta_t, 0.8, 2.5)
+    want_clean = np_eq10(tau_clean, risk_clean, beta_t, 0.8, 2.5)
+    np.testing.assert_allclose(got['tau_adv'], want_adv, rtol=1e-5)
+    np.testing.assert_allclose(got['tau_clean'], want_clean, rtol=1e-5)
+    for k in ('risk_adv_sum', 'risk_adv_count', 'risk_clean_sum', 'risk_clean_count'):
+      np.testing.assert_array_equal(got[k], np.zeros(4))
+  unclipped = np_eq10(tau_adv, risk_adv, 2.0, -np.inf, np.inf)
+  assert unclipped.min() < 0.8 and unclipped.max() > 2.5  # both bounds were needed
+
+
 def _absld_config(aliasing=False):
   c = config_lib.default_config()
   c.absld.released_code_aliasing = aliasing
@@ -204,9 +231,7 @@ def test_distillation_loss_matches_numpy(batch, name):
   robust = _np_kl(p_adv, adv).mean() / 4  # elementwise mean = batchmean / classes
   natural = _np_kl(p_clean, clean).mean() / 4
   np.testing.assert_allclose(loss, 5 / 6 * robust + 1 / 6 * natural, rtol=1e-5)
-  np.testing.assert_allclose(aux['ce_adv'], -np.log(np_softmax(adv))[np.arange(6), y], rtol=1e-5)
-  np.testing.assert_allclose(aux['ce_clean'], -np.log(np_softmax(clean))[np.arange(6), y],
-                             rtol=1e-5)
+  _aux_matches(aux, y, clean, adv, natural, robust)
 
 
 def test_distillation_adversary_step_is_the_sign_of_the_kl_gradient(batch):
@@ -405,6 +430,54 @@ def test_bat_loss_and_what_it_logs_match_numpy(batch):
                              rtol=1e-5)
   np.testing.assert_allclose(aux['ce_adv'], -np.log(np_softmax(fa))[np.arange(6), y], rtol=1e-5)
 
+
+
+def _aux_matches(aux, y, clean, adv, natural, robust):
+  np.testing.assert_allclose(aux['loss_natural'], natural, rtol=1e-5)
+  np.testing.assert_allclose(aux['loss_robust'], robust, rtol=1e-5)
+  np.testing.assert_allclose(aux['logits_clean'], clean, rtol=1e-5)
+  np.testing.assert_allclose(aux['logits_adv'], adv, rtol=1e-5)
+  rows = np.arange(len(y))
+  np.testing.assert_allclose(aux['ce_clean'], -np.log(np_softmax(clean))[rows, y], rtol=1e-5)
+  np.testing.assert_allclose(aux['ce_adv'], -np.log(np_softmax(adv))[rows, y], rtol=1e-5)
+
+
+def test_frl_loss_and_what_it_logs_match_numpy(batch):
+  """FRL (utils_frl2 cost_sensitive + train_model): sum_i w0[y_i] CE_i / sum_i w0[y_i] +
+  beta sum_i w1[y_i] KL_i / sum_i w1[y_i], w = 1/C + lambda - sum(lambda)/C from distinct
+  multipliers; the aux: both logits, their CEs and the two terms."""
+  _, (x_adv, adv), (x, clean), y, _, _ = batch
+  config = config_lib.default_config()
+  config.frl.beta = 2.5
+  lam_nat, lam_bndy = np.array([0.3, 0.0, 0.1, 0.05]), np.array([0.0, 0.2, 0.05, 0.25])
+  state = {'lambda_nat': jnp.asarray(lam_nat, jnp.float32),
+           'lambda_bndy': jnp.asarray(lam_bndy, jnp.float32),
+           'lambda_margin': jnp.zeros(4, jnp.float32)}
+  inputs = methods.MethodInputs(x, y, None, state)
+  loss, aux = methods.get_method('frl').loss(linear_forward, inputs, x_adv, config)
+  w0 = (0.25 + lam_nat - lam_nat.sum() / 4)[y]
+  w1 = (0.25 + lam_bndy - lam_bndy.sum() / 4)[y]
+  ce = -np.log(np_softmax(clean))[np.arange(6), y]
+  kl = _np_kl(np_softmax(clean), adv)
+  natural, robust = (w0 * ce).sum() / w0.sum(), (w1 * kl).sum() / w1.sum()
+  np.testing.assert_allclose(loss, natural + 2.5 * robust, rtol=1e-5)
+  _aux_matches(aux, y, clean, adv, natural, robust)
+
+
+def test_cfa_loss_and_what_it_logs_match_numpy(batch):
+  """CFA (cw_trades_loss): mean_i [(1 - b[y_i]) CE(f(x_i), y_i) + b[y_i] KL(f(x_i) || f(x'_i))]
+  with distinct class weights b; the aux: both logits, their CEs and the two terms."""
+  _, (x_adv, adv), (x, clean), y, _, _ = batch
+  b = np.array([0.9, 0.5, 0.7, 0.2])
+  state = {'class_beta': jnp.asarray(b, jnp.float32)}
+  inputs = methods.MethodInputs(x, y, None, state)
+  loss, aux = methods.get_method('cfa').loss(linear_forward, inputs, x_adv,
+                                             config_lib.default_config())
+  ce = -np.log(np_softmax(clean))[np.arange(6), y]
+  natural = ((1 - b[y]) * ce).mean()
+  robust = (b[y] * _np_kl(np_softmax(clean), adv)).mean()
+  np.testing.assert_allclose(loss, natural + robust, rtol=1e-5)
+  _aux_matches(aux, y, clean, adv, natural, robust)
 
 def test_absld_epoch_record_is_the_mean_risk_per_class():
   """Per-class mean risks (NaN for a class not seen this epoch) and the new temperatures."""

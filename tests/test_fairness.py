@@ -2,11 +2,14 @@
 their released code: BAT's stop iterates, Fair-ARD's kappa and class weights, ABSLD's Manual
 temperatures (the full steps are in test_reference_parity.py)."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ltd_jax import attacks
 from ltd_jax import config_lib
+from ltd_jax import methods
 from ltd_jax.methods import distillation
 from ltd_jax.methods import fairness
 from ltd_jax.errors import ConfigError
@@ -170,7 +173,7 @@ def test_frl_multipliers_and_margins_against_the_code():
   state = dict(zip(('lambda_nat', 'lambda_bndy', 'lambda_margin'), map(jnp.asarray, lam)))
   validation = {'clean': {'per_class': jnp.asarray(acc_c, jnp.float32), 'avg': jnp.float32(acc)},
                 'pgd': {'per_class': jnp.asarray(adv_c, jnp.float32), 'avg': jnp.float32(adv)}}
-  for epochs_completed, rate1 in ((3, 0.05), (39, 0.025)):  # t = 40: rate1 halved
+  for epochs_completed, rate1 in ((3, 0.05), (38, 0.05), (39, 0.025)):  # t = 40: rate1 halved
     got = fairness.frl_epoch_end(state, epochs_completed, config, validation, None)
     tau = config.frl.tau_nat
     gamma0 = np.nan_to_num((1 - acc_c) - (1 - acc) - tau)
@@ -190,6 +193,58 @@ def test_frl_multipliers_and_margins_against_the_code():
                                                       'pgd': validation['clean']}, None)
   assert not np.allclose(swapped['lambda_margin'], got['lambda_margin'])
 
+
+
+@pytest.mark.parametrize('lmb,limit', [([0.3, -0.1, 0.5], 0.5),  # sum 0.8 > limit, below 1
+                                       ([2.0, 1.0, 0.0], 0.5),  # sum above 1
+                                       ([0.1, 0.2, -0.4], 0.5),  # under the limit: kept
+                                       ([-0.1, -0.2, 0.0], 0.5)])  # all clamped: zeros
+def test_frl_normalize_against_the_code(lmb, limit):
+  got = fairness.frl_normalize(jnp.asarray(lmb, jnp.float32), limit)
+  np.testing.assert_allclose(got, normalize_lambda(np.array(lmb), limit), rtol=1e-6, atol=1e-7)
+
+
+def test_frl_margins_are_clipped_to_both_bounds_and_the_record_lists_the_multipliers():
+  """clip(exp(2 lambda_margin), 0.98, 3): a large multiplier stops at 3, a negative one at 0.98;
+  the epoch record is the new multipliers as lists (kind 'frl')."""
+  config = config_lib.default_config()
+  margin = np.array([-1.0, 0.0, 0.3, 2.0])
+  state = {'lambda_nat': jnp.asarray([0.1, 0.0, 0.2, 0.0]),
+           'lambda_bndy': jnp.asarray([0.0, 0.3, 0.0, 0.1]),
+           'lambda_margin': jnp.asarray(margin, jnp.float32)}
+  _, _, m = fairness.frl_costs(state, config)
+  np.testing.assert_allclose(m, [0.98, 1.0, np.exp(0.6), 3.0], rtol=1e-6)
+  kind, record = fairness.frl_epoch_record(None, state)
+  assert kind == 'frl' and sorted(record) == ['lambda_bndy', 'lambda_margin', 'lambda_nat']
+  for key, value in state.items():
+    assert record[key] == pytest.approx(np.asarray(value).tolist())
+
+
+@pytest.mark.parametrize('step_size', ['max_eps_quarter', 'config'])
+def test_frl_attack_eps_is_remargined_per_class_with_the_configured_step(step_size):
+  """eps_i = eps m[y_i]; the step max_i eps_i / 4 for the batch (the code) or attack.alpha: the
+  attack equals PGD run with exactly those, and not with the other step."""
+  from ltd_jax.methods import base  # pylint: disable=g-import-not-at-top
+  config = config_lib.default_config()
+  config.eps, config.attack.alpha, config.attack.steps = 0.1, 0.01, 2
+  config.frl.step_size = step_size
+  rng = np.random.default_rng(0)
+  w = jnp.asarray(rng.normal(size=(12, 3)), jnp.float32)
+  student = lambda x: x.reshape(x.shape[0], -1) @ w
+  x = jnp.asarray(rng.uniform(0.3, 0.7, size=(4, 2, 2, 3)), jnp.float32)
+  y = jnp.asarray([0, 1, 2, 1])
+  state = {'lambda_nat': jnp.zeros(3), 'lambda_bndy': jnp.zeros(3),
+           'lambda_margin': jnp.asarray([0.0, 0.3, -0.5], jnp.float32)}
+  inputs = methods.MethodInputs(x, y, jax.random.PRNGKey(3), state)
+  got = fairness.frl_adversary(student, inputs, config)
+  eps = 0.1 * np.clip(np.exp(2 * np.array([0.0, 0.3, -0.5])), 0.98, 3.0)[np.array(y)]
+  steps = {'max_eps_quarter': eps.max() / 4, 'config': 0.01}
+  clean_probs = jax.nn.softmax(student(x), axis=-1)
+  objective = lambda f: attacks.kl_objective(f, clean_probs)
+  for name, alpha in steps.items():
+    want = base.pgd(student, objective, inputs, config, eps=jnp.asarray(eps, jnp.float32),
+                    alpha=alpha)
+    assert np.allclose(got, want, atol=1e-6) == (name == step_size), name
 
 def test_cfa_margins_beta_and_fawa_against_the_code():
   config = config_lib.default_config()
