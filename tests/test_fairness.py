@@ -90,6 +90,15 @@ def test_fair_class_weights_against_the_code_on_unbalanced_classes_with_one_abse
   np.testing.assert_allclose(
       fairness.fair_class_weights(jnp.asarray(sums[:3]), jnp.asarray(counts[:3]), config),
       weight_assign(kappa[:3], 2.0, 0.0, 3), rtol=1e-5)
+  # Kappas of the guard's size, every class seen (one of them once), weights inside the clip: the
+  # guard's sign and the division by a count of 1 both show.
+  config.fair.kappa_guard = 1e-5
+  kappa = np.array([2e-5, 3e-5, 2.5e-5, 4e-5], np.float32)
+  counts = np.array([3, 1, 2, 5], np.float32)
+  got = fairness.fair_class_weights(jnp.asarray(kappa * counts), jnp.asarray(counts), config)
+  want = weight_assign(kappa, 2.0, 1e-5, 4)
+  np.testing.assert_allclose(got, want, rtol=1e-4)
+  assert 5 / 6 < want[1] < 5 / 2 and want[0] > want[2] > want[1]
 
 
 def test_fair_and_cfa_epoch_records_are_the_per_class_means_and_the_new_values():
