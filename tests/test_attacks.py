@@ -550,3 +550,45 @@ def test_methods_pgd_follows_the_iterates_of_a_bfloat16_student(linear, tiny_con
 def attack_start(x, inputs, config):
   """The training attack's start from x (its init drawn from the inputs' rng)."""
   return attacks.INITS[config.attack.init](inputs.rng, x, config.eps)
+
+
+def test_unroll_default_is_a_bool_per_platform_and_a_set_value_wins():
+  """Unrolled attack loops by default for CPU training steps only; the resolved value is a bool
+  (a None would read as 'not set' and be resolved again, on another backend)."""
+  assert attacks.resolve_unroll(None, 'train', 'cpu') is True
+  for platform in ('gpu', 'tpu'):
+    assert attacks.resolve_unroll(None, 'train', platform) is False
+  assert attacks.resolve_unroll(None, 'eval', 'cpu') is False
+  assert attacks.resolve_unroll(0, 'train', 'cpu') is False
+  assert attacks.resolve_unroll(1, 'eval', 'gpu') is True
+
+
+def test_per_sample_values_broadcast_over_images_and_scalars_stay_scalars():
+  """A [B] eps becomes [B, 1, 1, 1]; a Python number and a 0-d array stay as they are, so they
+  broadcast over inputs of any rank."""
+  eps = attacks.per_sample(jnp.asarray([0.1, 0.2]))
+  assert eps.shape == (2, 1, 1, 1)
+  np.testing.assert_allclose((jnp.zeros((2, 3, 3, 1)) + eps)[:, 1, 2, 0], [0.1, 0.2])
+  assert attacks.per_sample(0.25) == 0.25
+  assert jnp.ndim(attacks.per_sample(jnp.float32(0.25))) == 0
+  assert jnp.ndim(attacks.per_sample(jnp.max(jnp.asarray([0.1, 0.3])))) == 0
+
+
+def test_pgd_defaults_are_a_uniform_start_and_a_rolled_loop():
+  """Without init / unroll: the uniform start (the same x_K as init='uniform' from the same key,
+  not the no-noise start's) and the K steps as one loop in the program (unroll=True writes them
+  out, for XLA's cost analysis)."""
+  w = jnp.asarray(np.random.default_rng(0).normal(size=(12, 3)), jnp.float32)
+  x = jnp.asarray(np.random.default_rng(1).uniform(0.2, 0.8, size=(2, 2, 2, 3)), jnp.float32)
+  objective = attacks.ce_objective(lambda z: z.reshape(2, -1) @ w, jnp.asarray([0, 2]))
+  rng = jax.random.PRNGKey(4)
+  run = lambda **kw: attacks.pgd_attack(objective, x, rng, eps=0.1, alpha=0.01, steps=3, **kw)
+  np.testing.assert_array_equal(run(), run(init='uniform'))
+  assert np.abs(np.asarray(run()) - np.asarray(run(init='none'))).max() > 1e-3
+
+  def flops(**kw):  # XLA's cost analysis counts a loop's body once
+    compiled = jax.jit(lambda z: attacks.pgd_attack(
+        objective, z, rng, eps=0.1, alpha=0.01, steps=3, **kw)).lower(x).compile()
+    cost = compiled.cost_analysis()
+    return (cost[0] if isinstance(cost, list) else cost)['flops']
+  assert flops() == flops(unroll=False) < 0.75 * flops(unroll=True)

@@ -40,6 +40,7 @@ def test_kl_matches_numpy_and_both_forms_agree(logits):
   assert float(losses.kl_from_logits(t, t, 'sum')) == pytest.approx(0.0, abs=1e-5)
   # Without a reduction: the mean over the batch (KLDivLoss(reduction='batchmean')).
   np.testing.assert_allclose(losses.kl_from_logits(t, z), per.mean(), rtol=1e-4)
+  np.testing.assert_allclose(losses.kl_divergence(p.astype(np.float32), z), per.mean(), rtol=1e-4)
   # elementwise_mean divides by batch x classes (6 x 5 here; not 6 x 6).
   np.testing.assert_allclose(losses.kl_from_logits(t, z, 'elementwise_mean'), per.mean() / 5,
                              rtol=1e-4)
@@ -51,6 +52,20 @@ def test_kl_handles_zero_probabilities():
   expected = -np_log_softmax(z.astype(np.float64))[0, 0]
   np.testing.assert_allclose(losses.kl_divergence(p, z, 'sum'), expected, rtol=1e-5)
 
+
+
+def test_kl_gradient_in_a_target_with_zeros_is_finite_and_exact():
+  """d/dp_c sum_c p_c (log p_c - log_softmax(z)_c) = log p_c + 1 - log_softmax(z)_c where p_c > 0,
+  and -log_softmax(z)_c at p_c = 0 (0 log 0 = 0 with a zero derivative): finite, as the
+  attacks that differentiate through a teacher's softmax target (AdaAD) need when it underflows."""
+  import jax  # pylint: disable=g-import-not-at-top
+  p = np.array([[0.7, 0.0, 0.3], [0.0, 1.0, 0.0]], np.float32)
+  z = np.array([[2.0, 1.0, 0.0], [0.5, -1.0, 1.5]], np.float32)
+  grad = jax.grad(lambda q: losses.kl_divergence(q, z, 'sum'))(jnp.asarray(p))
+  ls = np_log_softmax(z.astype(np.float64))
+  want = np.where(p > 0, np.log(np.where(p > 0, p, 1.0)) + 1.0 - ls, -ls)
+  assert np.all(np.isfinite(grad))
+  np.testing.assert_allclose(grad, want, rtol=1e-5, atol=1e-6)
 
 def test_soft_cross_entropy_is_kl_plus_entropy(logits):
   t, z = logits
