@@ -53,45 +53,59 @@ def is_torch_file(which: str) -> bool:
   return parse_checkpoint(which)[0] not in CHECKPOINT_CHOICES
 
 
-def setup(config, workdir: str):
+def open_workdir(config, workdir: str) -> checkpoints.CheckpointStore:
+  """The validated config's work directory, made if missing, and its checkpoint store."""
   config_lib.validate(config)
   try:
     os.makedirs(workdir, exist_ok=True)
   except OSError as e:
     raise ConfigError(f'cannot use {workdir} as the work directory ({e.strerror}): pass another '
                       f'--workdir') from e
-  ds = datasets.load(config.data)
-  n = ds.num_train
-  if config.batch_size > n:
-    raise ConfigError(f'batch_size={config.batch_size} exceeds the {n} training images of '
-                      f'{ds.name}: lower --config.batch_size')
-  parallel.check_batch_size(config.batch_size, parallel.make_mesh())
-  if config.optim.accumulation_steps > 1:
-    parallel.check_batch_size(config.batch_size // config.optim.accumulation_steps,
-                              parallel.make_mesh(), 'batch_size / optim.accumulation_steps')
-  steps_per_epoch = (generated.steps_per_epoch(n, config.batch_size)
-                     if getattr(ds, 'generated', None) is not None else n // config.batch_size)
-  model = build_model(config, ds.num_classes)
-  state = create_train_state(config, model, ds.image_shape, ds.num_classes, steps_per_epoch)
-  store = checkpoints.CheckpointStore(workdir, config.checkpoint.keep)
+  return checkpoints.CheckpointStore(workdir, config.checkpoint.keep)
+
+
+def setup(config, workdir: str, store: checkpoints.CheckpointStore | None = None):
+  """``(ds, initial state, store, steps_per_epoch)`` of a run in ``workdir`` (``store``: the one
+  ``open_workdir`` already opened)."""
+  store = store or open_workdir(config, workdir)
+  try:
+    ds = datasets.load(config.data)
+    n = ds.num_train
+    if config.batch_size > n:
+      raise ConfigError(f'batch_size={config.batch_size} exceeds the {n} training images of '
+                        f'{ds.name}: lower --config.batch_size')
+    parallel.check_batch_size(config.batch_size, parallel.make_mesh())
+    if config.optim.accumulation_steps > 1:
+      parallel.check_batch_size(config.batch_size // config.optim.accumulation_steps,
+                                parallel.make_mesh(), 'batch_size / optim.accumulation_steps')
+    steps_per_epoch = (generated.steps_per_epoch(n, config.batch_size)
+                       if getattr(ds, 'generated', None) is not None else n // config.batch_size)
+    model = build_model(config, ds.num_classes)
+    state = create_train_state(config, model, ds.image_shape, ds.num_classes, steps_per_epoch)
+  except BaseException:
+    store.close()
+    raise
   return ds, state, store, steps_per_epoch
 
 
 def restore_for_evaluation(config: ml_collections.ConfigDict, workdir: str, which: str = 'auto'):
   """``(ds, latest state, store)`` of a trained ``workdir``; for a PyTorch file (``which``) the
-  work directory must not hold a run of its own, whose results the evaluation would replace."""
-  ds, state, store, _ = setup(config, workdir)
+  work directory must not hold a run of its own, whose results the evaluation would replace.
+  The checkpoints are looked for before the data is loaded: a wrong --workdir fails at once."""
+  store = open_workdir(config, workdir)
   has_checkpoints = store.latest_step() is not None or store.best_step() is not None
   if is_torch_file(which):
     if has_checkpoints:
       store.close()
       raise ConfigError(f'{os.path.abspath(workdir)} holds a trained run: evaluate the PyTorch '
                         f'file {which} in another --workdir so that its results stay apart')
-    return ds, state, store
-  if not has_checkpoints:
+  elif not has_checkpoints:
     store.close()
     raise CheckpointError(f'no checkpoint in {os.path.abspath(workdir)}: train with --mode=train '
                           f'first or pass the --workdir of a trained run')
+  ds, state, store, _ = setup(config, workdir, store)
+  if is_torch_file(which):
+    return ds, state, store
   try:
     latest = store.restore(state, 'latest')
   except CheckpointError:

@@ -237,6 +237,19 @@ def test_non_finite_parameters_stop_with_the_step_and_keep_the_last_good_checkpo
     np.testing.assert_array_equal(a, b)
 
 
+
+def test_evaluating_a_directory_without_checkpoints_fails_before_reading_data(tiny_config, tmp_path,
+                                                                              monkeypatch):
+  """--mode=evaluate on the wrong --workdir says so at once, not after loading (or downloading)
+  the dataset and building the model."""
+  def no_data(*args, **kwargs):
+    raise AssertionError('the data was read')
+  monkeypatch.setattr(datasets, 'load', no_data)
+  with pytest.raises(CheckpointError, match=f'no checkpoint in {tmp_path}'):
+    runs.restore_for_evaluation(tiny_config, str(tmp_path), 'auto')
+  with pytest.raises(AssertionError, match='the data was read'):  # a PyTorch file reads the data
+    runs.restore_for_evaluation(tiny_config, str(tmp_path / 'other'), str(tmp_path / 'model.pt'))
+
 def test_non_finite_loss_stops_before_any_checkpoint(tiny_config, tmp_path, monkeypatch):
   natural = methods.METHODS['natural']
   def nan_loss(forward, inputs, x_adv, config):

@@ -1,7 +1,8 @@
 """Training methods as (adversary, loss) pairs over the one shared train step (METHODS.md
 section 2), one module per family: ``adversarial`` (natural, PGD-AT, TRADES, AWP),
-``distillation`` (LTD, RSLAD, ABSLD, ARD, IAD, AdaAD) and ``fairness`` (Fair-ARD, BAT);
-``base`` holds what they share and the registry (``METHODS``, ``register``, ``get_method``)."""
+``distillation`` (LTD, RSLAD, ABSLD, ARD, IAD, AdaAD) and ``fairness`` (Fair-ARD, Fair-RSLAD,
+BAT, FRL, CFA); ``base`` holds what they share and the registry (``METHODS``, ``register``,
+``get_method``)."""
 
 from ltd_jax.methods import adversarial
 from ltd_jax.methods import distillation
