@@ -204,6 +204,18 @@ def _np_kl(p, logits):
   return (p * (np.log(p) - np.log(np_softmax(logits)))).sum(-1)
 
 
+def _aux_matches(aux, y, clean, adv, natural, robust):
+  """The aux every loss returns: its two terms, the logits each forward gave and their
+  per-sample cross-entropies."""
+  np.testing.assert_allclose(aux['loss_natural'], natural, rtol=1e-5)
+  np.testing.assert_allclose(aux['loss_robust'], robust, rtol=1e-5)
+  np.testing.assert_allclose(aux['logits_clean'], clean, rtol=1e-5)
+  np.testing.assert_allclose(aux['logits_adv'], adv, rtol=1e-5)
+  rows = np.arange(len(y))
+  np.testing.assert_allclose(aux['ce_clean'], -np.log(np_softmax(clean))[rows, y], rtol=1e-5)
+  np.testing.assert_allclose(aux['ce_adv'], -np.log(np_softmax(adv))[rows, y], rtol=1e-5)
+
+
 @pytest.mark.parametrize('aliasing', [False, True])
 def test_absld_targets_use_each_samples_class_temperature(batch, aliasing):
   teacher, _, _, y, tau_adv, tau_clean = batch
@@ -284,13 +296,7 @@ def test_ard_loss_and_what_it_logs_match_numpy(batch):
   robust = 0.75 * 9.0 * _np_kl(np_softmax(teacher, 3.0), adv / 3.0).sum() / adv.size
   natural = -np.log(np_softmax(clean))[np.arange(6), y].mean()
   np.testing.assert_allclose(loss, robust + 0.25 * natural, rtol=1e-5)
-  np.testing.assert_allclose(aux['loss_robust'], robust, rtol=1e-5)
-  np.testing.assert_allclose(aux['loss_natural'], natural, rtol=1e-5)
-  np.testing.assert_allclose(aux['logits_clean'], clean, rtol=1e-5)
-  np.testing.assert_allclose(aux['logits_adv'], adv, rtol=1e-5)
-  np.testing.assert_allclose(aux['ce_clean'], -np.log(np_softmax(clean))[np.arange(6), y],
-                             rtol=1e-5)
-  np.testing.assert_allclose(aux['ce_adv'], -np.log(np_softmax(adv))[np.arange(6), y], rtol=1e-5)
+  _aux_matches(aux, y, clean, adv, natural, robust)
 
 
 def test_adaad_loss_and_what_it_logs_match_numpy(batch):
@@ -307,13 +313,7 @@ def test_adaad_loss_and_what_it_logs_match_numpy(batch):
   robust = _np_kl(np_softmax(x_adv @ w_teacher), adv).mean() / 4
   natural = _np_kl(np_softmax(teacher), clean).mean() / 4
   np.testing.assert_allclose(loss, 0.75 * robust + 0.25 * natural, rtol=1e-5)
-  np.testing.assert_allclose(aux['loss_robust'], robust, rtol=1e-5)
-  np.testing.assert_allclose(aux['loss_natural'], natural, rtol=1e-5)
-  np.testing.assert_allclose(aux['logits_clean'], clean, rtol=1e-5)
-  np.testing.assert_allclose(aux['logits_adv'], adv, rtol=1e-5)
-  np.testing.assert_allclose(aux['ce_clean'], -np.log(np_softmax(clean))[np.arange(6), y],
-                             rtol=1e-5)
-  np.testing.assert_allclose(aux['ce_adv'], -np.log(np_softmax(adv))[np.arange(6), y], rtol=1e-5)
+  _aux_matches(aux, y, clean, adv, natural, robust)
 
 
 class _LinearTrainForward:
@@ -344,13 +344,7 @@ def test_iad_loss_and_what_it_logs_match_numpy(batch, epoch):
   natural = -np.log(np_softmax(clean))[np.arange(6), y].mean()
   want = robust + (0.75 * introspection if epoch >= 1 else 0.0) + 0.25 * natural
   np.testing.assert_allclose(loss, want, rtol=1e-5)
-  np.testing.assert_allclose(aux['loss_robust'], robust, rtol=1e-5)
-  np.testing.assert_allclose(aux['loss_natural'], natural, rtol=1e-5)
-  np.testing.assert_allclose(aux['logits_clean'], clean, rtol=1e-5)
-  np.testing.assert_allclose(aux['logits_adv'], adv, rtol=1e-5)
-  np.testing.assert_allclose(aux['ce_clean'], -np.log(np_softmax(clean))[np.arange(6), y],
-                             rtol=1e-5)
-  np.testing.assert_allclose(aux['ce_adv'], -np.log(np_softmax(adv))[np.arange(6), y], rtol=1e-5)
+  _aux_matches(aux, y, clean, adv, natural, robust)
 
 
 def test_fair_ard_loss_and_what_it_logs_match_numpy(batch):
@@ -370,12 +364,7 @@ def test_fair_ard_loss_and_what_it_logs_match_numpy(batch):
   ce_clean = -np.log(np_softmax(clean))[np.arange(6), y]
   natural = (w * ce_clean).mean()
   np.testing.assert_allclose(loss, robust + 0.25 * natural, rtol=1e-5)
-  np.testing.assert_allclose(aux['loss_robust'], robust, rtol=1e-5)
-  np.testing.assert_allclose(aux['loss_natural'], natural, rtol=1e-5)
-  np.testing.assert_allclose(aux['logits_clean'], clean, rtol=1e-5)
-  np.testing.assert_allclose(aux['logits_adv'], adv, rtol=1e-5)
-  np.testing.assert_allclose(aux['ce_clean'], ce_clean, rtol=1e-5)
-  np.testing.assert_allclose(aux['ce_adv'], -np.log(np_softmax(adv))[np.arange(6), y], rtol=1e-5)
+  _aux_matches(aux, y, clean, adv, natural, robust)
   np.testing.assert_array_equal(aux['kappa'], kappa)
 
 
@@ -395,13 +384,7 @@ def test_fair_rslad_loss_and_what_it_logs_match_numpy(batch):
   term = lambda z: (weight[y] * (p * (np.log(p + 1e-5) - np.log(np_softmax(z)))).sum(-1)).mean() / 4
   robust, natural = term(adv), term(clean)
   np.testing.assert_allclose(loss, 2.0 * (5 / 6 * robust + 1 / 6 * natural), rtol=1e-5)
-  np.testing.assert_allclose(aux['loss_robust'], robust, rtol=1e-5)
-  np.testing.assert_allclose(aux['loss_natural'], natural, rtol=1e-5)
-  np.testing.assert_allclose(aux['logits_clean'], clean, rtol=1e-5)
-  np.testing.assert_allclose(aux['logits_adv'], adv, rtol=1e-5)
-  np.testing.assert_allclose(aux['ce_clean'], -np.log(np_softmax(clean))[np.arange(6), y],
-                             rtol=1e-5)
-  np.testing.assert_allclose(aux['ce_adv'], -np.log(np_softmax(adv))[np.arange(6), y], rtol=1e-5)
+  _aux_matches(aux, y, clean, adv, natural, robust)
   np.testing.assert_array_equal(aux['kappa'], kappa)
 
 
@@ -422,24 +405,8 @@ def test_bat_loss_and_what_it_logs_match_numpy(batch):
   robust = kl(clean, fa)
   spread = kl(lc, np.zeros_like(lc)) + kl(fa, np.zeros_like(fa))
   np.testing.assert_allclose(loss, natural + 3.0 * robust + spread, rtol=1e-5)
-  np.testing.assert_allclose(aux['loss_natural'], natural, rtol=1e-5)
-  np.testing.assert_allclose(aux['loss_robust'], robust, rtol=1e-5)
-  np.testing.assert_allclose(aux['logits_clean'], clean, rtol=1e-5)
-  np.testing.assert_allclose(aux['logits_adv'], fa, rtol=1e-5)
-  np.testing.assert_allclose(aux['ce_clean'], -np.log(np_softmax(clean))[np.arange(6), y],
-                             rtol=1e-5)
-  np.testing.assert_allclose(aux['ce_adv'], -np.log(np_softmax(fa))[np.arange(6), y], rtol=1e-5)
+  _aux_matches(aux, y, clean, fa, natural, robust)
 
-
-
-def _aux_matches(aux, y, clean, adv, natural, robust):
-  np.testing.assert_allclose(aux['loss_natural'], natural, rtol=1e-5)
-  np.testing.assert_allclose(aux['loss_robust'], robust, rtol=1e-5)
-  np.testing.assert_allclose(aux['logits_clean'], clean, rtol=1e-5)
-  np.testing.assert_allclose(aux['logits_adv'], adv, rtol=1e-5)
-  rows = np.arange(len(y))
-  np.testing.assert_allclose(aux['ce_clean'], -np.log(np_softmax(clean))[rows, y], rtol=1e-5)
-  np.testing.assert_allclose(aux['ce_adv'], -np.log(np_softmax(adv))[rows, y], rtol=1e-5)
 
 
 def test_frl_loss_and_what_it_logs_match_numpy(batch):
